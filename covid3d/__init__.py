@@ -1,0 +1,9 @@
+"""covid3d: COVID detection and severity prediction from lung CT with a 3-D ConvNeXt.
+
+Subpackages: ``models`` (ConvNeXt 2-D/3-D, heads), ``inflation`` (2-D -> 3-D),
+``weights`` (PyTorch checkpoint import), ``augment`` (on-device augmentation),
+``data`` (readers, phantom, cache, pipeline), ``train`` (sharded training),
+``stages`` (the pretraining pipeline), ``bench`` (benchmarks).
+"""
+
+__version__ = "0.1.0"

@@ -1,0 +1,24 @@
+"""Entry point of ``python -m covid3d.bench``."""
+import argparse
+import importlib
+
+SUBCOMMANDS = ("model", "augment", "data", "train")
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(prog="python -m covid3d.bench", description=__doc__)
+  sub = parser.add_subparsers(dest="command", required=True)
+  for name in SUBCOMMANDS:
+    try:
+      module = importlib.import_module(f"covid3d.bench.{name}")
+    except ModuleNotFoundError as e:
+      if e.name != f"covid3d.bench.{name}":
+        raise
+      continue
+    module.register(sub)
+  args = parser.parse_args(argv)
+  args.func(args)
+
+
+if __name__ == "__main__":
+  main()

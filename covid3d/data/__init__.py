@@ -1,0 +1,1 @@
+"""covid3d.data."""
