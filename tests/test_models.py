@@ -1,0 +1,141 @@
+"""ConvNeXt, heads and the multitask model."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from covid3d.models import VARIANTS, ConvNeXt, MultitaskModel, UperNetHead
+from covid3d.models.ops import adaptive_avg_pool, resize_linear
+
+NANO = dict(zip(("depths", "dims"), VARIANTS["nano"]))
+
+
+def _count(tree):
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+
+@pytest.mark.parametrize("name,millions", [("tiny", 28.59), ("small", 50.22), ("base", 88.59),
+                                           ("large", 197.77)])
+def test_2d_parameter_counts_equal_official(name, millions):
+  depths, dims = VARIANTS[name]
+  model = ConvNeXt(depths=depths, dims=dims, spatial_dims=2, in_chans=3, num_classes=1000)
+  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+  assert round(_count(shapes) / 1e6, 2) == millions
+
+
+def test_3d_features_and_logits_shapes():
+  x = jnp.ones((2, 64, 32, 32, 1))
+  feats_model = ConvNeXt(**NANO, dwconv_impl="fft")
+  variables = feats_model.init(jax.random.key(0), x)
+  feats = feats_model.apply(variables, x)
+  assert [f.shape for f in feats] == [(2, 16, 8, 8, 16), (2, 8, 4, 4, 32), (2, 4, 2, 2, 64),
+                                      (2, 2, 1, 1, 128)]
+  model = ConvNeXt(**NANO, num_classes=4, head_hidden=128, dwconv_impl="fft")
+  variables = model.init(jax.random.key(0), x)
+  assert variables["params"]["head"]["pre_head"]["kernel"].shape == (128, 128)
+  assert variables["params"]["stage1"]["block0"]["dwconv"]["kernel"].shape == (7, 7, 7, 1, 32)
+  assert model.apply(variables, x).shape == (2, 4)
+
+
+def test_stem_is_patchify_and_layer_scale_initialised():
+  model = ConvNeXt(**NANO, num_classes=2, layer_scale_init=1e-6)
+  params = model.init(jax.random.key(0), jnp.ones((1, 32, 32, 32, 1)))["params"]
+  assert params["stem"]["conv"]["kernel"].shape == (4, 4, 4, 1, 16)
+  assert params["down2"]["conv"]["kernel"].shape == (2, 2, 2, 32, 64)
+  np.testing.assert_array_equal(params["stage3"]["block1"]["gamma"], np.full(128, 1e-6, np.float32))
+
+
+def test_drop_path_only_when_not_deterministic():
+  model = ConvNeXt(**NANO, num_classes=3, drop_path_rate=0.9, layer_scale_init=1.0, dwconv_impl="fft")
+  x = jax.random.normal(jax.random.key(1), (4, 32, 32, 32, 1))
+  variables = model.init(jax.random.key(0), x)
+  a = model.apply(variables, x, deterministic=True)
+  b = model.apply(variables, x, deterministic=True)
+  np.testing.assert_array_equal(a, b)
+  c = model.apply(variables, x, deterministic=False, rngs={"dropout": jax.random.key(2)})
+  d = model.apply(variables, x, deterministic=False, rngs={"dropout": jax.random.key(3)})
+  assert not np.allclose(c, a) and not np.allclose(c, d)
+
+
+@pytest.mark.parametrize("remat", ["block", "stage"])
+def test_remat_gives_same_gradients(remat):
+  x = jax.random.normal(jax.random.key(1), (1, 32, 32, 32, 1))
+  plain = ConvNeXt(**NANO, num_classes=2, dwconv_impl="fft", layer_scale_init=0.5)
+  params = plain.init(jax.random.key(0), x)["params"]
+
+  def grads(model):
+    return jax.grad(lambda p: jnp.sum(model.apply({"params": p}, x) ** 2))(params)
+
+  ref = grads(plain)
+  got = grads(plain.clone(remat=remat))
+  for r, g in zip(jax.tree.leaves(ref), jax.tree.leaves(got)):
+    np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-7)
+
+
+def test_bfloat16_compute_keeps_float32_params():
+  x = jax.random.normal(jax.random.key(1), (1, 32, 32, 32, 1))
+  model = ConvNeXt(**NANO, num_classes=2, dwconv_impl="fft", layer_scale_init=0.5)
+  params = model.init(jax.random.key(0), x)["params"]
+  ref = model.apply({"params": params}, x)
+  low = model.clone(dtype=jnp.bfloat16).apply({"params": params}, x)
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
+  assert low.dtype == jnp.float32
+  np.testing.assert_allclose(low, ref, atol=0.1 * float(jnp.abs(ref).max()) + 1e-2)
+
+
+def test_backends_agree_through_the_model():
+  x = jax.random.normal(jax.random.key(1), (1, 32, 32, 32, 1))
+  model = ConvNeXt(**NANO, num_classes=2, layer_scale_init=0.5)
+  variables = model.init(jax.random.key(0), x)
+  ref = model.apply(variables, x)
+  np.testing.assert_allclose(model.clone(dwconv_impl="fft").apply(variables, x), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_bad_inputs_raise():
+  model = ConvNeXt(**NANO, num_classes=2)
+  with pytest.raises(ValueError, match="divisible by 32"):
+    model.init(jax.random.key(0), jnp.ones((1, 40, 32, 32, 1)))
+  with pytest.raises(ValueError, match="expects input"):
+    model.init(jax.random.key(0), jnp.ones((1, 32, 32, 1)))
+
+
+def test_resize_matches_torch_conventions():
+  # align_corners=True keeps the end points; half-pixel equals jax.image.resize.
+  x = jax.random.normal(jax.random.key(0), (1, 5, 7, 2))
+  y = resize_linear(x, (9, 13), align_corners=True)
+  np.testing.assert_allclose(y[:, 0, 0], x[:, 0, 0], rtol=1e-6)
+  np.testing.assert_allclose(y[:, -1, -1], x[:, -1, -1], rtol=1e-6)
+  np.testing.assert_allclose(y[:, 4, 6], (x[:, 2, 3]), rtol=1e-5)
+  z = resize_linear(x, (10, 14), align_corners=False)
+  np.testing.assert_allclose(z, jax.image.resize(x, (1, 10, 14, 2), "linear"), rtol=1e-5, atol=1e-6)
+
+
+def test_adaptive_pool_matches_block_means():
+  x = jax.random.normal(jax.random.key(0), (1, 6, 6, 6, 2))
+  y = adaptive_avg_pool(x, (3, 2, 1))
+  ref = np.asarray(x).reshape(1, 3, 2, 2, 3, 1, 6, 2).mean(axis=(2, 4, 6))
+  np.testing.assert_allclose(y, ref, rtol=1e-5)
+
+
+@pytest.mark.parametrize("style", ["upernext", "upernet"])
+def test_upernet_head_outputs_input_resolution(style):
+  x = jnp.ones((1, 64, 32, 32, 1))
+  feats = ConvNeXt(**NANO, dwconv_impl="fft").apply(
+      ConvNeXt(**NANO).init(jax.random.key(0), x), x)
+  head = UperNetHead(style=style, channels=8, fuse_kernel=3, num_classes=2)
+  out, _ = head.init_with_output(jax.random.key(1), feats, (64, 32, 32))
+  assert out.shape == (1, 64, 32, 32, 2) and out.dtype == jnp.float32
+
+
+def test_multitask_returns_named_heads():
+  x = jnp.ones((2, 32, 32, 32, 1))
+  model = MultitaskModel(backbone=dict(NANO, dwconv_impl="fft"), heads={"severity": 4, "stoic": 2},
+                         segmentation=True, seg_head={"channels": 8, "fuse_kernel": 3})
+  variables = model.init(jax.random.key(0), x)
+  out = model.apply(variables, x)
+  assert set(out) == {"severity", "stoic", "segmentation"}
+  assert out["severity"].shape == (2, 4) and out["stoic"].shape == (2, 2)
+  assert out["segmentation"].shape == (2, 32, 32, 32, 1)
+  assert set(variables["params"]) == {"backbone", "head_severity", "head_stoic", "seg_head"}
+  with pytest.raises(ValueError, match="features-only"):
+    MultitaskModel(backbone=dict(NANO, num_classes=3), heads={}).init(jax.random.key(0), x)
