@@ -1,0 +1,102 @@
+"""The preprocessing cache: content keys, record files, the index.
+
+One uncompressed .npz per scan (fast to read: no decompression; lesion masks
+are left out when a scan has none and read back as zeros), named
+`<dataset>-<partition>-<scan id>-<key prefix>.npz`, written atomically (a
+temporary file renamed into place), so an interrupted build leaves no half
+file. The key is a BLAKE2b hash of the preprocessing settings, the scan id,
+its labels and the bytes of every input file (slices, volume, mask): a rerun
+finds finished scans, and changed data, labels or settings give new files.
+Old files are never deleted (delete the folder to reclaim space).
+
+`index.csv` lists dataset, partition, scan_id, labels, has_mask and file of
+every cached scan, so labels are known without opening volumes. Each build
+merges its scans into it (last build wins per scan); do not run two builds
+into one folder at the same time.
+"""
+import csv
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+
+INDEX_FILE = 'index.csv'
+INDEX_FIELDS = ('dataset', 'partition', 'scan_id', 'covid', 'severity', 'stoic_covid',
+                'stoic_severe', 'has_mask', 'file')
+INT_INDEX_FIELDS = ('covid', 'severity', 'stoic_covid', 'stoic_severe', 'has_mask')
+_CHUNK = 1 << 20
+
+
+def cache_key(ref, settings: dict) -> str:
+  """Hex BLAKE2b key of a ScanRef's inputs and the preprocessing `settings`.
+
+  Raises:
+    OSError: if an input file cannot be read.
+  """
+  h = hashlib.blake2b(digest_size=20)
+  files = [*ref.paths, *([ref.mask_path] if ref.mask_path else [])]
+  head = {'settings': settings, 'dataset': ref.dataset, 'scan_id': ref.scan_id,
+          'labels': ref.labels, 'files': [os.path.basename(p) for p in files],
+          'mask': bool(ref.mask_path)}
+  h.update(json.dumps(head, sort_keys=True).encode())
+  for p in files:
+    with open(p, 'rb') as f:
+      h.update(os.fstat(f.fileno()).st_size.to_bytes(8, 'little'))
+      while chunk := f.read(_CHUNK):
+        h.update(chunk)
+  return h.hexdigest()
+
+
+def record_file(ref, key: str) -> str:
+  """File name of a ScanRef's record under `key`."""
+  safe = re.sub(r'[^A-Za-z0-9._-]+', '_', ref.scan_id)
+  return f'{ref.dataset}-{ref.partition}-{safe}-{key[:16]}.npz'
+
+
+def write_npz(path, arrays: dict) -> None:
+  """Writes an uncompressed .npz atomically (temporary file + rename)."""
+  tmp = f'{path}.tmp-{os.getpid()}'
+  try:
+    with open(tmp, 'wb') as f:
+      np.savez(f, **arrays)
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+def read_npz(path) -> dict:
+  """All arrays of an .npz file, loaded into memory."""
+  with np.load(path) as z:
+    return {k: z[k] for k in z.files}
+
+
+def read_index(cache_dir) -> list[dict]:
+  """Rows of `<cache_dir>/index.csv` (ints as int; [] if there is none)."""
+  path = Path(cache_dir) / INDEX_FILE
+  if not path.is_file():
+    return []
+  with open(path, newline='', encoding='utf-8') as f:
+    rows = list(csv.DictReader(f))
+  for row in rows:
+    for k in INT_INDEX_FIELDS:
+      row[k] = int(row[k])
+  return rows
+
+
+def update_index(cache_dir, rows: list[dict]) -> str:
+  """Merges `rows` into the index (same dataset/partition/scan_id replaced)."""
+  key = lambda r: (r['dataset'], r['partition'], r['scan_id'])
+  merged = {key(r): r for r in read_index(cache_dir)}
+  merged.update((key(r), r) for r in rows)
+  path = Path(cache_dir) / INDEX_FILE
+  tmp = f'{path}.tmp-{os.getpid()}'
+  with open(tmp, 'w', newline='', encoding='utf-8') as f:
+    writer = csv.DictWriter(f, INDEX_FIELDS)
+    writer.writeheader()
+    writer.writerows(merged[k] for k in sorted(merged))
+  os.replace(tmp, path)
+  return str(path)

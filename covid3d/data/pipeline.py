@@ -1,0 +1,364 @@
+"""grain input pipeline: records -> per-host numpy batches -> global jax arrays.
+
+Flow (see docs/pipeline.md):
+
+  RecordSource (random access: TFDS array_record data source or cached files)
+    -> select_records: record indices of a fold/split with a known label,
+       chosen from the source's index (no volume is read)
+    -> grain MapDataset of record indices
+       train: shuffle (a new permutation per epoch, from the seed), cut into
+              global batches of G indices, remainder dropped, repeated
+       eval:  in order, padded with -1 to a multiple of G
+    -> host slice: process p keeps positions [p*b, (p+1)*b) of each global
+       batch, b = G / process_count
+    -> load + convert the b records (threads / worker processes, prefetched)
+    -> jax.make_array_from_process_local_data on a Mesh(('data',))
+
+Every process runs the same index pipeline from the same seed, so the global
+batches do not depend on the number of processes, and the iterator state (the
+index of the next global batch) is a small JSON dict.
+"""
+import dataclasses
+import json
+import os
+from collections.abc import Collection, Mapping, Sequence
+from typing import Any
+
+from absl import flags
+import grain
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from covid3d.data import cache
+from covid3d.data import preprocess
+from covid3d.data import records as records_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class RecordSource:
+  """Random-access records plus their cheap per-record index.
+
+  Attributes:
+    records: sequence of record dicts (`len`, `[i]`); picklable so worker
+      processes can read it.
+    index: one `records.index_entry` dict per record, same order.
+    name: where the records come from, for error messages.
+  """
+  records: Sequence[Mapping]
+  index: tuple[dict, ...]
+  name: str
+
+  def __post_init__(self):
+    if len(self.records) != len(self.index):
+      raise ValueError(f'{self.name}: {len(self.records)} records but '
+                       f'{len(self.index)} index entries')
+
+
+def tfds_source(name: str, split: str, data_dir: str | None = None
+               ) -> RecordSource:
+  """The records of a prepared covid3d TFDS dataset (array_record, no TF).
+
+  Args:
+    name: 'dataset/config', e.g. 'phantom/demo' or 'cov19ctdb/default'.
+    split: e.g. 'train', 'validation'; see the builder's splits.
+    data_dir: TFDS data dir the dataset was built into.
+
+  Returns:
+    A RecordSource whose index is the one the builder stored in the dataset's
+    metadata.json.
+  """
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  builder = tfds.builder(name, data_dir=data_dir)
+  where = f'{builder.data_dir} split {split!r}'
+  index = (builder.info.metadata or {}).get(split)
+  if index is None:
+    raise ValueError(f'{where}: no record index in metadata.json (not built '
+                     'by a covid3d.data.tfds_builders builder?)')
+  return RecordSource(builder.as_data_source(split=split),
+                      tuple(index), where)
+
+
+@dataclasses.dataclass(frozen=True)
+class RecordFiles(Sequence):
+  """Cached record files, each read on access with `preprocess.read_record`."""
+  paths: tuple[str, ...]
+
+  def __len__(self) -> int:
+    return len(self.paths)
+
+  def __getitem__(self, i):
+    return preprocess.read_record(self.paths[i])
+
+
+def file_source(paths: Sequence[str]) -> RecordSource:
+  """Records from cached record files (`preprocess.build_cache`'s paths).
+
+  The index comes from the `index.csv` of each file's cache folder, so no
+  volume is read here.
+
+  Raises:
+    ValueError: naming a file its folder's index.csv does not list.
+  """
+  paths = tuple(str(p) for p in paths)
+  rows = {}
+  for folder in sorted({os.path.dirname(p) for p in paths}):
+    for row in cache.read_index(folder):
+      rows[os.path.join(folder, row['file'])] = row
+  missing = [p for p in paths if p not in rows]
+  if missing:
+    raise ValueError(f'{missing[0]} (and {len(missing) - 1} more) not listed '
+                     f'in the {cache.INDEX_FILE} of its folder')
+  index = tuple({'scan_id': rows[p]['scan_id'],
+                 **{k: rows[p][k] for k in records_lib.INT_FIELDS}}
+                for p in paths)
+  return RecordSource(RecordFiles(paths), index, f'{len(paths)} record files')
+
+
+def select_records(source: RecordSource, *, label: str | None = None,
+                   fold_of: Mapping[str, int] | None = None,
+                   folds: Collection[int] | None = None) -> np.ndarray:
+  """Indices of the records in some folds that have a known label.
+
+  Args:
+    source: the records.
+    label: keep only records whose `label` field is >= 0 (None: keep all).
+    fold_of: scan_id -> fold (e.g. from `folds.load_or_make_folds`); needed
+      with `folds`.
+    folds: keep only records of scans in these folds (None: all folds).
+
+  Returns:
+    int64 array of record indices, ascending.
+
+  Raises:
+    ValueError: for an unknown label name, or a scan missing from `fold_of`.
+  """
+  if label is not None and label not in records_lib.LABELS:
+    raise ValueError(f'label {label!r} not in {records_lib.LABELS}')
+  if (folds is None) != (fold_of is None):
+    raise ValueError('folds and fold_of go together')
+  keep = []
+  for i, entry in enumerate(source.index):
+    if label is not None and entry[label] < 0:
+      continue
+    if folds is not None:
+      sid = entry['scan_id']
+      if sid not in fold_of:
+        raise ValueError(f'{source.name}: scan {sid!r} has no fold in the '
+                         'fold table')
+      if fold_of[sid] not in folds:
+        continue
+    keep.append(i)
+  return np.array(keep, np.int64)
+
+
+@dataclasses.dataclass(frozen=True)
+class _HostSlice:
+  """Positions [start, stop) of a global batch of record indices."""
+  start: int
+  stop: int
+
+  def __call__(self, batch: np.ndarray) -> np.ndarray:
+    return batch[self.start:self.stop]
+
+
+@dataclasses.dataclass(frozen=True)
+class _LoadBatch:
+  """Reads the records of a host batch of indices into stacked numpy arrays.
+
+  `fields` are (batch key, record field) pairs. Index -1 is padding: the
+  `padding` element (by record field), with `valid` False.
+  """
+  records: Sequence[Mapping]
+  fields: tuple[tuple[str, str], ...]
+  padding: Mapping[str, np.ndarray] | None
+
+  def __call__(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+    names = [f for _, f in self.fields]
+    elems = [self.padding if i < 0 else
+             records_lib.to_numpy(self.records[i], names)
+             for i in indices.tolist()]
+    batch = {key: np.stack([e[f] for e in elems]) for key, f in self.fields}
+    batch['valid'] = indices >= 0
+    batch['record_index'] = indices.astype(np.int32)
+    return batch
+
+
+def _padding_element(source: RecordSource, index: int,
+                     fields: Sequence[str]) -> dict[str, np.ndarray]:
+  """Zeros shaped like record `index`, labels -1."""
+  example = records_lib.to_numpy(source.records[index], fields)
+  return {k: np.full_like(v, -1 if k in records_lib.LABELS else 0)
+          for k, v in example.items()}
+
+
+def _field_pairs(fields: Sequence[str] | Mapping[str, str]
+                 ) -> tuple[tuple[str, str], ...]:
+  pairs = tuple(fields.items() if isinstance(fields, Mapping) else
+                ((f, f) for f in fields))
+  for key, _ in pairs:
+    if key in ('valid', 'record_index'):
+      raise ValueError(f'batch key {key!r} is reserved')
+  return pairs
+
+
+def host_dataset(source: RecordSource, indices: np.ndarray, *,
+                 global_batch_size: int,
+                 fields: Sequence[str] | Mapping[str, str], train: bool,
+                 seed: int = 0, num_epochs: int | None = None,
+                 process_index: int = 0, process_count: int = 1,
+                 threads: int = 4, prefetch: int = 4, workers: int = 0
+                 ) -> grain.IterDataset:
+  """This process's numpy batches of the selected records.
+
+  Args:
+    source: the records.
+    indices: record indices to use (from `select_records`).
+    global_batch_size: G, the batch summed over all processes.
+    fields: record fields to batch (`volume_<s>`, `mask_<s>`, labels,
+      `has_mask`), or a mapping batch key -> record field, e.g.
+      {'image': 'volume_256', 'label': 'severity'}.
+    train: True: shuffled per epoch by `seed`, last incomplete global batch of
+      each epoch dropped, `num_epochs` epochs (None: endless). False: one pass
+      in order, the last global batch padded (`valid` False) so every record
+      is seen exactly once.
+    seed: shuffle seed, 0 <= seed < 2**32; the same on every process.
+    num_epochs: training epochs (None: repeat forever); ignored for eval.
+    process_index, process_count: this process and the number of processes.
+    threads, prefetch: grain reader threads and prefetched batches per
+      process (host memory holds about `prefetch` batches).
+    workers: grain worker processes (0: read in this process).
+
+  Returns:
+    IterDataset of dicts: each field stacked to (b, ...) with b = G /
+    process_count (volumes float32 (b, s, s, s, 1), masks uint8
+    (b, s, s, s, 1), labels int32 (b,), -1 unknown), plus `valid` bool (b,)
+    and `record_index` int32 (b,) (-1 for padding). Its iterators have
+    JSON-serialisable `get_state()` / `set_state()`.
+
+  Raises:
+    ValueError: on a batch size that does not split over the processes, or
+      too few records.
+  """
+  if global_batch_size % process_count:
+    raise ValueError(f'global_batch_size={global_batch_size} is not divisible'
+                     f' by the process count {process_count}')
+  n = len(indices)
+  if n == 0 or (train and n < global_batch_size):
+    raise ValueError(f'{source.name}: {n} selected records, fewer than one '
+                     f'global batch of {global_batch_size}')
+  pairs = _field_pairs(fields)
+  per_host = global_batch_size // process_count
+  indices = np.asarray(indices, np.int64)
+  if train:
+    ds = grain.MapDataset.source(indices).shuffle(seed=seed)
+    ds = ds.batch(global_batch_size, drop_remainder=True).repeat(num_epochs)
+    padding = None
+  else:
+    pad = -n % global_batch_size
+    ds = grain.MapDataset.source(np.concatenate([indices, np.full(pad, -1)]))
+    ds = ds.batch(global_batch_size)
+    padding = _padding_element(source, int(indices[0]),
+                               [f for _, f in pairs])
+  start = process_index * per_host
+  ds = ds.map(_HostSlice(start, start + per_host))
+  ds = ds.map(_LoadBatch(source.records, pairs, padding))
+  it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads,
+                                               prefetch_buffer_size=prefetch))
+  if workers:
+    # grain's worker start-up reads an absl flag; outside an absl app (tests,
+    # notebooks) flags are unparsed, so take their defaults.
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()
+    it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(
+        num_workers=workers, per_worker_buffer_size=1))
+  return it_ds
+
+
+def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """1-D mesh over all devices with axis 'data' (Auto axis, for shard_map)."""
+  return Mesh(np.array(jax.devices() if devices is None else devices),
+              ('data',))
+
+
+def data_sharding(mesh: Mesh) -> NamedSharding:
+  """Batch axis split over the mesh's 'data' axis."""
+  return NamedSharding(mesh, P('data'))
+
+
+class GlobalBatchIterator:
+  """Turns the host batches of a grain IterDataset into global jax arrays.
+
+  Each `next()` returns the same keys as the host batches, every array of
+  shape (G, ...) sharded over the mesh's 'data' axis; process p contributes
+  its b rows on its local devices.
+  """
+
+  def __init__(self, dataset: grain.IterDataset, mesh: Mesh):
+    self._iter = iter(dataset)
+    self.sharding = data_sharding(mesh)
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, jax.Array]:
+    host = next(self._iter)
+    return {k: jax.make_array_from_process_local_data(self.sharding, v)
+            for k, v in host.items()}
+
+  def get_state(self) -> dict[str, Any]:
+    """grain iterator state (JSON-serialisable dict)."""
+    return self._iter.get_state()
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    self._iter.set_state(state)
+
+  def state_bytes(self) -> bytes:
+    """The state as UTF-8 JSON, to store with a training checkpoint."""
+    return json.dumps(self.get_state()).encode('utf-8')
+
+  def restore_bytes(self, data: bytes) -> None:
+    """Continues exactly where the iterator that wrote `data` stood."""
+    self.set_state(json.loads(data.decode('utf-8')))
+
+  def close(self) -> None:
+    """Stops grain worker processes and threads."""
+    self._iter.close()
+
+
+def make_iterator(source: RecordSource, indices: np.ndarray, *,
+                  global_batch_size: int,
+                  fields: Sequence[str] | Mapping[str, str], train: bool,
+                  seed: int = 0, num_epochs: int | None = None,
+                  mesh: Mesh | None = None, threads: int = 4,
+                  prefetch: int = 4, workers: int = 0) -> GlobalBatchIterator:
+  """The whole pipeline for this process (see `host_dataset` for arguments).
+
+  Args:
+    mesh: mesh with a 'data' axis (default `make_mesh()`); the per-process
+      batch must split evenly over this process's devices.
+
+  Returns:
+    An iterator of dicts of global jax arrays with leading axis G.
+  """
+  mesh = make_mesh() if mesh is None else mesh
+  count = jax.process_count()
+  local = len(mesh.local_devices)
+  if global_batch_size % count or (global_batch_size // count) % local:
+    raise ValueError(
+        f'global_batch_size={global_batch_size} must split over {count} '
+        f'processes x {local} local devices')
+  dataset = host_dataset(
+      source, indices, global_batch_size=global_batch_size, fields=fields,
+      train=train, seed=seed, num_epochs=num_epochs,
+      process_index=jax.process_index(), process_count=count,
+      threads=threads, prefetch=prefetch, workers=workers)
+  return GlobalBatchIterator(dataset, mesh)
+
+
+def steps_per_epoch(num_records: int, global_batch_size: int,
+                    train: bool) -> int:
+  """Global batches per epoch: floor (train, remainder dropped) or ceil."""
+  if train:
+    return num_records // global_batch_size
+  return -(-num_records // global_batch_size)

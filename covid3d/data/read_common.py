@@ -1,0 +1,208 @@
+"""Helpers shared by the dataset readers: label CSVs, volume files, HU scaling."""
+import csv
+from pathlib import Path
+
+import numpy as np
+
+from covid3d.data import scan as scan_lib
+from covid3d.data.skips import DataError, SkipLog, note, reject
+
+HU_WINDOW = (-1000.0, 500.0)
+MIN_SLICES = 2  # fewer slices make no volume (and no cubic spline)
+
+
+def partition_dir(root: Path, partition: str, names: dict, *, flat_ok: bool) -> Path:
+  """The folder of `partition` under `root`.
+
+  Args:
+    root: dataset root.
+    partition: a key of `names`.
+    names: partition -> accepted folder names, tried in order.
+    flat_ok: return `root` itself when it has none of the partition folders.
+
+  Raises:
+    ValueError: unknown partition. DataError: the folder is missing.
+  """
+  if partition not in names:
+    raise ValueError(f'partition {partition!r} not in {tuple(names)}')
+  for d in names[partition]:
+    if (root / d).is_dir():
+      return root / d
+  if flat_ok and not any((root / d).is_dir() for ds in names.values() for d in ds):
+    return root
+  raise DataError(root / partition, f'partition folder not found (tried {names[partition]})')
+
+
+def stray(path, skips: SkipLog | None, expected: str) -> None:
+  """Logs (never fails on) a file that is not part of the dataset layout."""
+  note(path, f'not {expected}; ignored', skips=skips, what='file')
+
+
+def read_label_csv(path, columns: dict[str, tuple[str, ...]]) -> list[tuple[int, dict]]:
+  """Rows of a label CSV with tolerant column names.
+
+  The delimiter (',', ';' or tab) is sniffed; header names are matched
+  case-insensitively, ignoring spaces, '-' and '_'.
+
+  Args:
+    path: the CSV file.
+    columns: our name -> accepted header names (normalised: lower case, no
+      spaces/'-'/'_'), e.g. {'name': ('name', 'ctscanname'), ...}.
+
+  Returns:
+    [(line number, {our name: stripped cell text})] for the non-empty rows.
+
+  Raises:
+    DataError: for an unreadable file or a missing column (always: the
+      labels of the whole dataset depend on it).
+  """
+  try:
+    text = Path(path).read_text(encoding='utf-8-sig')
+  except (OSError, UnicodeDecodeError) as e:
+    raise DataError(path, f'unreadable label CSV: {e}') from e
+  lines = text.splitlines()
+  if not lines:
+    raise DataError(path, 'empty label CSV (no header)')
+  delimiter = max(',;\t', key=lines[0].count)
+  rows = list(csv.reader(lines, delimiter=delimiter))
+  header = [_norm(h) for h in rows[0]]
+  where = {}
+  for ours, accepted in columns.items():
+    hits = [i for i, h in enumerate(header) if h in accepted]
+    if not hits:
+      raise DataError(path, f'no {ours!r} column: header {rows[0]} has none of {accepted}')
+    where[ours] = hits[0]
+  out = []
+  for line, row in enumerate(rows[1:], start=2):
+    if not any(c.strip() for c in row):
+      continue
+    out.append((line, {k: (row[i].strip() if i < len(row) else '') for k, i in where.items()}))
+  return out
+
+
+def _norm(header: str) -> str:
+  return header.strip().lower().replace(' ', '').replace('_', '').replace('-', '')
+
+
+def first_rows(rows, csv_path, *, strict, skips) -> dict[str, tuple[int, dict]]:
+  """{row['name']: (line, row)} keeping the first row of each name.
+
+  Rows with an empty name and later duplicates are rejected ('label' skips).
+  """
+  seen = {}
+  for line, row in rows:
+    if not row['name']:
+      reject(f'{csv_path}:{line}', 'row without a scan name', strict=strict, skips=skips,
+             what='label')
+    elif row['name'] in seen:
+      reject(f'{csv_path}:{line}', f'duplicate row for scan {row["name"]!r} '
+             f'(first at line {seen[row["name"]][0]}; that one is used)',
+             strict=strict, skips=skips, what='label')
+    else:
+      seen[row['name']] = (line, row)
+  return seen
+
+
+def unique_ids(refs, *, strict, skips) -> list:
+  """`refs` without later duplicates of a (dataset, partition, scan_id)."""
+  first, out = {}, []
+  for ref in refs:
+    key = (ref.dataset, ref.partition, ref.scan_id)
+    if key in first:
+      reject(ref.paths[0], f'duplicate scan id {ref.scan_id!r} (also {first[key].paths[0]}; '
+             'that one is used)', strict=strict, skips=skips)
+    else:
+      first[key] = ref
+      out.append(ref)
+  return out
+
+
+def read_volume(path):
+  """Reads a 3-D NIfTI (nibabel) or other SimpleITK image file.
+
+  Returns:
+    (float32 array (I, J, K) in file voxel order, (4, 4) RAS affine).
+
+  Raises:
+    Exception: whatever the library raises for a bad file; ValueError if not 3-D.
+  """
+  if scan_lib.is_nifti(path):
+    import nibabel as nib  # pylint: disable=g-import-not-at-top
+    img = nib.load(str(path))
+    data, affine = img.get_fdata(dtype=np.float32), img.affine
+  else:
+    import SimpleITK as sitk  # pylint: disable=g-import-not-at-top
+    img = sitk.ReadImage(str(path))
+    data = sitk.GetArrayFromImage(img).astype(np.float32, copy=False).T
+    affine = scan_lib.itk_to_ras_affine(img.GetSpacing(), img.GetOrigin(), img.GetDirection())
+  while data.ndim > 3 and data.shape[-1] == 1:
+    data = data[..., 0]
+  if data.ndim != 3:
+    raise ValueError(f'expected a 3-D image, got shape {data.shape}')
+  return data, affine
+
+
+def load_volume(path, *, strict, skips):
+  """`read_volume` + canonical layout + a finite check; None when rejected.
+
+  Returns:
+    (float32 (D, H, W) in file units, spacing (z, y, x), meta) or None.
+  """
+  try:
+    data, affine = read_volume(path)
+  except Exception as e:  # pylint: disable=broad-except  # any library error = bad file
+    reject(path, f'unreadable or truncated image: {type(e).__name__}: {e}',
+           strict=strict, skips=skips)
+    return None
+  bad = data.size - int(np.count_nonzero(np.isfinite(data)))
+  if bad:
+    reject(path, f'{bad} NaN or infinite voxels', strict=strict, skips=skips)
+    return None
+  if min(data.shape) < MIN_SLICES:
+    reject(path, f'shape {data.shape}: a volume needs at least {MIN_SLICES} voxels per axis',
+           strict=strict, skips=skips)
+    return None
+  return scan_lib.to_canonical(data, affine)
+
+
+def hu_to_unit(volume_hu: np.ndarray) -> np.ndarray:
+  """Clips Hounsfield units to [-1000, 500] and maps them to [0, 1] (float32)."""
+  lo, hi = HU_WINDOW
+  return ((np.clip(volume_hu, lo, hi) - lo) / (hi - lo)).astype(np.float32)
+
+
+def load_mask(ref, shape, *, strict, skips):
+  """The ref's lesion mask as uint8 (D, H, W) checked against `shape`; None if bad."""
+  loaded = load_volume(ref.mask_path, strict=strict, skips=skips)
+  if loaded is None:
+    return None
+  mask = loaded[0]
+  if mask.shape != tuple(shape):
+    reject(ref.mask_path, f'mask shape {mask.shape} differs from the scan shape {tuple(shape)}',
+           strict=strict, skips=skips)
+    return None
+  if mask.min() < 0 or mask.max() > 255 or not np.array_equal(mask, np.round(mask)):
+    reject(ref.mask_path, 'mask values are not integers in 0..255', strict=strict, skips=skips)
+    return None
+  return mask.astype(np.uint8)
+
+
+def load_hu_scan(ref, *, strict: bool = False, skips: SkipLog | None = None):
+  """Scan of a HU volume file `ref.paths[0]` (+ its mask), or None when rejected.
+
+  Used for the lesion set (NIfTI) and STOIC (MHA).
+  """
+  path = ref.paths[0]
+  loaded = load_volume(path, strict=strict, skips=skips)
+  if loaded is None:
+    return None
+  volume, spacing, meta = loaded
+  mask = None
+  if ref.mask_path is not None:
+    mask = load_mask(ref, volume.shape, strict=strict, skips=skips)
+    if mask is None:
+      return None
+  _, origin, direction = scan_lib.ras_affine_to_itk(meta['affine_ras'])
+  return scan_lib.Scan(scan_id=ref.scan_id, volume=hu_to_unit(volume), spacing=spacing,
+                       origin=origin, direction=direction, labels=dict(ref.labels),
+                       mask=mask, source=str(path), meta=meta)

@@ -1,0 +1,127 @@
+"""Orbax checkpoints of the train state, the data-iterator state and the config.
+
+Layout: ``<workdir>/checkpoints/<step>/{state,data,config}``. ``state`` is the
+whole ``TrainState`` (saved asynchronously), ``data`` one JSON file per process
+with that process's iterator state (``iterator.get_state()``), ``config`` the
+resolved config as JSON. The latest ``keep`` checkpoints are kept, plus the one
+with the highest evaluation metric (checkpoints saved at an evaluation carry
+the metrics). Paths may be local or ``gs://``.
+"""
+import dataclasses
+import json
+import logging
+from typing import Any
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+from etils import epath
+from orbax.checkpoint import checkpoint_managers as policies
+
+
+class _DropUntrackedMetricWarning(logging.Filter):
+  """Hides Orbax's warning for checkpoints saved between evaluations (no metrics)."""
+
+  def filter(self, record):
+    return 'did not provide metrics' not in record.getMessage()
+
+
+logging.getLogger('absl').addFilter(_DropUntrackedMetricWarning())
+
+
+class IteratorStateHandler(ocp.CheckpointHandler):
+  """Each process writes and reads its own JSON file of iterator state."""
+
+  def _path(self, directory: epath.Path) -> epath.Path:
+    return directory / f'process_{jax.process_index()}-of-{jax.process_count()}.json'
+
+  def save(self, directory: epath.Path, args: 'IteratorSave'):
+    self._path(directory).write_text(json.dumps(args.state))
+
+  def restore(self, directory: epath.Path, args: 'IteratorRestore | None' = None):
+    path = self._path(directory)
+    if not path.exists():
+      raise FileNotFoundError(f'no data-iterator state for this process: {path} '
+                              '(was the checkpoint written with another process count?)')
+    return json.loads(path.read_text())
+
+
+@ocp.args.register_with_handler(IteratorStateHandler, for_save=True)
+@dataclasses.dataclass
+class IteratorSave(ocp.args.CheckpointArgs):
+  state: Any
+
+
+@ocp.args.register_with_handler(IteratorStateHandler, for_restore=True)
+@dataclasses.dataclass
+class IteratorRestore(ocp.args.CheckpointArgs):
+  pass
+
+
+class Checkpointer:
+  """Saves and restores (state, iterator state, config) under ``directory``.
+
+  Args:
+    directory: str, local or gs:// path (created if missing).
+    keep: int >= 1, latest checkpoints kept.
+    best_metric: name of the metric (higher is better) whose best checkpoint
+      is kept besides the latest ones.
+  """
+
+  def __init__(self, directory: str, keep: int, best_metric: str):
+    if keep < 1:
+      raise ValueError(f'train.keep_checkpoints must be >= 1, got {keep}')
+    self.best_metric = best_metric
+    metric = lambda metrics: metrics[best_metric]
+    policy = policies.AnyPreservationPolicy([
+        policies.LatestN(n=keep),
+        policies.BestN(get_metric_fn=metric, n=1, keep_checkpoints_without_metrics=False)])
+    # best_fn makes the manager store the metrics and answer best_step().
+    options = ocp.CheckpointManagerOptions(preservation_policy=policy, best_fn=metric,
+                                           best_mode='max', create=True,
+                                           enable_async_checkpointing=True)
+    self.manager = ocp.CheckpointManager(
+        epath.Path(directory), options=options, item_names=('state', 'data', 'config'))
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def best_step(self) -> int | None:
+    """The kept step with the highest ``best_metric`` (None if none was evaluated)."""
+    return self.manager.best_step()
+
+  def save(self, step: int, state, iterator_state, config: ml_collections.ConfigDict,
+           metrics: dict | None = None):
+    """Starts an async save of ``state`` (returns once it was copied off the devices)."""
+    args = ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        data=IteratorSave(iterator_state),
+        config=ocp.args.JsonSave(json.loads(config.to_json_best_effort())))
+    clean = None if metrics is None else {k: float(v) for k, v in metrics.items()
+                                          if jax.numpy.ndim(v) == 0}
+    self.manager.save(step, args=args, metrics=clean, force=True)
+
+  def restore(self, step: int, like):
+    """Restores ``(state, iterator_state)`` at ``step``.
+
+    Args:
+      like: a state with the target structure, shapes, dtypes and shardings
+        (e.g. the freshly initialised, replicated state).
+    """
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+    restored = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract), data=IteratorRestore()))
+    return restored.state, restored.data
+
+  def restore_params(self, step: int, ema: bool = True):
+    """The (EMA) parameters saved at ``step``, as host arrays, without a template."""
+    restored = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore()))
+    return restored.state['ema_params' if ema else 'params']
+
+  def wait(self):
+    """Blocks until pending async saves are written."""
+    self.manager.wait_until_finished()
+
+  def close(self):
+    self.manager.close()

@@ -1,0 +1,80 @@
+"""The ``train`` block of a stage config: every field of the training engine."""
+import ml_collections
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """Returns the training defaults (the challenge fine-tuning recipe).
+
+  Fields:
+    seed: int, seeds the train state's key (augmentation, drop path).
+    num_steps: int, optimiser updates to run (skipped non-finite steps excluded).
+    batch_size: int, GLOBAL examples per update, summed over all devices and
+      hosts; must divide by the device count times ``micro_batches``.
+    micro_batches: int, gradient accumulation: each device splits its share of
+      the batch into this many micro-batches, run one after another.
+    eval_batch_size: int, global batch of the evaluation step; partial batches
+      are padded and masked.
+    optimizer: 'adamw' or 'adam' (Adam = AdamW with no weight decay).
+    learning_rate: float, peak learning rate (5e-5 in the submissions).
+    weight_decay: float, decoupled AdamW weight decay (1e-8 in the submissions).
+    b1, b2, eps: floats, Adam moments and epsilon.
+    schedule: 'constant' or 'cosine' (linear warmup from 0 to ``learning_rate``
+      over ``warmup_steps``, then cosine decay to ``final_learning_rate`` at
+      ``num_steps``).
+    warmup_steps: int, warmup length of the 'cosine' schedule.
+    final_learning_rate: float, end of the cosine decay (1e-6).
+    clip_norm: float, clip gradients to this global L2 norm; 0 disables.
+    ema_decay: float or None, parameter EMA decay per update; None picks 0.99
+      for 4 classes and 0.995 for 2 (``optim.resolve_ema_decay``).
+    compute_dtype: 'float32' or 'bfloat16': dtype of the forward/backward pass;
+      master parameters, optimiser state and EMA stay float32.
+    augment: bool, run the augmentation function inside the train step.
+    log_every: int, steps between metric records (JSON lines, TensorBoard).
+    eval_every: int, steps between evaluations with the EMA parameters
+      (0: only at the end).
+    checkpoint_every: int, steps between checkpoints (also at every
+      evaluation and at the end).
+    keep_checkpoints: int, latest checkpoints kept (the best one is kept too).
+    best_metric: str, the evaluation metric (higher is better) that chooses
+      the best checkpoint: 'macro_f1' for classification, 'dice' for
+      segmentation.
+    max_nonfinite_in_a_row: int, stop after this many consecutive steps with a
+      non-finite loss or gradient (each leaves the state unchanged).
+    progress_bar: bool, show a tqdm bar on process 0.
+    distributed: ConfigDict for ``jax.distributed.initialize``:
+      ``initialize`` (bool; True on multi-host TPU/GPU, where the other fields
+      may stay None to be detected), ``coordinator_address`` ('host:port'),
+      ``num_processes``, ``process_id``.
+  """
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.num_steps = 1000
+  c.batch_size = 4
+  c.micro_batches = 1
+  c.eval_batch_size = 4
+  c.optimizer = 'adamw'
+  c.learning_rate = 5e-5
+  c.weight_decay = 1e-8
+  c.b1 = 0.9
+  c.b2 = 0.999
+  c.eps = 1e-8
+  c.schedule = 'constant'
+  c.warmup_steps = 0
+  c.final_learning_rate = 1e-6
+  c.clip_norm = 0.0
+  c.ema_decay = ml_collections.config_dict.placeholder(float)
+  c.compute_dtype = 'float32'
+  c.augment = True
+  c.log_every = 10
+  c.eval_every = 100
+  c.checkpoint_every = 100
+  c.keep_checkpoints = 2
+  c.best_metric = 'macro_f1'
+  c.max_nonfinite_in_a_row = 10
+  c.progress_bar = True
+  c.distributed = ml_collections.ConfigDict()
+  c.distributed.initialize = False
+  c.distributed.coordinator_address = ml_collections.config_dict.placeholder(str)
+  c.distributed.num_processes = ml_collections.config_dict.placeholder(int)
+  c.distributed.process_id = ml_collections.config_dict.placeholder(int)
+  return c
