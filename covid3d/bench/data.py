@@ -7,7 +7,9 @@ cube size, write the cache) serially and with ``--workers`` processes (their
 start-up included), the split of one serial scan into reading and resampling,
 and the cache's read throughput (records/s and GB/s into host memory; the
 files were just written, so this is the page-cached figure, i.e. the upper
-bound a local SSD approaches). ``--zoom`` adds one `scipy.ndimage.zoom`
+bound a local SSD approaches). Wall and CPU seconds (this process plus its
+finished workers) are both given: on a shared machine the CPU seconds per scan
+are the steadier figure. ``--zoom`` adds one `scipy.ndimage.zoom`
 (order 3) for comparison with our separable resampler.
 """
 import os
@@ -52,10 +54,21 @@ def write_scans(root, scans, slices, size, seed=0):
   return readers.list_cov19ctdb(root, 'test')
 
 
+def _cpu_seconds():
+  """CPU time of this process and its finished children (user + system)."""
+  t = os.times()
+  return t.user + t.system + t.children_user + t.children_system
+
+
 def _timed(fn):
-  t = time.perf_counter()
+  """(fn(), wall seconds, CPU seconds incl. finished worker processes)."""
+  t, c = time.perf_counter(), _cpu_seconds()
   out = fn()
-  return out, time.perf_counter() - t
+  return out, time.perf_counter() - t, _cpu_seconds() - c
+
+
+def _row(step, wall, cpu, n=1, unit='scans/s'):
+  return {'step': step, 'wall_s': wall, 'cpu_s': cpu, 'per_s': n / wall, 'unit': unit}
 
 
 def run(args):
@@ -65,34 +78,31 @@ def run(args):
         f'{args.size}^2 JPEG slices -> {sizes}')
   rows = []
   with tempfile.TemporaryDirectory() as tmp:
-    refs, gen_s = _timed(lambda: write_scans(tmp, args.scans, args.slices, args.size))
+    refs, gen_s, _ = _timed(lambda: write_scans(tmp, args.scans, args.slices, args.size))
     mb = sum(os.path.getsize(p) for r in refs for p in r.paths) / len(refs) / 1e6
     print(f'generated in {gen_s:.1f} s ({mb:.1f} MB of JPEG per scan)')
-    scan, read_s = _timed(lambda: readers.load_scan(refs[0]))
-    rows.append({'step': 'read one scan (JPEG decode)', 'seconds': read_s,
-                 'per_s': 1 / read_s, 'unit': 'scans/s'})
+    scan, *t = _timed(lambda: readers.load_scan(refs[0]))
+    rows.append(_row('read one scan (JPEG decode)', *t))
     for s in sizes:
-      _, t = _timed(lambda: preprocess.resample(scan.volume, (s, s, s)))
-      rows.append({'step': f'resample one scan to {s}^3', 'seconds': t, 'per_s': 1 / t,
-                   'unit': 'scans/s'})
+      _, *t = _timed(lambda: preprocess.resample(scan.volume, (s, s, s)))
+      rows.append(_row(f'resample one scan to {s}^3', *t))
     if args.zoom:
       s = sizes[0]
-      _, t = _timed(lambda: scipy.ndimage.zoom(
+      _, *t = _timed(lambda: scipy.ndimage.zoom(
           scan.volume, np.divide((s, s, s), scan.volume.shape), order=3, mode='mirror',
           grid_mode=False))
-      rows.append({'step': f'scipy.ndimage.zoom to {s}^3', 'seconds': t, 'per_s': 1 / t,
-                   'unit': 'scans/s'})
+      rows.append(_row(f'scipy.ndimage.zoom to {s}^3', *t))
     paths = None
     for workers in (1, args.workers):
       cache_dir = os.path.join(tmp, f'cache{workers}')
-      paths, t = _timed(lambda: preprocess.build_cache(refs, cache_dir, sizes, workers=workers,
-                                                       progress=False))
-      rows.append({'step': f'build_cache, workers={workers}', 'seconds': t,
-                   'per_s': len(refs) / t, 'unit': 'scans/s'})
+      paths, *t = _timed(lambda: preprocess.build_cache(refs, cache_dir, sizes, workers=workers,
+                                                        progress=False))
+      rows.append(_row(f'build_cache, workers={workers}', *t, n=len(refs)))
     nbytes = sum(v.nbytes for v in preprocess.read_record(paths[0]).values()
                  if isinstance(v, np.ndarray))
-    _, t = _timed(lambda: [preprocess.read_record(p) for _ in range(args.reads) for p in paths])
     n = args.reads * len(paths)
-    rows.append({'step': 'read_record (page-cached)', 'seconds': t, 'per_s': n / t,
-                 'unit': f'records/s, {n * nbytes / t / 1e9:.2f} GB/s'})
+    _, wall, cpu = _timed(lambda: [preprocess.read_record(p) for _ in range(args.reads)
+                                   for p in paths])
+    rows.append(_row('read_record (page-cached)', wall, cpu, n,
+                     f'records/s, {n * nbytes / wall / 1e9:.2f} GB/s'))
   print_table(rows)

@@ -29,6 +29,7 @@ import grain
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import tensorflow_datasets as tfds
 
 from covid3d.data import cache
 from covid3d.data import preprocess
@@ -68,7 +69,6 @@ def tfds_source(name: str, split: str, data_dir: str | None = None
     A RecordSource whose index is the one the builder stored in the dataset's
     metadata.json.
   """
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   builder = tfds.builder(name, data_dir=data_dir)
   where = f'{builder.data_dir} split {split!r}'
   index = (builder.info.metadata or {}).get(split)

@@ -63,6 +63,8 @@ class _StopSignal:
 
   def _handle(self, signum, frame):
     del frame
+    if self.signum is not None and signum == signal.SIGINT:
+      raise KeyboardInterrupt  # a second Ctrl-C does not wait for the checkpoint
     self.signum = signum
 
   def requested(self) -> bool:

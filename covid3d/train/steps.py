@@ -21,7 +21,9 @@ Contracts of the functions passed in:
   device count and any number of micro-batches. A micro-batch with weight 0
   must still return a finite loss.
 * ``augment_fn(key, example) -> example``: one example (a dict without the
-  batch axis) and its own key; vmapped over the batch on device.
+  batch axis) and its own key; vmapped over the global batch on device, in
+  the same jitted program just before the per-device part (the compiler
+  partitions it over the batch axis).
 * ``eval_fn(outputs, batch) -> dict of arrays``: per-batch SUMS (e.g. a
   confusion matrix), added over devices with ``psum``; padded examples carry
   ``batch['valid'] == False`` and must not count.
@@ -104,6 +106,12 @@ def _all_finite(tree) -> jax.Array:
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)]))
 
 
+def _example_keys(state: TrainState, index: jax.Array) -> jax.Array:
+  """``(n, 2, 2)``: [augmentation key, drop-path key] of the examples at global ``index``."""
+  batch_key = jax.random.fold_in(state.rng, state.batches_seen)
+  return jax.vmap(lambda i: jax.random.split(jax.random.fold_in(batch_key, i)))(index)
+
+
 def make_train_step(apply_fn: ApplyFn, loss_fn: LossFn, tx: optax.GradientTransformation,
                     mesh: Mesh, *, ema_decay: float, micro_batches: int = 1,
                     augment_fn: AugmentFn | None = None, compute_dtype=jnp.float32,
@@ -136,11 +144,7 @@ def make_train_step(apply_fn: ApplyFn, loss_fn: LossFn, tx: optax.GradientTransf
     if local % micro_batches:
       raise ValueError(f'{local} examples per device do not split into '
                        f'train.micro_batches={micro_batches}')
-    batch_key = jax.random.fold_in(state.rng, state.batches_seen)
-    index = lax.axis_index(AXIS) * local + jnp.arange(local)
-    keys = jax.vmap(lambda i: jax.random.split(jax.random.fold_in(batch_key, i)))(index)
-    if augment_fn is not None:
-      batch = jax.vmap(augment_fn)(keys[:, 0], batch)
+    keys = _example_keys(state, lax.axis_index(AXIS) * local + jnp.arange(local))
 
     def objective(params, micro, drop_keys):
       x = micro[input_key].astype(compute_dtype)
@@ -197,7 +201,17 @@ def make_train_step(apply_fn: ApplyFn, loss_fn: LossFn, tx: optax.GradientTransf
 
   sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(AXIS)),
                           out_specs=(P(), P()))
-  return jax.jit(sharded, donate_argnums=0)
+
+  def step(state, batch):
+    if augment_fn is not None:
+      # Outside shard_map but in the same program, partitioned over the batch
+      # axis by the compiler; any jittable augmentation works here unchanged.
+      keys = _example_keys(state, jnp.arange(batch[input_key].shape[0]))
+      batch = jax.vmap(augment_fn)(keys[:, 0], batch)
+      batch = lax.with_sharding_constraint(batch, NamedSharding(mesh, P(AXIS)))
+    return sharded(state, batch)
+
+  return jax.jit(step, donate_argnums=0)
 
 
 def make_eval_step(apply_fn: ApplyFn, eval_fn: EvalFn, mesh: Mesh, *,

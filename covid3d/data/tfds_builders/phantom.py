@@ -6,7 +6,6 @@ build exercises exactly the path real data takes.
 """
 import dataclasses
 
-import tensorflow_datasets as tfds
 from etils import epath
 
 from covid3d.data import phantom_writers

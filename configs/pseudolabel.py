@@ -1,0 +1,16 @@
+"""Stage 4: the segmentation teacher labels COV19-CT-DB and STOIC (masks + NIfTI).
+
+  python -m covid3d.main --config=configs/pseudolabel.py --workdir=R/pseudolabel \
+      --config.init_from=R/segmentation --config.data.cov19ctdb_dir=... --config.data.stoic_dir=...
+"""
+from covid3d import config as base
+
+
+def get_config(arg=None):
+  c = base.get_config("pseudolabel")
+  c.pseudolabel = base.ml_collections.ConfigDict()
+  c.pseudolabel.mode = "upsample"     # upsample (authors) or sliding (windows on the large cache)
+  c.pseudolabel.overlap = 0.5         # sliding-window overlap, fraction of the window
+  c.pseudolabel.write_nifti = True    # masks in each scan's original geometry
+  c.pseudolabel.datasets = ("cov19ctdb", "stoic")
+  return base.finalize(c, arg)

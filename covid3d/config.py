@@ -1,0 +1,131 @@
+"""The fields every stage config shares; each ``configs/<stage>.py`` edits a copy.
+
+Every field is documented here; override any on the command line, e.g.
+``--config.train.learning_rate=1e-4 --config.model.variant=small``.
+The ``:demo`` argument of a stage file (``configs/severity.py:demo``) calls
+``demo()`` below: the nano model, 32^3 volumes, phantom data, few steps.
+"""
+import ml_collections
+
+from covid3d import augment
+from covid3d.train import config as train_config
+
+
+def get_config(stage: str) -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  # Which covid3d.stages module runs: pretrain2d, segmentation, pseudolabel,
+  # segmia, multitask, finetune, predict.
+  c.stage = stage
+  # Seeds the model initialisation and the phantom; train.seed seeds training.
+  c.seed = 0
+  # Where the initial weights come from: 'random'; an earlier stage's workdir
+  # (its best EMA checkpoint; a 2-D one is inflated); or a 2-D ConvNeXt
+  # checkpoint file (.pth, .safetensors, .npz), inflated for 3-D stages.
+  c.init_from = "random"
+  # Persistent XLA compilation cache ('' = ~/.cache/covid3d/jax): folds and
+  # stages with the same step program compile once.
+  c.compilation_cache_dir = ""
+  # Workdir of the pseudolabel stage whose masks segmia/multitask train on.
+  c.pseudo_labels = ""
+
+  c.model = ml_collections.ConfigDict()
+  c.model.variant = "tiny"            # nano, tiny, small, base, large (covid3d.models.VARIANTS)
+  c.model.drop_path_rate = 0.1        # effective value in the authors' code (see REFERENCE)
+  c.model.layer_scale_init = 1e-6
+  c.model.head_hidden = 768           # authors' extra Linear+ReLU before each classifier; 0: official head
+  c.model.dwconv_impl = "auto"        # xla, fft, shift or auto (measured per device and shape)
+  c.model.remat = "none"              # none, block, stage: recompute activations to save memory
+  c.model.seg_head = ml_collections.ConfigDict()
+  c.model.seg_head.style = "upernext"  # upernext (authors) or upernet (Xiao et al. 2018)
+  c.model.seg_head.channels = 16
+  c.model.seg_head.fuse_kernel = 7
+  c.model.seg_head.align_corners = True
+
+  # How a 2-D checkpoint becomes 3-D (covid3d.inflation).
+  c.inflation = ml_collections.ConfigDict()
+  c.inflation.mode = "full"           # full, 1g, 2g
+  c.inflation.norm = "sum"            # sum (authors' code) or l2 (paper's text)
+  c.inflation.new_axis = 0            # 0: 2-D filters in the axial plane; 2: the authors' code
+
+  c.data = ml_collections.ConfigDict()
+  c.data.cov19ctdb_dir = ""           # COV19-CT-DB root (train/, validation/, test/, category CSVs)
+  c.data.lesions_dir = ""             # COVID-19-20 lesion set root (*_ct.nii.gz, *_seg.nii.gz)
+  c.data.stoic_dir = ""               # STOIC root (data/mha/, metadata/reference.csv)
+  c.data.imagenet_dir = ""            # TFDS manual dir of imagenet2012 (pretrain2d)
+  c.data.cache_dir = ""               # preprocessed-record cache; default <workdir>/../cache
+  c.data.sizes = (256, 224)           # cached cube edges: (crop source, model input)
+  c.data.workers = 0                  # preprocessing processes (0: all cores)
+  c.data.loader_threads = 4           # grain reader threads per host
+  c.data.strict = False               # raise on bad input instead of a logged skip
+  c.data.mean = 0.3971                # normalisation after scaling to [0, 1]
+  c.data.std = 0.3207
+  c.data.folds = 5                    # cross-validation folds
+  c.data.fold_seed = 0
+  c.data.val_fraction = 0.2           # held-out share for pretraining stages' validation
+  c.data.phantom = False              # generate and use the synthetic phantom
+  c.data.phantom_dir = "./covid3d_demo/data"
+  c.data.phantom_scans = 64           # scans per dataset of the phantom
+
+  c.augment = augment.default_config()
+  c.train = train_config.default_config()
+  c.loss = ml_collections.ConfigDict()
+  c.loss.balanced = True              # balanced CE (paper) or plain CE
+  c.loss.weights = ml_collections.ConfigDict({"classification": 1.0, "segmentation": 1.0})
+  return c
+
+
+def pretraining_optimizer(c: ml_collections.ConfigDict) -> None:
+  """The authors' pretraining recipe: Adam lr 1e-5, clip 5, EMA 0.99, best by Dice."""
+  c.train.optimizer = "adam"
+  c.train.learning_rate = 1e-5
+  c.train.weight_decay = 0.0
+  c.train.clip_norm = 5.0
+  c.train.ema_decay = 0.99
+  c.train.best_metric = "dice"
+
+
+def finetune_config(task: str, arg, epochs: int, labelled_scans: int) -> ml_collections.ConfigDict:
+  """Severity or detection fine-tuning (the challenge recipe), ``epochs`` over 4/5 of the scans."""
+  c = get_config("finetune")
+  c.finetune = ml_collections.ConfigDict()
+  c.finetune.task = task              # severity (4 classes) or detection (2 classes)
+  c.predict = ml_collections.ConfigDict()
+  c.predict.folds = ()                # fold models in the ensemble; (): all, (4,): the code's fold 5
+  c.predict.partitions = ("validation", "test")
+  steps_per_epoch = labelled_scans * 4 // 5 // c.train.batch_size
+  c.train.num_steps = epochs * steps_per_epoch
+  c.train.eval_every = steps_per_epoch
+  c.train.checkpoint_every = steps_per_epoch
+  return finalize(c, arg)
+
+
+def finalize(c: ml_collections.ConfigDict, arg) -> ml_collections.ConfigDict:
+  """Applies the config-file argument: '' (full size) or 'demo'."""
+  if arg in (None, ""):
+    return c
+  if arg != "demo":
+    raise ValueError(f"unknown config argument {arg!r}: use ':demo' or nothing")
+  return demo(c)
+
+
+def demo(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Shrinks a stage config to run on a laptop CPU in about a minute."""
+  c.model.variant = "nano"
+  c.model.head_hidden = 0
+  c.model.dwconv_impl = "fft"
+  c.model.seg_head.channels = 8
+  c.model.seg_head.fuse_kernel = 3
+  c.data.sizes = (40, 32)
+  c.data.phantom = True
+  c.data.phantom_scans = 40
+  c.data.workers = 2
+  c.data.loader_threads = 2
+  c.augment.elastic.sigma = 4.0
+  c.train.batch_size = 4
+  c.train.eval_batch_size = 8
+  c.train.num_steps = 60
+  c.train.eval_every = 30
+  c.train.checkpoint_every = 30
+  c.train.log_every = 10
+  c.train.learning_rate = 1e-3
+  return c

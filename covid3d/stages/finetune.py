@@ -1,0 +1,94 @@
+"""Stage ``finetune``: severity (4 classes) or detection (2 classes), k-fold CV.
+
+One model per fold, each trained on the other folds of the COV19-CT-DB
+training partition and evaluated (EMA weights) on its own fold; a fold whose
+``fold<k>/DONE`` exists is skipped on rerun. Then the fold ensemble predicts
+the validation and test partitions (``covid3d.stages.predict``).
+
+Writes ``folds.csv``, ``fold<k>/`` (checkpoints, metrics), ``cv.json``
+(per-fold and mean macro F1 and per-class F1 of each fold's best EMA
+evaluation), and the prediction outputs.
+"""
+import json
+import logging
+
+import numpy as np
+from etils import epath
+
+from covid3d.data import folds as folds_lib
+from covid3d.data import pipeline
+from covid3d.stages import common, fit, predict
+from covid3d.train import tasks
+
+# task -> (record label, class names in label order)
+TASKS = {"severity": ("severity", ("mild", "moderate", "severe", "critical")),
+         "detection": ("covid", ("non-covid", "covid"))}
+
+
+def task_spec(config):
+  if config.finetune.task not in TASKS:
+    raise ValueError(f"finetune.task={config.finetune.task!r} is not one of {sorted(TASKS)}")
+  return TASKS[config.finetune.task]
+
+
+def best_eval(workdir, metric="macro_f1") -> dict:
+  """The evaluation row of ``metrics.jsonl`` with the highest ``metric`` (first on ties)."""
+  rows = [json.loads(line) for line in (epath.Path(workdir) / "metrics.jsonl").read_text().splitlines()
+          if line.strip()]
+  evals = [r for r in rows if r.get("split") == "eval"]
+  if not evals:
+    raise common.HandOffError(f"{workdir}/metrics.jsonl has no evaluation")
+  return max(evals, key=lambda r: (r[metric], -r["step"]))
+
+
+def fold_table(config, workdir, source, label):
+  """scan_id -> fold for the labelled training scans (``folds.csv``, reused)."""
+  labelled = pipeline.select_records(source, label=label)
+  ids = [source.index[i]["scan_id"] for i in labelled]
+  labels = [source.index[i][label] for i in labelled]
+  assignment = folds_lib.load_or_make_folds(workdir, ids, labels, config.data.folds,
+                                            config.data.fold_seed)
+  return dict(zip(ids, (int(f) for f in assignment)))
+
+
+def train_fold(config, workdir, source, fold_of, fold, label, num_classes):
+  others = [f for f in range(config.data.folds) if f != fold]
+  train_idx = pipeline.select_records(source, label=label, fold_of=fold_of, folds=others)
+  val_idx = pipeline.select_records(source, label=label, fold_of=fold_of, folds=[fold])
+  counts = np.bincount([source.index[i][label] for i in train_idx], minlength=num_classes)
+  if config.loss.balanced and np.any(counts == 0):
+    raise ValueError(f"fold {fold}: class counts {counts.tolist()} of its training folds include "
+                     "zero; balanced CE needs every class (use fewer folds or more data)")
+  task = tasks.classification_task(num_classes, counts if config.loss.balanced else None,
+                                   label_key="label")
+  model = common.make_model(config, {label: num_classes}, segmentation=False)
+  fields = common.batch_fields(config, label=label)
+  fit.fit(config, workdir, model, source, train_idx, val_idx, fields, task, output=label)
+  best = best_eval(workdir)
+  summary = {"fold": fold, "train_counts": counts.tolist(), "n_val": len(val_idx), **best}
+  common.mark_done(workdir, summary)
+  return summary
+
+
+def run(config, workdir):
+  label, names = task_spec(config)
+  source = common.records(config, workdir, "cov19ctdb", ("train",))
+  fold_of = fold_table(config, workdir, source, label)
+  summaries = []
+  for fold in range(config.data.folds):
+    fold_dir = epath.Path(workdir) / f"fold{fold}"
+    if (fold_dir / common.DONE).exists():
+      logging.info("fold %d already finished (%s): skipped", fold, fold_dir / common.DONE)
+      summaries.append(json.loads((fold_dir / common.DONE).read_text()))
+      continue
+    logging.info("fold %d of %d", fold + 1, config.data.folds)
+    summaries.append(train_fold(config, str(fold_dir), source, fold_of, fold, label, len(names)))
+  cv = {"task": config.finetune.task, "init_from": config.init_from, "folds": summaries,
+        "mean_macro_f1": float(np.mean([s["macro_f1"] for s in summaries])),
+        "mean_f1_per_class": {name: float(np.mean([s[f"f1_{k}"] for s in summaries]))
+                              for k, name in enumerate(names)}}
+  (epath.Path(workdir) / "cv.json").write_text(json.dumps(cv, indent=1))
+  logging.info("CV macro F1 %.4f over %d folds", cv["mean_macro_f1"], len(summaries))
+  outputs = predict.predict_finetuned(config, workdir)
+  common.mark_done(workdir, {"cv_macro_f1": cv["mean_macro_f1"], **outputs})
+  return cv

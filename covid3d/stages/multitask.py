@@ -1,0 +1,59 @@
+"""Stage ``multitask``: STOIC severity (real labels) + segmentation (pseudo-labels).
+
+One backbone, a classification head ``stoic_severe`` (probSevere, counted for
+COVID-positive patients only, as the authors' code) and the segmentation head,
+losses weighted by ``config.loss.weights`` (1:1). Best checkpoint by EMA Dice.
+"""
+import jax.numpy as jnp
+
+from covid3d import losses
+from covid3d.stages import common, fit
+from covid3d.train import tasks
+
+HEAD = "stoic_severe"
+
+
+def _labels(batch):
+  valid = jnp.asarray(batch["valid"], bool) if "valid" in batch else jnp.ones_like(batch[HEAD], bool)
+  known = (batch["stoic_covid"] == 1) & valid
+  return jnp.where(known, batch[HEAD], -1).astype(jnp.int32), valid
+
+
+def multitask_task(weights) -> tasks.Task:
+  cls = tasks.classification_task(2, label_key="label")
+  seg = tasks.segmentation_task("mask")
+
+  def loss_fn(outputs, batch):
+    labels, valid = _labels(batch)
+    mask = jnp.where(valid.reshape((-1,) + (1,) * (batch["mask"].ndim - 1)),
+                     batch["mask"].astype(jnp.int32), -1)
+    targets = {HEAD: labels, "segmentation": mask}
+    loss = losses.multitask_loss(outputs, targets, {HEAD: weights.classification,
+                                                    "segmentation": weights.segmentation})
+    return loss, jnp.sum(valid.astype(jnp.float32))
+
+  def eval_fn(outputs, batch):
+    labels, _ = _labels(batch)
+    sums = {f"cls_{k}": v for k, v in cls.eval_fn(outputs[HEAD], dict(batch, label=labels)).items()}
+    sums.update({f"seg_{k}": v for k, v in seg.eval_fn(outputs["segmentation"], batch).items()})
+    return sums
+
+  def summarize(sums):
+    out = cls.summarize({k[4:]: v for k, v in sums.items() if k.startswith("cls_")})
+    out.update(seg.summarize({k[4:]: v for k, v in sums.items() if k.startswith("seg_")}))
+    return out
+
+  return tasks.Task(loss_fn, eval_fn, summarize, "dice", 2)
+
+
+def run(config, workdir):
+  source = common.records(config, workdir, "stoic")
+  source = common.with_pseudo_labels(source, config.pseudo_labels, "stoic")
+  model = common.make_model(config, {HEAD: 2}, segmentation=True)
+  train_idx, val_idx = common.holdout_split(source, config.data.val_fraction, config.data.fold_seed)
+  fields = dict(common.batch_fields(config, stoic_covid="stoic_covid", stoic_severe="stoic_severe"),
+                **common.mask_fields(config))
+  result = fit.fit(config, workdir, model, source, train_idx, val_idx, fields,
+                   multitask_task(config.loss.weights), has_mask=True)
+  common.mark_done(workdir, {"best_step": result["best_step"], "eval": result["eval"]})
+  return result

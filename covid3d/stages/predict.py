@@ -1,0 +1,109 @@
+"""Stage ``predict``: the fold ensemble of a finetune workdir on the COV19-CT-DB partitions.
+
+Ensemble = mean of the fold models' softmax (the paper's intent; the
+challenge code used only fold 5: ``--config.predict.folds=4,``). Writes, per
+partition, ``predictions_<partition>.csv`` (scan, one probability per class,
+class), the challenge's submission format ``submission_<partition>/<class>.csv``
+(the scan names predicted as that class, one per line), and where labels
+exist ``metrics_<partition>.json`` and ``confusion_<partition>.png``.
+"""
+import csv
+import json
+import logging
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from etils import epath
+
+from covid3d import metrics
+from covid3d.stages import common
+
+
+def fold_dirs(finetune_dir, folds):
+  dirs = [epath.Path(finetune_dir) / f"fold{f}" for f in folds]
+  missing = [str(d) for d in dirs if not (d / common.DONE).exists()]
+  if missing:
+    raise common.HandOffError(
+        f"unfinished folds {missing}: run the finetune stage first "
+        f"(python -m covid3d.main --config=configs/severity.py --workdir={finetune_dir})")
+  return dirs
+
+
+def predict_probs(config, model, params_list, source, output):
+  """``(scan_ids, (N, K) mean softmax)`` of the models in ``params_list`` over ``source``."""
+  apply_fn = common.normalized_apply(model, config)
+  forward = jax.jit(lambda p, x: jax.nn.softmax(apply_fn(p, x, True, None)[output], axis=-1))
+  indices = np.arange(len(source.index))
+  fields = common.batch_fields(config, image_only=True)
+  ids, probs = [], []
+  for batch in common.host_batches(source, indices, config.train.eval_batch_size, fields, config):
+    p = np.mean([np.asarray(forward(params, jnp.asarray(batch["image"]))) for params in params_list],
+                axis=0)
+    keep = np.asarray(batch["valid"])
+    probs.append(p[keep])
+    ids += [source.index[i]["scan_id"] for i in np.asarray(batch["record_index"])[keep]]
+  return ids, np.concatenate(probs)
+
+
+def write_outputs(outdir, partition, ids, probs, names, labels=None):
+  """CSV, submission files and (with labels) metrics + confusion plot; returns the metrics."""
+  outdir = epath.Path(outdir)
+  pred = np.argmax(probs, axis=1)
+  with open(outdir / f"predictions_{partition}.csv", "w", newline="") as f:
+    w = csv.writer(f)
+    w.writerow(["scan"] + [f"p_{n}" for n in names] + ["class"])
+    for sid, p, c in zip(ids, probs, pred):
+      w.writerow([sid] + [f"{x:.6f}" for x in p] + [names[c]])
+  sub = outdir / f"submission_{partition}"
+  sub.mkdir(parents=True, exist_ok=True)
+  for k, name in enumerate(names):
+    # The challenge lists scan folder names (ct_scan_N), one per line.
+    (sub / f"{name}.csv").write_text("".join(f"{sid.split('/')[-1]}\n"
+                                             for sid, c in zip(ids, pred) if c == k))
+  if labels is None or not np.any(labels >= 0):
+    return None
+  known = labels >= 0
+  cm = np.asarray(metrics.confusion_matrix(labels[known], pred[known], len(names)))
+  result = {"partition": partition, "n": int(known.sum()), "macro_f1": float(metrics.macro_f1(cm)),
+            "accuracy": float(metrics.accuracy(cm)),
+            "f1_per_class": dict(zip(names, map(float, np.asarray(metrics.f1_per_class(cm))))),
+            "confusion_matrix": cm.tolist()}
+  (outdir / f"metrics_{partition}.json").write_text(json.dumps(result, indent=1))
+  metrics.plot_confusion_matrix(cm, list(names), str(outdir / f"confusion_{partition}.png"))
+  return result
+
+
+def predict_finetuned(config, finetune_dir, outdir=None):
+  """Ensemble predictions of ``finetune_dir``'s folds; returns the labelled partitions' macro F1."""
+  from covid3d.stages.finetune import task_spec  # pylint: disable=import-outside-toplevel
+  label, names = task_spec(config)
+  outdir = outdir or finetune_dir
+  folds = tuple(config.predict.folds) or tuple(range(config.data.folds))
+  params_list = [common.best_params(d) for d in fold_dirs(finetune_dir, folds)]
+  model = common.make_model(config, {label: len(names)}, segmentation=False)
+  summary = {"ensemble_folds": list(folds)}
+  for partition in config.predict.partitions:
+    refs = common.list_refs(config, "cov19ctdb", (partition,))
+    if not refs:
+      logging.info("partition %s has no scans: nothing to predict", partition)
+      continue
+    source = common.records(config, outdir, "cov19ctdb", (partition,), refs=refs)
+    ids, probs = predict_probs(config, model, params_list, source, label)
+    by_id = {e["scan_id"]: e[label] for e in source.index}
+    result = write_outputs(outdir, partition, ids, probs, names,
+                           np.array([by_id[i] for i in ids]))
+    logging.info("predicted %d %s scans%s", len(ids), partition,
+                 "" if result is None else f", macro F1 {result['macro_f1']:.4f}")
+    if result is not None:
+      summary[f"{partition}_macro_f1"] = result["macro_f1"]
+  return summary
+
+
+def run(config, workdir):
+  if not os.path.isdir(config.init_from):
+    raise common.HandOffError(f"predict: init_from={config.init_from!r} must be a finetune workdir")
+  summary = predict_finetuned(config, config.init_from, workdir)
+  common.mark_done(workdir, summary)
+  return summary

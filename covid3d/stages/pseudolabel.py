@@ -1,0 +1,116 @@
+"""Stage ``pseudolabel``: the segmentation teacher (EMA) labels COV19-CT-DB and STOIC.
+
+For every scan it writes ``masks/<dataset>/<scan>.npz`` (hard 0/1 masks at
+both cached sizes: the records the segmia/multitask stages read) and, with
+``pseudolabel.write_nifti``, ``nifti/<dataset>/<scan>_pseudo.nii.gz`` in the
+scan's original geometry (spacing, origin, direction), for ITK-SNAP/3D Slicer.
+
+Modes (``pseudolabel.mode``): ``upsample`` (the authors' code: predict the
+input-size cache, upsample the probabilities trilinearly to the large size)
+or ``sliding`` (predict the large cache in windows of the input size with
+``pseudolabel.overlap``, averaging overlapping probabilities).
+"""
+import itertools
+import logging
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from covid3d.data import readers
+from covid3d.models.ops import resize_linear
+from covid3d.stages import common
+
+DATASETS = (("cov19ctdb", ("train", "validation", "test")), ("stoic", ("train",)))
+
+
+def window_starts(size: int, window: int, overlap: float):
+  """Start offsets of windows covering ``[0, size)`` with at least ``overlap`` overlap."""
+  if window >= size:
+    return [0]
+  stride = max(1, int(window * (1 - overlap)))
+  starts = list(range(0, size - window, stride))
+  return starts + [size - window]
+
+
+def sliding_window(forward, x, window: int, overlap: float):
+  """Mean of ``forward`` over overlapping cubic windows of ``x`` ``(B, S, S, S, C)``."""
+  size = x.shape[1]
+  total = jnp.zeros(x.shape[:-1] + (1,), jnp.float32)
+  count = jnp.zeros((1, size, size, size, 1), jnp.float32)
+  starts = window_starts(size, window, overlap)
+  for d, h, w in itertools.product(starts, starts, starts):
+    sl = (slice(None), slice(d, d + window), slice(h, h + window), slice(w, w + window))
+    total = total.at[sl].add(forward(x[sl]))
+    count = count.at[sl].add(1.0)
+  return total / count
+
+
+def teacher_params(config, model):
+  """The segmentation workdir's EMA backbone + segmentation head, checked against ``model``."""
+  params = common.best_params(config.init_from)
+  if "seg_head" not in params:
+    raise common.HandOffError(f"{config.init_from} holds no segmentation head: init_from must be "
+                              "the workdir of the segmentation stage")
+  like = common.init_params(model, config, min(config.data.sizes))
+  chosen = {"backbone": params["backbone"], "seg_head": params["seg_head"]}
+  try:
+    common.inflation.check_tree(chosen, like, f"segmentation weights of {config.init_from}")
+  except ValueError as e:
+    raise common.HandOffError(str(e)) from None
+  return chosen
+
+
+def run(config, workdir):
+  p = config.pseudolabel
+  small, big = min(config.data.sizes), max(config.data.sizes)
+  model = common.make_model(config, {}, segmentation=True)
+  params = teacher_params(config, model)
+  apply_fn = common.normalized_apply(model, config)
+  prob = jax.jit(lambda x: jax.nn.sigmoid(apply_fn(params, x, True, None)["segmentation"]))
+  counts = {}
+  for dataset, partitions in DATASETS:
+    if dataset not in p.datasets:
+      continue
+    refs = common.list_refs(config, dataset, partitions)
+    source = common.records(config, workdir, dataset, partitions, refs=refs)
+    by_id = {r.scan_id: r for r in refs}
+    mask_dir = os.path.join(workdir, "masks", dataset)
+    nifti_dir = os.path.join(workdir, "nifti", dataset)
+    os.makedirs(mask_dir, exist_ok=True)
+    os.makedirs(nifti_dir, exist_ok=True)
+    fields = {"image": f"volume_{small}", "image_large": f"volume_{big}"}
+    done = 0
+    batches = common.host_batches(source, np.arange(len(source.index)), config.train.eval_batch_size,
+                                  fields, config)
+    for batch in tqdm(batches, desc=f"pseudo-labels {dataset}", unit="batch"):
+      if p.mode == "sliding":
+        large = sliding_window(prob, jnp.asarray(batch["image_large"]), small, p.overlap)
+        little = resize_linear(large, (small,) * 3, align_corners=True)
+      else:
+        little = prob(jnp.asarray(batch["image"]))
+        large = resize_linear(little, (big,) * 3, align_corners=True)
+      for row in np.flatnonzero(np.asarray(batch["valid"])):
+        sid = source.index[int(batch["record_index"][row])]["scan_id"]
+        np.savez_compressed(os.path.join(mask_dir, f"{common.file_stem(sid)}.npz"),
+                            **{f"mask_{small}": np.asarray(little[row, ..., 0] > 0.5, np.uint8),
+                               f"mask_{big}": np.asarray(large[row, ..., 0] > 0.5, np.uint8)})
+        if p.write_nifti:
+          _write_nifti(by_id[sid], large[row], nifti_dir, config)
+        done += 1
+    counts[dataset] = done
+    logging.info("pseudo-labelled %d %s scans into %s", done, dataset, mask_dir)
+  common.mark_done(workdir, {"scans": counts})
+  return counts
+
+
+def _write_nifti(ref, prob_large, nifti_dir, config):
+  """Writes one mask in the original scan's grid and geometry."""
+  scan = readers.load_scan(ref, strict=config.data.strict)
+  if scan is None:
+    return
+  prob = resize_linear(prob_large[None], scan.volume.shape, align_corners=True)[0, ..., 0]
+  readers.write_mask_like(np.asarray(prob > 0.5, np.uint8), scan,
+                          os.path.join(nifti_dir, f"{common.file_stem(ref.scan_id)}_pseudo.nii.gz"))

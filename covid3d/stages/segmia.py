@@ -1,0 +1,15 @@
+"""Stage ``segmia``: segmentation on COV19-CT-DB with the pseudolabel stage's masks.
+
+Initialised from the inflated ImageNet (pretrain2d) weights, not from the
+teacher, as in the paper.
+"""
+from covid3d.stages import common
+from covid3d.stages.segmentation import train_segmentation
+
+PARTITIONS = ("train", "validation", "test")
+
+
+def run(config, workdir):
+  source = common.records(config, workdir, "cov19ctdb", PARTITIONS)
+  source = common.with_pseudo_labels(source, config.pseudo_labels, "cov19ctdb")
+  return train_segmentation(config, workdir, source)

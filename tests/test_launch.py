@@ -1,0 +1,406 @@
+"""The launch scripts: syntax, dry-run command lines, stage chaining, usage errors.
+
+The scripts print every command as '+ WORDS' (shell-quoted); the tests parse
+those lines back into argument lists. Real runs are checked with stand-ins
+for python and gcloud that record their arguments.
+"""
+import os
+import pathlib
+import shlex
+import shutil
+import subprocess
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+LAUNCH = REPO / "launch"
+SCRIPTS = ("common.sh", "demo.sh", "pipeline.sh", "tpu_pod.sh", "gpu.sh")
+CHAIN_3D = ("segmentation", "pseudolabel", "segmia", "multitask")
+INITS = ("segmia", "multitask", "random")
+SSH = ["gcloud", "compute", "tpus", "tpu-vm", "ssh"]
+
+
+def launch(script, *args, env=None, cwd=REPO):
+  """Runs launch/<script> ARGS with a clean DRY_RUN/PYTHON/CUDA_VISIBLE_DEVICES."""
+  clean = {k: v for k, v in os.environ.items()
+           if k not in ("DRY_RUN", "PYTHON", "CUDA_VISIBLE_DEVICES")}
+  clean.update(env or {})
+  return subprocess.run(["bash", str(LAUNCH / script), *map(str, args)], cwd=cwd, env=clean,
+                        capture_output=True, text=True, timeout=60, check=False)
+
+
+def dry(script, *args, env=None, cwd=REPO):
+  result = launch(script, *args, env={"DRY_RUN": "1", **(env or {})}, cwd=cwd)
+  assert result.returncode == 0, result.stderr
+  return result.stdout
+
+
+def commands(stdout):
+  """The '+ ' lines as argument lists."""
+  return [shlex.split(line[2:]) for line in stdout.splitlines() if line.startswith("+ ")]
+
+
+def remote(argv):
+  """The command a `gcloud compute tpus tpu-vm ssh` runs on the workers, as words."""
+  assert argv[:5] == SSH, argv
+  (command,) = [a.split("=", 1)[1] for a in argv if a.startswith("--command=")]
+  return shlex.split(command)
+
+
+def remote_if_ssh(argv):
+  return remote(argv) if argv[:5] == SSH else argv
+
+
+def parse_stage(argv):
+  """`... python -m covid3d.main --config=... --workdir=... FLAGS` -> dict."""
+  args = argv[argv.index("covid3d.main") + 1:]
+  flags = {}
+  for arg in args:
+    key, _, value = arg.partition("=")
+    flags[key] = value                  # the last one wins, as in absl
+  config, _, suffix = flags.pop("--config").partition(":")
+  return {"stage": pathlib.Path(config).stem, "config": config, "suffix": suffix,
+          "workdir": flags.pop("--workdir"), "flags": flags, "args": args, "argv": argv}
+
+
+def stages(stdout, unwrap=lambda argv: argv):
+  return [parse_stage(unwrap(c)) for c in commands(stdout) if "covid3d.main" in unwrap(c)]
+
+
+def expected_chain(root, init2d=None, tasks=("severity",)):
+  """(config, workdir, init_from, pseudo_labels) of every stage, in order (STAGES.md)."""
+  chain = []
+  if init2d is None:
+    init2d = f"{root}/pretrain2d"
+    chain.append(("pretrain2d", init2d, None, None))
+  chain += [("segmentation", f"{root}/segmentation", init2d, None),
+            ("pseudolabel", f"{root}/pseudolabel", f"{root}/segmentation", None),
+            ("segmia", f"{root}/segmia", init2d, f"{root}/pseudolabel"),
+            ("multitask", f"{root}/multitask", init2d, f"{root}/pseudolabel")]
+  for task in tasks:
+    chain += [(task, f"{root}/{task}_{i}", "random" if i == "random" else f"{root}/{i}", None)
+              for i in INITS]
+  return chain
+
+
+def chain_of(parsed):
+  return [(s["stage"], s["workdir"], s["flags"].get("--config.init_from"),
+           s["flags"].get("--config.pseudo_labels")) for s in parsed]
+
+
+@pytest.fixture
+def data(tmp_path):
+  """Existing data folders and a 2-D checkpoint file for pipeline.sh."""
+  dirs = {name: tmp_path / "data" / name for name in ("cov19ctdb", "lesions", "stoic", "imagenet")}
+  for d in dirs.values():
+    d.mkdir(parents=True)
+  ckpt = tmp_path / "convnext_tiny_1k_224.pth"
+  ckpt.write_bytes(b"stand-in")
+  return {**{k: str(v) for k, v in dirs.items()}, "init2d": str(ckpt)}
+
+
+def data_args(data, *names):
+  return [w for n in names for w in (f"--{n}", data[n])]
+
+
+def data_flags(data, *names):
+  return {f"--config.data.{n}_dir": data[n] for n in names}
+
+
+# ----------------------------------------------------------------------------- syntax
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_scripts_parse(script):
+  result = subprocess.run(["bash", "-n", str(LAUNCH / script)], capture_output=True, text=True,
+                          check=False)
+  assert result.returncode == 0, result.stderr
+
+
+def test_shellcheck_is_clean():
+  if shutil.which("shellcheck") is None:
+    pytest.skip("shellcheck is not installed")
+  result = subprocess.run(["shellcheck", "-x", *(f"launch/{s}" for s in SCRIPTS)], cwd=REPO,
+                          capture_output=True, text=True, check=False)
+  assert result.returncode == 0, result.stdout
+
+
+@pytest.mark.parametrize("script", SCRIPTS[1:])
+def test_help(script):
+  result = launch(script, "--help")
+  assert result.returncode == 0 and result.stdout.startswith("Usage: bash launch/" + script)
+
+
+# ----------------------------------------------------------------------------- demo
+
+
+def test_demo_dry_run_chain(tmp_path):
+  root = tmp_path / "demo"
+  out = dry("demo.sh", root, "--config.train.num_steps=2", env={"PYTHON": "my-python"})
+  parsed = stages(out)
+  assert chain_of(parsed) == expected_chain(root)
+  for s in parsed:
+    assert s["argv"][:3] == ["my-python", "-m", "covid3d.main"]
+    assert s["config"] == f"configs/{s['stage']}.py" and s["suffix"] == "demo"
+    assert s["flags"]["--config.data.phantom_dir"] == f"{root}/data"
+    assert s["args"][-1] == "--config.train.num_steps=2"      # user overrides come last
+  inflated = {s["stage"]: s["flags"].get("--config.inflation.mode") for s in parsed}
+  assert inflated == {"pretrain2d": None, "segmentation": "full", "pseudolabel": None,
+                      "segmia": "full", "multitask": "full", "severity": None}
+  cmds = commands(out)
+  assert cmds[-2:] == [["my-python", "-m", "covid3d.report", str(root)],
+                       ["cat", f"{root}/report.md"]]
+  assert sum(line.startswith("== [") for line in out.splitlines()) == len(parsed) + 1
+  assert "total wall time" in out.splitlines()[-1]
+  assert not root.exists()                                     # a dry run runs nothing
+
+
+def test_demo_defaults_and_flag_form(tmp_path):
+  """--dry-run equals DRY_RUN=1; default root; absolute configs outside the repo."""
+  out = launch("demo.sh", "--dry-run", "--tasks", "severity,detection", cwd=tmp_path)
+  assert out.returncode == 0, out.stderr
+  parsed = stages(out.stdout)
+  assert chain_of(parsed) == expected_chain("./covid3d_demo", tasks=("severity", "detection"))
+  assert {pathlib.Path(s["config"]).parent for s in parsed} == {REPO / "configs"}
+  assert commands(out.stdout)[0][0] == "python"
+  assert not (tmp_path / "covid3d_demo").exists()
+
+
+def test_demo_skips_finished_stages(tmp_path):
+  for stage in ("pretrain2d", "severity_multitask"):
+    (tmp_path / stage).mkdir()
+    (tmp_path / stage / "DONE").write_text("{}")
+  out = dry("demo.sh", tmp_path)
+  skipped = {f"{tmp_path}/pretrain2d", f"{tmp_path}/severity_multitask"}
+  assert [s["workdir"] for s in stages(out)] == [
+      w for _, w, _, _ in expected_chain(tmp_path) if w not in skipped]
+  assert out.count("DONE exists") == 2
+
+
+# ----------------------------------------------------------------------------- pipeline
+
+
+def test_pipeline_imagenet_chain(tmp_path, data):
+  root = tmp_path / "runs"
+  out = dry("pipeline.sh", *data_args(data, "cov19ctdb", "lesions", "stoic", "imagenet"),
+            "--root", root, "--inflation", "2g", "--tasks", "severity,detection",
+            "--batch-size", "8", "--", "--config.train.learning_rate=1e-4")
+  parsed = stages(out)
+  assert chain_of(parsed) == expected_chain(root, tasks=("severity", "detection"))
+  flags = data_flags(data, "cov19ctdb", "lesions", "stoic", "imagenet")
+  for s in parsed:
+    assert s["suffix"] == "" and s["argv"][0] == "python"
+    assert {k: s["flags"].get(k) for k in flags} == flags
+    assert s["args"][-1] == "--config.train.learning_rate=1e-4"
+    is_3d = s["stage"] != "pretrain2d"
+    assert s["flags"].get("--config.train.batch_size") == ("8" if is_3d else None)
+    inflates = s["stage"] in ("segmentation", "segmia", "multitask")
+    assert s["flags"].get("--config.inflation.mode") == ("2g" if inflates else None)
+  assert commands(out)[-1] == ["cat", f"{root}/report.md"]
+
+
+def test_pipeline_init2d_skips_pretraining(tmp_path, data):
+  out = dry("pipeline.sh", "--init2d", data["init2d"], "--cache", tmp_path / "cache",
+            *data_args(data, "cov19ctdb", "lesions", "stoic"), "--root=" + str(tmp_path))
+  parsed = stages(out)
+  assert chain_of(parsed) == expected_chain(tmp_path, init2d=data["init2d"],
+                                            tasks=("severity", "detection"))
+  for s in parsed:
+    assert "--config.data.imagenet_dir" not in s["flags"]
+    assert s["flags"]["--config.data.cache_dir"] == str(tmp_path / "cache")
+    assert s["flags"]["--config.data.stoic_dir"] == data["stoic"]
+
+
+def test_pipeline_runs_and_resumes(tmp_path, data):
+  """A real run with a stand-in python: order, DONE skipping, failure stops the chain."""
+  log = tmp_path / "calls.log"
+  fake = tmp_path / "fake-python"
+  fake.write_text(f"""#!/usr/bin/env bash
+echo "$*" >> {log}
+for a in "$@"; do case $a in --workdir=*) w=${{a#--workdir=}} ;; esac; done
+if [[ $2 == covid3d.report ]]; then echo "| table |" > "$3/report.md"; exit 0; fi
+[[ $w != *"${{FAIL_AT:-none}}" ]] || exit 3
+mkdir -p "$w" && touch "$w/DONE"
+""")
+  fake.chmod(0o755)
+  root = tmp_path / "runs"
+  args = (*data_args(data, "cov19ctdb", "lesions", "stoic"), "--init2d", data["init2d"],
+          "--root", root, "--tasks", "detection")
+
+  failed = launch("pipeline.sh", *args, env={"PYTHON": str(fake), "FAIL_AT": "segmia"})
+  assert failed.returncode == 3
+  ran = [line.split("--workdir=")[1].split()[0] for line in log.read_text().splitlines()]
+  assert ran == [f"{root}/{s}" for s in ("segmentation", "pseudolabel", "segmia")]
+
+  log.unlink()
+  done = launch("pipeline.sh", *args, env={"PYTHON": str(fake)})
+  assert done.returncode == 0, done.stderr
+  calls = log.read_text().splitlines()
+  expected = [w for _, w, _, _ in expected_chain(root, data["init2d"], ("detection",))][2:]
+  assert [c.split("--workdir=")[1].split()[0] for c in calls[:-1]] == expected
+  assert calls[-1] == f"-m covid3d.report {root}"
+  assert done.stdout.count("DONE exists") == 2
+  assert "| table |" in done.stdout
+
+
+# ----------------------------------------------------------------------------- TPU pod
+
+
+def tpu_args(data, *extra):
+  return ("--bucket", "gs://bucket/run1/", "--cov19ctdb", "gs://bucket/data/cov19ctdb",
+          "--lesions", "/mnt/disks/data/lesions", "--stoic", "gs://bucket/data/stoic", *extra)
+
+
+def test_tpu_pod_dry_run(data):
+  out = dry("tpu_pod.sh", *tpu_args(data, "--init2d", "gs://bucket/ckpt/convnext.pth",
+                                    "--zone", "us-central2-b", "--project", "proj", "--delete",
+                                    "--tasks", "severity", "--", "--config.train.num_steps=5"))
+  cmds = commands(out)
+  create = cmds[0]
+  assert create[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "create", "covid3d"]
+  assert {"--zone=us-central2-b", "--project=proj", "--accelerator-type=v4-32",
+          "--version=tpu-ubuntu2204-base"} <= set(create)
+  ssh = [c for c in cmds if c[:5] == SSH]
+  install = " ".join(remote(ssh[1]))
+  assert "pip install -q -e .[tpu]" in install and "python3.11 -m venv .venv" in install
+
+  unwrap = remote_if_ssh
+  parsed = stages(out, unwrap)
+  local = "/tmp/covid3d_data"
+  ckpt = f"{local}/init2d/convnext.pth"
+  assert chain_of(parsed) == expected_chain("gs://bucket/run1", init2d=ckpt)
+  for s in parsed:
+    assert s["workdir"].startswith("gs://bucket/run1/")
+    assert s["flags"]["--config.train.distributed.initialize"] == "True"
+    assert s["config"] == f"configs/{s['stage']}.py"
+    assert s["flags"]["--config.data.cov19ctdb_dir"] == f"{local}/cov19ctdb"  # copied from gs://
+    assert s["flags"]["--config.data.lesions_dir"] == "/mnt/disks/data/lesions"  # as given
+    assert s["flags"]["--config.data.cache_dir"] == f"{local}/cache"
+    assert s["args"][-1] == "--config.train.num_steps=5"
+  stage_ssh = [c for c in ssh if "covid3d.main" in remote(c)]
+  assert all("--worker=all" in c for c in stage_ssh) and len(stage_ssh) == len(parsed)
+  copies = [" ".join(remote(c)) for c in ssh if "gcloud storage" in " ".join(remote(c))]
+  assert copies == [
+      f"mkdir -p {local}/cov19ctdb && gcloud storage rsync --recursive gs://bucket/data/cov19ctdb "
+      f"{local}/cov19ctdb",
+      f"mkdir -p {local}/stoic && gcloud storage rsync --recursive gs://bucket/data/stoic "
+      f"{local}/stoic",
+      f"mkdir -p {local}/init2d && gcloud storage cp gs://bucket/ckpt/convnext.pth {ckpt}"]
+  # order: create, install, copies, stages, report on one worker, delete
+  first_stage = cmds.index(next(c for c in cmds if "covid3d.main" in unwrap(c)))
+  assert max(cmds.index(c) for c in ssh[:2]) < first_stage
+  report = [c for c in cmds if "covid3d.report" in unwrap(c)]
+  assert len(report) == 1 and "--worker=0" in report[0]
+  assert unwrap(report[0])[-3:] == ["-m", "covid3d.report", "gs://bucket/run1"]
+  assert cmds[-1][:6] == ["gcloud", "compute", "tpus", "tpu-vm", "delete", "covid3d"]
+
+
+def test_tpu_pod_options(data):
+  out = dry("tpu_pod.sh", *tpu_args(data, "--imagenet", "/mnt/imagenet", "--skip-create",
+                                    "--repo", "https://example.org/covid3d.git", "--ref", "v1"))
+  cmds = commands(out)
+  assert not any("create" in c or "delete" in c for c in cmds)
+  assert remote(cmds[0])[-7:] == ["&&", "git", "clone", "--depth=1", "--branch=v1",
+                                  "https://example.org/covid3d.git", "covid3d"]
+  parsed = stages(out, remote_if_ssh)
+  assert parsed[0]["stage"] == "pretrain2d"
+  assert parsed[0]["flags"]["--config.data.imagenet_dir"] == "/mnt/imagenet"
+  assert parsed[1]["flags"]["--config.init_from"] == "gs://bucket/run1/pretrain2d"
+
+
+def test_tpu_pod_deletes_after_a_failure(tmp_path, data):
+  """With --delete the slice goes even when a stage fails; the failure is the exit status."""
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  log = tmp_path / "gcloud.log"
+  (bin_dir / "gcloud").write_text(f"""#!/usr/bin/env bash
+echo "$*" >> {log}
+[[ $* != *"storage ls"* ]] || exit 1
+[[ $* != *severity_multitask* ]] || exit 4
+""")
+  (bin_dir / "gcloud").chmod(0o755)
+  result = launch("tpu_pod.sh", *tpu_args(data, "--init2d", "/ckpt.pth", "--skip-install",
+                                          "--delete", "--tasks", "severity"),
+                  env={"PATH": f"{bin_dir}:{os.environ['PATH']}"})
+  assert result.returncode == 4
+  calls = log.read_text().splitlines()
+  assert "severity_multitask" in calls[-2] and "severity_random" not in log.read_text()
+  assert calls[-1].startswith("compute tpus tpu-vm delete covid3d")
+  # every stage was first looked up on the bucket
+  assert calls.count("storage ls gs://bucket/run1/segmentation/DONE") == 1
+
+
+# ----------------------------------------------------------------------------- GPU host
+
+
+def test_gpu_dry_run(data):
+  out = dry("gpu.sh", "--per-gpu-batch", "2", "--bf16",
+            *data_args(data, "cov19ctdb", "lesions", "stoic", "imagenet"), "--tasks", "detection",
+            "--", "--config.train.learning_rate=1e-4", env={"CUDA_VISIBLE_DEVICES": "0,2,3"})
+  check = commands(out)[0]
+  assert check[:2] == ["python", "-c"] and "n != 3" in check[2]
+  parsed = stages(out)
+  assert chain_of(parsed) == expected_chain("./covid3d_runs", tasks=("detection",))
+  for s in parsed:
+    assert s["flags"]["--config.model.variant"] == "tiny"
+    assert s["flags"]["--config.train.compute_dtype"] == "bfloat16"
+    batch = None if s["stage"] == "pretrain2d" else "6"        # 3 GPUs x 2
+    assert s["flags"].get("--config.train.batch_size") == batch
+    assert s["flags"].get("--config.train.eval_batch_size") == batch
+    assert s["args"][-1] == "--config.train.learning_rate=1e-4"
+    assert {k: s["flags"][k] for k in data_flags(data, "cov19ctdb", "imagenet")} == data_flags(
+        data, "cov19ctdb", "imagenet")
+
+
+def test_gpu_explicit_count_and_batch(data):
+  out = dry("gpu.sh", "--gpus", "8", "--variant", "small", "--batch-size", "4", "--init2d",
+            data["init2d"], *data_args(data, "cov19ctdb", "lesions", "stoic"),
+            env={"CUDA_VISIBLE_DEVICES": "0"})
+  parsed = stages(out)
+  assert "n != 8" in commands(out)[0][2]
+  assert {s["flags"]["--config.train.batch_size"] for s in parsed} == {"4"}   # given wins
+  assert {s["flags"]["--config.model.variant"] for s in parsed} == {"small"}
+  assert not any("--config.train.compute_dtype" in s["flags"] for s in parsed)
+
+
+# ----------------------------------------------------------------------------- usage errors
+
+
+@pytest.mark.parametrize("script,args,message", [
+    ("pipeline.sh", ["--lesions", "L", "--stoic", "S", "--imagenet", "I"], "missing --cov19ctdb"),
+    ("pipeline.sh", ["--cov19ctdb", "C", "--stoic", "S", "--imagenet", "I"], "missing --lesions"),
+    ("pipeline.sh", ["--cov19ctdb", "C", "--lesions", "L", "--stoic", "S"],
+     "missing --imagenet DIR (to pretrain) or --init2d"),
+    ("pipeline.sh", ["@all", "--imagenet", "I", "--init2d", "K"], "not both"),
+    ("pipeline.sh", ["@all", "--imagenet", "I", "--inflation", "3g"], "'3g' is not full, 1g or 2g"),
+    ("pipeline.sh", ["@all", "--imagenet", "I", "--tasks", "severity,covid"],
+     "'covid' is not severity or detection"),
+    ("pipeline.sh", ["@all", "--imagenet", "I", "--batch-size", "0"], "not a positive integer"),
+    ("pipeline.sh", ["@all", "--imagenet", "I", "--", "--tasks=x"], "not a --config.FIELD=VALUE"),
+    ("pipeline.sh", ["@all", "--imagenet", "I", "--bogus"], "unknown option '--bogus'"),
+    ("pipeline.sh", ["@all", "--imagenet"], "--imagenet needs a value"),
+    ("pipeline.sh", ["@all", "--imagenet", "@missing"], "no such directory"),
+    ("tpu_pod.sh", ["@all", "--imagenet", "I"], "missing --bucket"),
+    ("tpu_pod.sh", ["@all", "--imagenet", "I", "--bucket", "/local/dir"], "not a gs:// path"),
+    ("tpu_pod.sh", ["--bucket", "gs://b", "--imagenet", "I"], "missing --cov19ctdb"),
+    ("gpu.sh", ["@all", "--init2d", "@init2d"], "--gpus: '0' GPUs"),
+    ("gpu.sh", ["--gpus", "2", "--stoic", "S"], "missing --cov19ctdb"),
+    ("demo.sh", ["--tasks", "grading"], "'grading' is not severity or detection"),
+    ("demo.sh", ["root1", "root2"], "one ROOT only"),
+    ("demo.sh", ["root", "--config.train.num_steps"], "not a --config.FIELD=VALUE"),
+])
+def test_usage_errors(tmp_path, data, script, args, message):
+  words = []
+  for arg in args:
+    if arg == "@all":
+      words += data_args(data, "cov19ctdb", "lesions", "stoic")
+    elif arg == "@missing":
+      words.append(str(tmp_path / "missing"))
+    elif arg == "@init2d":
+      words.append(data["init2d"])
+    else:
+      words.append(arg)
+  result = launch(script, *words, env={"DRY_RUN": "1", "CUDA_VISIBLE_DEVICES": ""})
+  assert result.returncode == 2, result.stdout
+  assert message in result.stderr and "--help" in result.stderr
+  assert not commands(result.stdout)

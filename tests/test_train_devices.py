@@ -1,0 +1,23 @@
+"""1 device (2 micro-batches) and 8 simulated devices give the same training run."""
+import json
+
+import numpy as np
+
+import train_helpers as h
+
+
+def test_one_and_eight_devices_agree(tmp_path):
+  runs = {}
+  for devices, micro in ((1, 2), (8, 1)):
+    out = str(tmp_path / f'd{devices}.npz')
+    r = h.run_worker(h.worker_args(str(tmp_path / f'd{devices}'), out, num_steps=3,
+                                   micro_batches=micro, checkpoint_every=100),
+                     devices=devices)
+    assert r.returncode == 0, r.stdout + r.stderr
+    runs[devices] = h.load_params(out)
+  assert runs[1].keys() == runs[8].keys()
+  for k in runs[1]:
+    np.testing.assert_allclose(runs[8][k], runs[1][k], rtol=1e-4, atol=1e-6, err_msg=k)
+  losses = [[json.loads(l)['loss'] for l in open(tmp_path / f'd{d}' / 'metrics.jsonl')]
+            for d in (1, 8)]
+  np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
