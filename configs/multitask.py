@@ -7,9 +7,5 @@ from covid3d import config as base
 
 
 def get_config(arg=None):
-  c = base.get_config("multitask")
-  base.pretraining_optimizer(c)
-  c.train.num_steps = 20000
-  c.train.eval_every = 1000
-  c.train.checkpoint_every = 1000
-  return base.finalize(c, arg)
+  # STOIC has ~2000 scans: about 40 epochs at batch 4.
+  return base.pretraining_config("multitask", arg, num_steps=20000, eval_every=1000)

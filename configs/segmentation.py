@@ -7,9 +7,5 @@ from covid3d import config as base
 
 
 def get_config(arg=None):
-  c = base.get_config("segmentation")
-  base.pretraining_optimizer(c)
-  c.train.num_steps = 120 * 50        # ~120 epochs of 199 scans at batch 4
-  c.train.eval_every = 250
-  c.train.checkpoint_every = 250
-  return base.finalize(c, arg)
+  # About 120 epochs of the 199 training scans at batch 4.
+  return base.pretraining_config("segmentation", arg, num_steps=6000, eval_every=250)

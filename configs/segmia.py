@@ -7,9 +7,4 @@ from covid3d import config as base
 
 
 def get_config(arg=None):
-  c = base.get_config("segmia")
-  base.pretraining_optimizer(c)
-  c.train.num_steps = 20000
-  c.train.eval_every = 1000
-  c.train.checkpoint_every = 1000
-  return base.finalize(c, arg)
+  return base.pretraining_config("segmia", arg, num_steps=20000, eval_every=1000)

@@ -184,6 +184,7 @@ def _lerp(a, b, t):
   return a + t * (b - a)
 
 
+@functools.partial(jax.jit, static_argnames=("order",))
 def sample(volume: jax.Array, coords: jax.Array, order: int = 1,
            labels: jax.Array = None):
   """Sample ``volume`` (and optionally ``labels``) at voxel coordinates.
@@ -231,6 +232,7 @@ def sample(volume: jax.Array, coords: jax.Array, order: int = 1,
   return out, labels.reshape(-1)[near_flat]
 
 
+@functools.partial(jax.jit, static_argnames=("order",))
 def warp(volume: jax.Array, displacement: jax.Array, order: int = 1) -> jax.Array:
   """Resample ``volume`` at identity grid + ``displacement``.
 

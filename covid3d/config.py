@@ -74,14 +74,19 @@ def get_config(stage: str) -> ml_collections.ConfigDict:
   return c
 
 
-def pretraining_optimizer(c: ml_collections.ConfigDict) -> None:
-  """The authors' pretraining recipe: Adam lr 1e-5, clip 5, EMA 0.99, best by Dice."""
+def pretraining_config(stage: str, arg, num_steps: int, eval_every: int) -> ml_collections.ConfigDict:
+  """A 3-D pretraining stage with the authors' recipe: Adam lr 1e-5, clip 5, EMA 0.99, best by Dice."""
+  c = get_config(stage)
   c.train.optimizer = "adam"
   c.train.learning_rate = 1e-5
   c.train.weight_decay = 0.0
   c.train.clip_norm = 5.0
   c.train.ema_decay = 0.99
   c.train.best_metric = "dice"
+  c.train.num_steps = num_steps
+  c.train.eval_every = eval_every
+  c.train.checkpoint_every = eval_every
+  return finalize(c, arg)
 
 
 def finetune_config(task: str, arg, epochs: int, labelled_scans: int) -> ml_collections.ConfigDict:
@@ -123,9 +128,10 @@ def demo(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.augment.elastic.sigma = 4.0
   c.train.batch_size = 4
   c.train.eval_batch_size = 8
-  c.train.num_steps = 60
-  c.train.eval_every = 30
-  c.train.checkpoint_every = 30
+  c.train.num_steps = 150
+  c.train.eval_every = 50
+  c.train.checkpoint_every = 50
   c.train.log_every = 10
-  c.train.learning_rate = 1e-3
+  c.train.learning_rate = 2e-3
+  c.train.ema_decay = 0.9             # a short run needs a short EMA memory
   return c

@@ -130,8 +130,8 @@ Chain:
   --inflation MODE   full, 1g or 2g (default full)
   --tasks LIST       comma-separated fine-tuning tasks (default severity,detection)
   --batch-size N     global batch of the 3-D stages (default: the configs')
-  --cache DIR        preprocessed-record cache (--config.data.cache_dir)
-  --dry-run          print the commands, run nothing (or DRY_RUN=1)
+  --cache DIR        preprocessed-record cache (--config.data.cache_dir)"
+RUN_OPTIONS_HELP="  --dry-run          print the commands, run nothing (or DRY_RUN=1)
   -- OVERRIDES...    --config.FIELD=VALUE flags passed to every stage, last"
 
 # parse_pipeline_option ARGS...: reads the pipeline option at $1 (and its
@@ -267,7 +267,7 @@ stage() {
   is_dry_run || echo "   $config took $(duration $((SECONDS - start)))"
 }
 
-# The whole chain of STAGES.md under CHAIN_ROOT, then the report.
+# The whole chain (docs/launch.md) under CHAIN_ROOT, then the report.
 run_chain() {
   local root=$CHAIN_ROOT init2d=$CHAIN_INIT2D task init tasks
   local inflate=(--config.inflation.mode="$CHAIN_INFLATION")
@@ -301,14 +301,11 @@ run_chain() {
     done
   done
   echo "== [$STAGE_COUNT/$STAGE_COUNT] report: CV macro F1 of the fine-tuning runs -> $root/report.md"
+  # It prints the report too.
   run_python 0 -m covid3d.report "$root"
 }
 
-# Prints the report of run_chain and the total wall time.
-show_report() {
-  case $CHAIN_ROOT in
-    gs://*) run gcloud storage cat "$CHAIN_ROOT/report.md" ;;
-    *) run cat "$CHAIN_ROOT/report.md" ;;
-  esac
+# The last line of a script (covid3d.report has printed the report).
+print_total_time() {
   echo "== total wall time $(duration "$SECONDS")"
 }

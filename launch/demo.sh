@@ -18,7 +18,7 @@ DONE file is skipped (delete the workdir to rerun it).
   ROOT               workdir root (default ./covid3d_demo)
   --tasks LIST       comma-separated fine-tuning tasks (default severity;
                      severity,detection runs both)
-  --config.F=V       override passed to every stage, e.g. --config.train.num_steps=2
+  --config.F=V       override passed to every stage, e.g. --config.train.num_steps=20
   --dry-run          print the commands, run nothing (or DRY_RUN=1)
 Python: \$PYTHON if set, else 'python' on PATH.
 EOF
@@ -52,4 +52,4 @@ CHAIN_TASKS=$demo_tasks
 CHAIN_FLAGS=(--config.data.phantom_dir="$CHAIN_ROOT/data")
 echo "== covid3d demo under $CHAIN_ROOT (python: $PYTHON)"
 run_chain
-show_report
+print_total_time

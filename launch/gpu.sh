@@ -24,6 +24,7 @@ GPU options:
 Pipeline options (see pipeline.sh --help):
 $PIPELINE_OPTIONS_HELP
   --root DIR         workdir root, local or gs:// (default ./covid3d_runs)
+$RUN_OPTIONS_HELP
 EOF
 }
 
@@ -61,12 +62,16 @@ if [[ -z $gpus ]]; then
     IFS=, read -ra visible <<<"$CUDA_VISIBLE_DEVICES"
     gpus=${#visible[@]}
   elif command -v nvidia-smi >/dev/null; then
-    gpus=$(nvidia-smi -L | grep -c '^GPU')
+    gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
   else
     usage_error "cannot count the GPUs (no CUDA_VISIBLE_DEVICES, no nvidia-smi): pass --gpus N"
   fi
 fi
-[[ $gpus =~ ^[1-9][0-9]*$ ]] || usage_error "--gpus: '$gpus' GPUs (CUDA_VISIBLE_DEVICES='${CUDA_VISIBLE_DEVICES-}')"
+if [[ ! $gpus =~ ^[1-9][0-9]*$ ]]; then
+  devices=
+  [[ ! -v CUDA_VISIBLE_DEVICES ]] || devices=" (CUDA_VISIBLE_DEVICES='$CUDA_VISIBLE_DEVICES')"
+  usage_error "no GPU to use: --gpus is '$gpus'$devices"
+fi
 [[ $per_gpu =~ ^[1-9][0-9]*$ ]] || usage_error "--per-gpu-batch: '$per_gpu' is not a positive integer"
 
 echo "== $gpus GPU(s), global batch $((gpus * per_gpu)) of the 3-D stages, variant $variant"

@@ -19,6 +19,7 @@ workdir to rerun a stage.
 
 $PIPELINE_OPTIONS_HELP
   --root DIR         workdir root, local or gs:// (default ./covid3d_runs)
+$RUN_OPTIONS_HELP
 Python: \$PYTHON if set, else 'python' on PATH.
 EOF
 }
@@ -42,4 +43,4 @@ CHAIN_INIT2D=$OPT_INIT2D
 chain_flags_from_options "$OPT_COV19CTDB" "$OPT_LESIONS" "$OPT_STOIC" "$OPT_IMAGENET" "$OPT_CACHE"
 echo "== covid3d pipeline under $CHAIN_ROOT (python: $PYTHON)"
 run_chain
-show_report
+print_total_time

@@ -38,6 +38,7 @@ TPU slice:
 
 Pipeline options (as pipeline.sh; no --root, the root is --bucket):
 $PIPELINE_OPTIONS_HELP
+$RUN_OPTIONS_HELP
 EOF
 }
 
@@ -130,9 +131,14 @@ install_project() {
     run gcloud compute tpus tpu-vm scp "$tarball" "$name:covid3d.tar.gz" "${gcloud_args[@]}" --worker=all
     on_workers all "rm -rf covid3d && mkdir covid3d && tar -xzf covid3d.tar.gz -C covid3d"
   fi
+  # Reading a PyTorch checkpoint needs torch; .safetensors and .npz do not.
+  local extras=tpu
+  case $OPT_INIT2D in
+    *.pth | *.pt | *.bin | *.ckpt) extras=tpu,torch ;;
+  esac
   # The image's python is 3.10; the project needs 3.11 or newer.
   local apt='sudo DEBIAN_FRONTEND=noninteractive apt-get -q -o DPkg::Lock::Timeout=600'
-  on_workers all "$apt update && $apt install -y python3.11 python3.11-venv && cd covid3d && python3.11 -m venv .venv && .venv/bin/pip install -q --upgrade pip && .venv/bin/pip install -q -e \".[tpu]\""
+  on_workers all "$apt update && $apt install -y python3.11 python3.11-venv && cd covid3d && python3.11 -m venv .venv && .venv/bin/pip install -q --upgrade pip && .venv/bin/pip install -q -e \".[$extras]\""
 }
 
 echo "== covid3d on TPU slice $name ($accelerator, $zone), workdirs under $bucket"
@@ -169,4 +175,4 @@ CHAIN_CONFIGS=configs
 chain_flags_from_options "$cov19ctdb" "$lesions" "$stoic" "$imagenet" "${OPT_CACHE:-$worker_data/cache}"
 CHAIN_FLAGS+=(--config.train.distributed.initialize=True)
 run_chain
-show_report
+print_total_time

@@ -148,8 +148,7 @@ def test_demo_dry_run_chain(tmp_path):
   assert inflated == {"pretrain2d": None, "segmentation": "full", "pseudolabel": None,
                       "segmia": "full", "multitask": "full", "severity": None}
   cmds = commands(out)
-  assert cmds[-2:] == [["my-python", "-m", "covid3d.report", str(root)],
-                       ["cat", f"{root}/report.md"]]
+  assert cmds[-1] == ["my-python", "-m", "covid3d.report", str(root)]
   assert sum(line.startswith("== [") for line in out.splitlines()) == len(parsed) + 1
   assert "total wall time" in out.splitlines()[-1]
   assert not root.exists()                                     # a dry run runs nothing
@@ -196,7 +195,7 @@ def test_pipeline_imagenet_chain(tmp_path, data):
     assert s["flags"].get("--config.train.batch_size") == ("8" if is_3d else None)
     inflates = s["stage"] in ("segmentation", "segmia", "multitask")
     assert s["flags"].get("--config.inflation.mode") == ("2g" if inflates else None)
-  assert commands(out)[-1] == ["cat", f"{root}/report.md"]
+  assert commands(out)[-1] == ["python", "-m", "covid3d.report", str(root)]
 
 
 def test_pipeline_init2d_skips_pretraining(tmp_path, data):
@@ -218,7 +217,7 @@ def test_pipeline_runs_and_resumes(tmp_path, data):
   fake.write_text(f"""#!/usr/bin/env bash
 echo "$*" >> {log}
 for a in "$@"; do case $a in --workdir=*) w=${{a#--workdir=}} ;; esac; done
-if [[ $2 == covid3d.report ]]; then echo "| table |" > "$3/report.md"; exit 0; fi
+if [[ $2 == covid3d.report ]]; then echo "| table of $3 |"; exit 0; fi
 [[ $w != *"${{FAIL_AT:-none}}" ]] || exit 3
 mkdir -p "$w" && touch "$w/DONE"
 """)
@@ -240,7 +239,7 @@ mkdir -p "$w" && touch "$w/DONE"
   assert [c.split("--workdir=")[1].split()[0] for c in calls[:-1]] == expected
   assert calls[-1] == f"-m covid3d.report {root}"
   assert done.stdout.count("DONE exists") == 2
-  assert "| table |" in done.stdout
+  assert done.stdout.splitlines()[-2] == f"| table of {root} |"
 
 
 # ----------------------------------------------------------------------------- TPU pod
@@ -262,7 +261,7 @@ def test_tpu_pod_dry_run(data):
           "--version=tpu-ubuntu2204-base"} <= set(create)
   ssh = [c for c in cmds if c[:5] == SSH]
   install = " ".join(remote(ssh[1]))
-  assert "pip install -q -e .[tpu]" in install and "python3.11 -m venv .venv" in install
+  assert "pip install -q -e .[tpu,torch]" in install and "python3.11 -m venv .venv" in install
 
   unwrap = remote_if_ssh
   parsed = stages(out, unwrap)
@@ -292,6 +291,7 @@ def test_tpu_pod_dry_run(data):
   report = [c for c in cmds if "covid3d.report" in unwrap(c)]
   assert len(report) == 1 and "--worker=0" in report[0]
   assert unwrap(report[0])[-3:] == ["-m", "covid3d.report", "gs://bucket/run1"]
+  assert cmds[-2] == report[0]
   assert cmds[-1][:6] == ["gcloud", "compute", "tpus", "tpu-vm", "delete", "covid3d"]
 
 
@@ -302,6 +302,7 @@ def test_tpu_pod_options(data):
   assert not any("create" in c or "delete" in c for c in cmds)
   assert remote(cmds[0])[-7:] == ["&&", "git", "clone", "--depth=1", "--branch=v1",
                                   "https://example.org/covid3d.git", "covid3d"]
+  assert "pip install -q -e .[tpu] " in " ".join(remote(cmds[1])) + " "     # no torch needed
   parsed = stages(out, remote_if_ssh)
   assert parsed[0]["stage"] == "pretrain2d"
   assert parsed[0]["flags"]["--config.data.imagenet_dir"] == "/mnt/imagenet"
@@ -383,7 +384,7 @@ def test_gpu_explicit_count_and_batch(data):
     ("tpu_pod.sh", ["@all", "--imagenet", "I"], "missing --bucket"),
     ("tpu_pod.sh", ["@all", "--imagenet", "I", "--bucket", "/local/dir"], "not a gs:// path"),
     ("tpu_pod.sh", ["--bucket", "gs://b", "--imagenet", "I"], "missing --cov19ctdb"),
-    ("gpu.sh", ["@all", "--init2d", "@init2d"], "--gpus: '0' GPUs"),
+    ("gpu.sh", ["@all", "--init2d", "@init2d"], "no GPU to use: --gpus is '0'"),
     ("gpu.sh", ["--gpus", "2", "--stoic", "S"], "missing --cov19ctdb"),
     ("demo.sh", ["--tasks", "grading"], "'grading' is not severity or detection"),
     ("demo.sh", ["root1", "root2"], "one ROOT only"),

@@ -7,14 +7,16 @@ import train_helpers as h
 
 
 def test_one_and_eight_devices_agree(tmp_path):
+  procs = {devices: h.run_worker(h.worker_args(str(tmp_path / f'd{devices}'),
+                                                str(tmp_path / f'd{devices}.npz'), num_steps=3,
+                                                micro_batches=micro, checkpoint_every=100),
+                                  devices=devices, wait=False)
+           for devices, micro in ((1, 2), (8, 1))}  # run side by side
   runs = {}
-  for devices, micro in ((1, 2), (8, 1)):
-    out = str(tmp_path / f'd{devices}.npz')
-    r = h.run_worker(h.worker_args(str(tmp_path / f'd{devices}'), out, num_steps=3,
-                                   micro_batches=micro, checkpoint_every=100),
-                     devices=devices)
-    assert r.returncode == 0, r.stdout + r.stderr
-    runs[devices] = h.load_params(out)
+  for devices, proc in procs.items():
+    output = proc.communicate(timeout=600)[0]
+    assert proc.returncode == 0, output
+    runs[devices] = h.load_params(str(tmp_path / f'd{devices}.npz'))
   assert runs[1].keys() == runs[8].keys()
   for k in runs[1]:
     np.testing.assert_allclose(runs[8][k], runs[1][k], rtol=1e-4, atol=1e-6, err_msg=k)

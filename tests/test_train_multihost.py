@@ -8,19 +8,17 @@ import train_helpers as h
 
 
 def test_two_processes_match_one_process_with_four_devices(tmp_path):
-  cache = str(tmp_path / 'cache')
   port = portpicker.pick_unused_port()
   common = dict(num_steps=2, checkpoint_every=2, eval_every=2)
-  procs = [h.run_worker(h.worker_args(str(tmp_path / 'multi'), str(tmp_path / f'p{pid}.npz'),
-                                      coordinator=f'127.0.0.1:{port}', num_processes=2,
-                                      process_id=pid, **common),
-                        devices=2, cache_dir=cache, wait=False) for pid in (0, 1)]
+  jobs = [(str(tmp_path / 'multi'), f'p{pid}', dict(coordinator=f'127.0.0.1:{port}',
+                                                     num_processes=2, process_id=pid), 2)
+          for pid in (0, 1)] + [(str(tmp_path / 'single'), 'single', {}, 4)]
+  procs = [h.run_worker(h.worker_args(work, str(tmp_path / f'{name}.npz'), **common, **dist),
+                        devices=devices, wait=False)
+           for work, name, dist, devices in jobs]  # all three side by side
   for proc in procs:
     output = proc.communicate(timeout=600)[0]
     assert proc.returncode == 0, output
-  r = h.run_worker(h.worker_args(str(tmp_path / 'single'), str(tmp_path / 'single.npz'),
-                                 **common), devices=4, cache_dir=cache)
-  assert r.returncode == 0, r.stdout + r.stderr
   p0, p1 = (h.load_params(str(tmp_path / f'p{pid}.npz')) for pid in (0, 1))
   single = h.load_params(str(tmp_path / 'single.npz'))
   h.assert_trees_equal(p0, p1)

@@ -97,7 +97,7 @@ def small_convnext():
   block gradients far above float32 rounding noise."""
   from covid3d.models import ConvNeXt  # pylint: disable=import-outside-toplevel
   return ConvNeXt(depths=(1, 1, 1, 1), dims=(8, 8, 8, 8), num_classes=NUM_CLASSES,
-                  drop_path_rate=0.2, layer_scale_init=1.0, dwconv_impl='xla')
+                  drop_path_rate=0.2, layer_scale_init=1.0, dwconv_impl='fft')
 
 
 def _worker(args: dict):

@@ -296,8 +296,9 @@ def montage(args):
       if row == 0:
         ax.set_title(name, fontsize=9)
     axes[row, 0].set_ylabel(title, fontsize=8)
-  fig.suptitle(f"covid3d.augment on the phantom ({size}^3; lesion mask in red)", fontsize=10)
-  fig.tight_layout()
+  fig.suptitle(f"covid3d.augment on the phantom ({size}^3, mid-slices; lesion mask in red)",
+               fontsize=10)
+  fig.tight_layout(rect=(0, 0, 1, 0.985))
   fig.savefig(args.montage, dpi=80)
   print(f"wrote {args.montage}")
 

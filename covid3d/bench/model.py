@@ -11,10 +11,10 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from covid3d.bench.common import device_line, print_table
 from covid3d.models import DWCONV_IMPLS, ConvNeXt, variant
+from covid3d.timing import median_seconds
 
 
 def register(subparsers):
@@ -61,14 +61,9 @@ def bench_step(variant_name, size, batch, spatial_dims, impl, remat, dtype, reps
          "plan_GiB": plan / 2**30 if plan is not None else float("nan")}
   if compile_only:
     return row
-  jax.block_until_ready(compiled(params, x))
-  times = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    jax.block_until_ready(compiled(params, x))
-    times.append(time.perf_counter() - t0)
+  seconds = median_seconds(compiled, params, x, reps=reps)
   peak = _peak_device_bytes()
-  row.update(step_s=float(np.median(times)), vol_per_s=batch / float(np.median(times)),
+  row.update(step_s=seconds, vol_per_s=batch / seconds,
              peak_GiB=peak / 2**30 if peak is not None else float("nan"))
   return row
 

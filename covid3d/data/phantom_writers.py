@@ -21,6 +21,7 @@ import concurrent.futures
 import csv
 import json
 import math
+import multiprocessing
 from pathlib import Path
 
 import numpy as np
@@ -89,7 +90,9 @@ def _record(dataset, scan_id, path, info, **extra):
 def _run(fn, tasks, workers):
   if workers <= 1:
     return [fn(t) for t in tasks]
-  with concurrent.futures.ProcessPoolExecutor(workers) as pool:
+  # Spawned, not forked: the caller may have started JAX's threads already.
+  ctx = multiprocessing.get_context('spawn')
+  with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
     return list(pool.map(fn, tasks, chunksize=max(1, len(tasks) // (4 * workers))))
 
 

@@ -19,7 +19,7 @@ from etils import epath
 from covid3d import inflation, weights
 from covid3d.data import phantom_writers, pipeline, preprocess, readers
 from covid3d.data.skips import SkipLog
-from covid3d.models import ConvNeXt, MultitaskModel, variant
+from covid3d.models import MultitaskModel, variant
 from covid3d.train import checkpoint
 
 DONE = "DONE"
@@ -48,10 +48,14 @@ def dataset_dirs(config: ml_collections.ConfigDict) -> dict:
 
 
 def cache_dir(config, workdir) -> str:
+  """``data.cache_dir``, else beside the phantom, else ``<workdir>/../cache`` (local workdirs)."""
   if config.data.cache_dir:
     return config.data.cache_dir
   if config.data.phantom:
     return os.path.join(config.data.phantom_dir, "cache")
+  if "://" in str(workdir):
+    raise HandOffError(f"workdir {workdir} is remote: set --config.data.cache_dir to a local folder "
+                       "(the preprocessing cache is read with random access)")
   return os.path.join(os.path.dirname(os.path.abspath(workdir)), "cache")
 
 
@@ -99,7 +103,7 @@ class WithMasks(Sequence):
 
   def __getitem__(self, i):
     record = dict(self.base[i])
-    with np.load(self.mask_files[self.scan_ids[i]]) as masks:
+    with epath.Path(self.mask_files[self.scan_ids[i]]).open("rb") as f, np.load(f) as masks:
       record.update({k: masks[k] for k in masks.files})
     record["has_mask"] = np.int32(1)
     return record
@@ -112,14 +116,15 @@ def file_stem(scan_id: str) -> str:
 
 def with_pseudo_labels(source: pipeline.RecordSource, pseudo_dir: str, dataset: str):
   """``source`` whose masks come from the pseudolabel stage's workdir."""
-  folder = os.path.join(pseudo_dir, "masks", dataset)
-  if not os.path.isdir(folder):
+  folder = epath.Path(pseudo_dir) / "masks" / dataset
+  if not folder.is_dir():
     raise HandOffError(
         f"no pseudo-labels for {dataset} in {folder}: run the pseudolabel stage first, e.g. "
         f"python -m covid3d.main --config=configs/pseudolabel.py --workdir={pseudo_dir}")
   ids = tuple(e["scan_id"] for e in source.index)
-  files = {sid: os.path.join(folder, f"{file_stem(sid)}.npz") for sid in ids}
-  missing = [sid for sid, f in files.items() if not os.path.exists(f)]
+  present = {p.name for p in folder.iterdir()}
+  files = {sid: str(folder / f"{file_stem(sid)}.npz") for sid in ids}
+  missing = [sid for sid in ids if f"{file_stem(sid)}.npz" not in present]
   if missing:
     raise HandOffError(f"{len(missing)} scans have no pseudo-label in {folder} (e.g. {missing[0]}); "
                        "rerun the pseudolabel stage on the same data")
@@ -274,11 +279,8 @@ def load_initial_params(config, params):
     inf = config.inflation
     logging.info("inflating the 2-D backbone of %s (%s, norm %s)", src, inf.mode, inf.norm)
     backbone = inflation.inflate_params(backbone, inf.mode, inf.norm, new_axis=inf.new_axis)
-  try:
-    inflation.check_tree(backbone, params["backbone"], f"backbone weights of {src}")
-  except ValueError as e:
-    raise HandOffError(f"{e}\n(is config.model.variant={config.model.variant!r} the variant "
-                       f"{src} was trained with?)") from None
+  check_fits(backbone, params["backbone"], f"backbone weights of {src}",
+             f"is config.model.variant={config.model.variant!r} the variant {src} was trained with?")
   out = dict(params)
   out["backbone"] = backbone
   for name in params:
@@ -294,6 +296,14 @@ def load_initial_params(config, params):
       why = "absent in the source" if theirs is None else "shape differs from the source"
       logging.info("head %s re-initialised (%s)", name, why)
   return out
+
+
+def check_fits(params, like, what: str, hint: str):
+  """Raises one HandOffError listing how ``params`` differ from the model's ``like``."""
+  try:
+    inflation.check_tree(params, like, what)
+  except ValueError as e:
+    raise HandOffError(f"{e}\n({hint})") from None
 
 
 def mark_done(workdir, summary: dict | None = None):

@@ -15,6 +15,7 @@ import logging
 import numpy as np
 from etils import epath
 
+from covid3d import losses
 from covid3d.data import folds as folds_lib
 from covid3d.data import pipeline
 from covid3d.stages import common, fit, predict
@@ -59,11 +60,16 @@ def train_fold(config, workdir, source, fold_of, fold, label, num_classes):
   if config.loss.balanced and np.any(counts == 0):
     raise ValueError(f"fold {fold}: class counts {counts.tolist()} of its training folds include "
                      "zero; balanced CE needs every class (use fewer folds or more data)")
-  task = tasks.classification_task(num_classes, counts if config.loss.balanced else None,
-                                   label_key="label")
   model = common.make_model(config, {label: num_classes}, segmentation=False)
   fields = common.batch_fields(config, label=label)
-  fit.fit(config, workdir, model, source, train_idx, val_idx, fields, task, output=label)
+  if config.loss.balanced:
+    # The fold's class weights travel with the batches, so all folds share one program.
+    task = tasks.classification_task(num_classes, label_key="label", weights_key="class_weights")
+    wrapper = lambda it: fit.WithRow(it, "class_weights", losses.class_weights(counts))
+  else:
+    task, wrapper = tasks.classification_task(num_classes, label_key="label"), None
+  fit.fit(config, workdir, model, source, train_idx, val_idx, fields, task, output=label,
+          train_iter_wrapper=wrapper)
   best = best_eval(workdir)
   summary = {"fold": fold, "train_counts": counts.tolist(), "n_val": len(val_idx), **best}
   common.mark_done(workdir, summary)

@@ -1,5 +1,5 @@
 """Training a 3-D stage model: parameters, batches, augmentation, the loop."""
-import jax.numpy as jnp
+import numpy as np
 
 from covid3d import augment
 from covid3d.stages import common
@@ -25,6 +25,27 @@ def augment_fn(config, has_mask: bool):
     return out
 
   return fn
+
+
+class WithRow:
+  """Adds ``key``: the same ``row`` for every example, to each batch of a stateful iterator."""
+
+  def __init__(self, iterator, key, row):
+    self.iterator, self.key, self.row = iterator, key, np.asarray(row)
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    batch = dict(next(self.iterator))
+    batch[self.key] = np.broadcast_to(self.row, (len(batch["image"]),) + self.row.shape)
+    return batch
+
+  def get_state(self):
+    return self.iterator.get_state()
+
+  def set_state(self, state):
+    self.iterator.set_state(state)
 
 
 def select_output(apply_fn, key):

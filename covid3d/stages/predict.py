@@ -10,7 +10,6 @@ exist ``metrics_<partition>.json`` and ``confusion_<partition>.png``.
 import csv
 import json
 import logging
-import os
 
 import jax
 import jax.numpy as jnp
@@ -83,6 +82,11 @@ def predict_finetuned(config, finetune_dir, outdir=None):
   folds = tuple(config.predict.folds) or tuple(range(config.data.folds))
   params_list = [common.best_params(d) for d in fold_dirs(finetune_dir, folds)]
   model = common.make_model(config, {label: len(names)}, segmentation=False)
+  like = common.init_params(model, config, min(config.data.sizes))
+  for fold, params in zip(folds, params_list):
+    common.check_fits(params, like, f"fold {fold} of {finetune_dir}",
+                      f"was it fine-tuned for finetune.task={config.finetune.task!r} "
+                      f"({len(names)} classes) with model.variant={config.model.variant!r}?")
   summary = {"ensemble_folds": list(folds)}
   for partition in config.predict.partitions:
     refs = common.list_refs(config, "cov19ctdb", (partition,))
@@ -102,7 +106,7 @@ def predict_finetuned(config, finetune_dir, outdir=None):
 
 
 def run(config, workdir):
-  if not os.path.isdir(config.init_from):
+  if not epath.Path(config.init_from).is_dir():
     raise common.HandOffError(f"predict: init_from={config.init_from!r} must be a finetune workdir")
   summary = predict_finetuned(config, config.init_from, workdir)
   common.mark_done(workdir, summary)

@@ -10,13 +10,16 @@ input-size cache, upsample the probabilities trilinearly to the large size)
 or ``sliding`` (predict the large cache in windows of the input size with
 ``pseudolabel.overlap``, averaging overlapping probabilities).
 """
+import io
 import itertools
 import logging
 import os
+import tempfile
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from tqdm import tqdm
 
 from covid3d.data import readers
@@ -56,10 +59,8 @@ def teacher_params(config, model):
                               "the workdir of the segmentation stage")
   like = common.init_params(model, config, min(config.data.sizes))
   chosen = {"backbone": params["backbone"], "seg_head": params["seg_head"]}
-  try:
-    common.inflation.check_tree(chosen, like, f"segmentation weights of {config.init_from}")
-  except ValueError as e:
-    raise common.HandOffError(str(e)) from None
+  common.check_fits(chosen, like, f"segmentation weights of {config.init_from}",
+                    f"was {config.init_from} trained with config.model.variant={config.model.variant!r}?")
   return chosen
 
 
@@ -77,10 +78,10 @@ def run(config, workdir):
     refs = common.list_refs(config, dataset, partitions)
     source = common.records(config, workdir, dataset, partitions, refs=refs)
     by_id = {r.scan_id: r for r in refs}
-    mask_dir = os.path.join(workdir, "masks", dataset)
-    nifti_dir = os.path.join(workdir, "nifti", dataset)
-    os.makedirs(mask_dir, exist_ok=True)
-    os.makedirs(nifti_dir, exist_ok=True)
+    mask_dir = epath.Path(workdir) / "masks" / dataset
+    nifti_dir = epath.Path(workdir) / "nifti" / dataset
+    mask_dir.mkdir(parents=True, exist_ok=True)
+    nifti_dir.mkdir(parents=True, exist_ok=True)
     fields = {"image": f"volume_{small}", "image_large": f"volume_{big}"}
     done = 0
     batches = common.host_batches(source, np.arange(len(source.index)), config.train.eval_batch_size,
@@ -92,11 +93,14 @@ def run(config, workdir):
       else:
         little = prob(jnp.asarray(batch["image"]))
         large = resize_linear(little, (big,) * 3, align_corners=True)
-      for row in np.flatnonzero(np.asarray(batch["valid"])):
+      # Every process predicts every scan (a model at one device per scan); process 0 writes.
+      rows = np.flatnonzero(np.asarray(batch["valid"])) if jax.process_index() == 0 else []
+      for row in rows:
         sid = source.index[int(batch["record_index"][row])]["scan_id"]
-        np.savez_compressed(os.path.join(mask_dir, f"{common.file_stem(sid)}.npz"),
-                            **{f"mask_{small}": np.asarray(little[row, ..., 0] > 0.5, np.uint8),
-                               f"mask_{big}": np.asarray(large[row, ..., 0] > 0.5, np.uint8)})
+        buffer = io.BytesIO()
+        np.savez_compressed(buffer, **{f"mask_{small}": np.asarray(little[row, ..., 0] > 0.5, np.uint8),
+                                       f"mask_{big}": np.asarray(large[row, ..., 0] > 0.5, np.uint8)})
+        (mask_dir / f"{common.file_stem(sid)}.npz").write_bytes(buffer.getvalue())
         if p.write_nifti:
           _write_nifti(by_id[sid], large[row], nifti_dir, config)
         done += 1
@@ -112,5 +116,7 @@ def _write_nifti(ref, prob_large, nifti_dir, config):
   if scan is None:
     return
   prob = resize_linear(prob_large[None], scan.volume.shape, align_corners=True)[0, ..., 0]
-  readers.write_mask_like(np.asarray(prob > 0.5, np.uint8), scan,
-                          os.path.join(nifti_dir, f"{common.file_stem(ref.scan_id)}_pseudo.nii.gz"))
+  name = f"{common.file_stem(ref.scan_id)}_pseudo.nii.gz"
+  with tempfile.TemporaryDirectory() as tmp:  # nibabel writes local files; the workdir may be gs://
+    readers.write_mask_like(np.asarray(prob > 0.5, np.uint8), scan, os.path.join(tmp, name))
+    (nifti_dir / name).write_bytes(epath.Path(tmp, name).read_bytes())

@@ -109,7 +109,8 @@ def _scalars(metrics: dict) -> dict:
 
 
 class MetricLogger:
-  """JSON lines (``metrics.jsonl``) and TensorBoard scalars (``tensorboard/``).
+  """JSON lines (``metrics.jsonl``, appended on resume; ``metrics.<time>.jsonl`` per run
+  on gs://) and TensorBoard scalars (``tensorboard/``, one event file per run).
 
   Args:
     workdir: str, local or gs:// directory.
@@ -122,7 +123,10 @@ class MetricLogger:
       return
     workdir = epath.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    self._jsonl = (workdir / 'metrics.jsonl').open('a')
+    if str(workdir).startswith('gs://'):  # object stores cannot append: one file per run
+      self._jsonl = (workdir / f'metrics.{int(time.time())}.jsonl').open('w')
+    else:
+      self._jsonl = (workdir / 'metrics.jsonl').open('a')
     self._events = EventWriter(str(workdir / 'tensorboard'))
 
   def write(self, step: int, split: str, metrics: dict):

@@ -36,7 +36,8 @@ def _valid(batch, n, key='valid'):
   return jnp.asarray(batch[key], bool) if key in batch else jnp.ones((n,), bool)
 
 
-def classification_task(num_classes: int, class_counts=None, label_key: str = 'label') -> Task:
+def classification_task(num_classes: int, class_counts=None, label_key: str = 'label',
+                        weights_key: str | None = None) -> Task:
   """Softmax classification; balanced cross entropy when ``class_counts`` is given.
 
   Args:
@@ -44,6 +45,10 @@ def classification_task(num_classes: int, class_counts=None, label_key: str = 'l
     class_counts: optional ``(K,)`` training-fold class counts: the paper's
       balanced cross entropy (``losses.class_weights``); None: plain CE.
     label_key: batch entry with the ``(B,)`` int labels (-1 = unknown).
+    weights_key: instead of ``class_counts``, read the ``(K,)`` class weights
+      from ``batch[weights_key][0]`` (every row the same). Data rather than a
+      constant of the program, so runs that differ only in their class counts
+      (the folds of a cross-validation) share one compiled step.
 
   Metrics (EMA model): 'macro_f1' (the best-checkpoint metric), 'accuracy',
   'loss' (unweighted mean cross entropy), 'f1_<k>' per class.
@@ -54,9 +59,10 @@ def classification_task(num_classes: int, class_counts=None, label_key: str = 'l
     labels = jnp.asarray(batch[label_key], jnp.int32)
     counted = (labels >= 0) & _valid(batch, labels.shape[0])
     w = counted.astype(jnp.float32)
-    if weights is not None:
-      w = w * weights[jnp.where(labels >= 0, labels, 0)]
-    return losses.cross_entropy(logits, labels, weights, counted), jnp.sum(w)
+    class_w = weights if weights_key is None else jnp.asarray(batch[weights_key][0], jnp.float32)
+    if class_w is not None:
+      w = w * class_w[jnp.where(labels >= 0, labels, 0)]
+    return losses.cross_entropy(logits, labels, class_w, counted), jnp.sum(w)
 
   def eval_fn(logits, batch):
     labels = jnp.asarray(batch[label_key], jnp.int32)

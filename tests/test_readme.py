@@ -1,0 +1,26 @@
+"""The README's notebook example runs as printed."""
+import re
+from pathlib import Path
+
+import numpy as np
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def test_notebook_example_runs():
+  text = README.read_text()
+  blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+  assert blocks, "the README lost its python example"
+  scope = {}
+  exec(compile(blocks[0], "README example", "exec"), scope)  # pylint: disable=exec-used
+  assert scope["logits"].shape == (2, 4)
+  assert np.isfinite(float(scope["loss"]))
+  assert scope["aug"].shape == (2, 32, 32, 32)
+
+
+def test_readme_commands_match_ci():
+  text = README.read_text()
+  ci = (README.parent / ".ci" / "run").read_text()
+  assert 'pip install -e ".[test]" && python -m pytest -q tests' in text
+  assert 'pip install -e ".[test]" && python -m pytest -q tests' in ci
+  assert "bash launch/demo.sh" in text
