@@ -29,9 +29,10 @@ setuptools.setup(
         "absl-py>=2.0",
         "tqdm>=4.66",
         "matplotlib>=3.8",
+        "threadpoolctl>=3.1",
     ],
     extras_require={
-        "test": ["pytest>=8.0", "scikit-learn>=1.4"],
+        "test": ["pytest>=8.0", "scikit-learn>=1.4", "portpicker>=1.5", "protobuf>=4.21"],
         "torch": ["torch>=2.1"],
         "tpu": ["jax[tpu]>=0.10.2"],
         "cuda": ["jax[cuda12]>=0.10.2"],

@@ -40,11 +40,8 @@ def main(argv):
   logging.set_verbosity(logging.INFO)
   logging.get_absl_handler().addFilter(_QuietLibraries())
   if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
     logging.info("stage %s, workdir %s, %d devices on %d processes\n%s", config.stage, workdir,
                  jax.device_count(), jax.process_count(), config)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
   try:
     stages.run(config, workdir)
   except HandOffError as e:

@@ -79,7 +79,7 @@ def chain(root):
 def test_chain_writes_every_output(chain):
   for stage in ("pretrain2d", "segmentation", "pseudolabel", "segmia", "multitask", "severity"):
     assert (chain / stage / "DONE").exists(), stage
-    assert (chain / stage / "config.json").exists() or stage == "pseudolabel"
+    assert (chain / stage / "config.json").exists(), stage
   cv = json.loads((chain / "severity" / "cv.json").read_text())
   assert len(cv["folds"]) == 2 and 0.0 <= cv["mean_macro_f1"] <= 1.0
   rows = (chain / "severity" / "predictions_validation.csv").read_text().splitlines()
@@ -116,11 +116,13 @@ def test_finished_folds_are_skipped_on_rerun(chain, caplog):
 
 
 def test_missing_checkpoint_names_the_producing_command(root, tmp_path):
-  with pytest.raises(HandOffError, match="config.json"):
-    run("segmentation", root, "seg_bad", init_from=str(tmp_path))
-  (tmp_path / "config.json").write_text("{}")
   with pytest.raises(HandOffError, match="run that stage first"):
     run("segmentation", root, "seg_bad", init_from=str(tmp_path))
+  (tmp_path / "checkpoints").mkdir()
+  with pytest.raises(HandOffError, match="no config.json"):
+    run("segmentation", root, "seg_bad", init_from=str(tmp_path))
+  with pytest.raises(HandOffError, match="neither 'random', a workdir nor a checkpoint"):
+    run("segmentation", root, "seg_bad", init_from=str(tmp_path / "nothing"))
   with pytest.raises(HandOffError, match="pseudolabel stage"):
     run("segmia", root, "segmia_bad", pseudo_labels=str(tmp_path))
   with pytest.raises(HandOffError, match="config.data.cov19ctdb_dir"):

@@ -71,7 +71,6 @@ def import_checkpoint(config, workdir):
   ckpt.save(0, state, {}, config)
   ckpt.wait()
   ckpt.close()
-  (epath.Path(workdir) / "config.json").write_text(config.to_json_best_effort(indent=2))
   logging.info("imported %s into %s", config.init_from, workdir)
   common.mark_done(workdir, {"imported": config.init_from})
 
