@@ -40,6 +40,8 @@ def get_config(stage: str) -> ml_collections.ConfigDict:
   c.model.seg_head.channels = 16
   c.model.seg_head.fuse_kernel = 7
   c.model.seg_head.align_corners = True
+  # Initial lesion probability (focal-loss bias init); None: bias 0 (authors).
+  c.model.seg_head.prior = ml_collections.config_dict.placeholder(float)
 
   # How a 2-D checkpoint becomes 3-D (covid3d.inflation).
   c.inflation = ml_collections.ConfigDict()
@@ -123,6 +125,7 @@ def demo(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.model.dwconv_impl = "fft"
   c.model.seg_head.channels = 8
   c.model.seg_head.fuse_kernel = 3
+  c.model.seg_head.prior = 0.01       # no 100-step detour through an all-background mask
   c.data.sizes = (40, 32)
   c.data.phantom = True
   c.data.phantom_scans = 40

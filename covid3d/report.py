@@ -27,6 +27,11 @@ def collect(root) -> list[dict]:
   return rows
 
 
+def chance(row) -> float:
+  """Expected macro F1 of a uniform random guess on balanced classes: 1 / classes."""
+  return 1.0 / len(row["f1_per_class"])
+
+
 def markdown(rows) -> str:
   if not rows:
     return "No finetune runs (no */cv.json) found.\n"
@@ -40,6 +45,8 @@ def markdown(rows) -> str:
     cells += [f"{100 * r['f1_per_class'][c]:.2f}" for c in classes]
     cells.append(f"{100 * r['validation_macro_f1']:.2f}" if "validation_macro_f1" in r else "-")
     lines.append("| " + " | ".join(cells) + " |")
+  levels = sorted({f"{100 * chance(r):.0f} %" for r in rows})
+  lines.append(f"\nChance level (uniform random guess, balanced classes): {', '.join(levels)}.")
   return "\n".join(lines) + "\n"
 
 
@@ -51,10 +58,13 @@ def plot(rows, path):
   for i, r in enumerate(rows):
     ax.bar(i, 100 * r["cv_macro_f1"], color="tab:blue", alpha=0.6)
     ax.plot([i] * len(r["folds"]), 100 * np.asarray(r["folds"]), "k.", ms=5)
+    ax.plot([i - 0.45, i + 0.45], [100 * chance(r)] * 2, "r--", lw=1,
+            label="chance (random guess)" if i == 0 else None)
   ax.set_xticks(range(len(rows)), [r["run"] for r in rows], rotation=20, ha="right")
   ax.set_ylabel("CV macro F1 (%)")
   ax.set_ylim(0, 100)
   ax.set_title("cross-validation macro F1 per run (dots: folds)")
+  ax.legend(loc="upper right", fontsize=8)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)

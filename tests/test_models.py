@@ -127,6 +127,18 @@ def test_upernet_head_outputs_input_resolution(style):
   assert out.shape == (1, 64, 32, 32, 2) and out.dtype == jnp.float32
 
 
+@pytest.mark.parametrize("style", ["upernext", "upernet"])
+def test_upernet_head_prior_sets_the_initial_probability(style):
+  feats = [jnp.zeros((1,) + (8 // 2 ** i,) * 3 + (4,)) for i in range(4)]
+  head = UperNetHead(style=style, channels=4, fuse_kernel=3, prior=0.01)
+  out, variables = head.init_with_output(jax.random.key(1), feats)
+  assert float(variables["params"]["classifier"]["bias"][0]) == pytest.approx(np.log(0.01 / 0.99))
+  # Zero features: the logits are the bias alone, so the probability is the prior.
+  np.testing.assert_allclose(np.asarray(jax.nn.sigmoid(out)), 0.01, rtol=1e-5)
+  with pytest.raises(ValueError, match="prior"):
+    UperNetHead(style=style, prior=1.5).init(jax.random.key(1), feats)
+
+
 def test_multitask_returns_named_heads():
   x = jnp.ones((2, 32, 32, 32, 1))
   model = MultitaskModel(backbone=dict(NANO, dwconv_impl="fft"), heads={"severity": 4, "stoic": 2},

@@ -124,6 +124,13 @@ def test_bad_arguments(kwargs):
     make_scan(0, **kwargs)
 
 
+def test_jpeg_window_matches_the_readers_hu_scaling():
+  """A tissue reaches the model at the same value from the JPEG and the HU datasets."""
+  from covid3d.data.read_common import hu_to_unit
+  hu = np.array([-1200.0, -1000.0, -850.0, -450.0, 40.0, 500.0, 900.0], np.float32)
+  np.testing.assert_allclose(writers.jpeg_window(hu) / 255.0, hu_to_unit(hu), atol=0.5 / 255 + 1e-6)
+
+
 def test_lung_window():
   np.testing.assert_array_equal(phantom.lung_window([-2000, -1350, -600, 150, 400]),
                                 [0, 0, 128, 255, 255])
@@ -193,7 +200,7 @@ def test_cov19ctdb_pixels_and_orientation(written):
     vol, _, _ = make_scan(tuple(r['seed']), kind='covid' if r['covid'] else 'non-covid',
                           severity=r['severity'] if r['covid'] else None,
                           shape=r['shape'])
-    expected = phantom.lung_window(vol)
+    expected = writers.jpeg_window(vol)
     if r['misorientation']:
       expected = writers.MISORIENTATIONS[r['misorientation']](expected)
     got = np.stack(_read_jpeg_folder(roots['cov19ctdb'] / r['path'])[2])[..., 0]

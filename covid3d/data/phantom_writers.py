@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from covid3d.data import phantom
+from covid3d.data.read_common import HU_WINDOW
 
 DATASETS = ('cov19ctdb', 'lesions', 'stoic')
 # Root folder of each dataset under `write_all`'s root.
@@ -96,12 +97,26 @@ def _run(fn, tasks, workers):
     return list(pool.map(fn, tasks, chunksize=max(1, len(tasks) // (4 * workers))))
 
 
+def jpeg_window(hu):
+  """HU -> the uint8 grey values of the phantom's COV19-CT-DB JPEGs.
+
+  The window is the HU clip the readers apply to the NIfTI and MHA datasets
+  (``HU_WINDOW``, -1000 -> 0, +500 -> 255), so that the phantom's three
+  datasets map a tissue to the same input value and a model trained on one
+  (the lesion segmentation) transfers to the others (the pseudo-labels). With
+  a lung window (L -600 / W 1500) instead, normal lung would reach the model
+  at the value of ground glass in the lesion set (docs/phantom.md).
+  """
+  low, high = HU_WINDOW
+  return phantom.lung_window(hu, level=(low + high) / 2, width=high - low)
+
+
 def _write_jpeg_scan(task):
   from PIL import Image
 
   vol, _, info = phantom.make_scan(task['seed'], kind=task['kind'], severity=task['severity'],
                                    shape=task['shape'])
-  img = phantom.lung_window(vol)
+  img = jpeg_window(vol)
   if task['misorientation']:
     img = MISORIENTATIONS[task['misorientation']](img)
   folder = Path(task['root']) / task['rel']

@@ -1,4 +1,5 @@
 """Classification and segmentation heads on ConvNeXt features (channels-last)."""
+import math
 from typing import Any, Optional, Sequence
 
 import flax.linen as nn
@@ -64,6 +65,10 @@ class UperNetHead(nn.Module):
     fuse_kernel: kernel of the fusion convs (authors: 7; classic: 3).
     pool_scales: pyramid pooling output sizes (classic style only).
     align_corners: linear resizing convention (authors' final upsampling: True).
+    prior: if set, the classifier bias starts at ``logit(prior)``, so the
+      initial lesion probability is ``prior`` everywhere (Lin et al. 2017,
+      focal loss): training then skips its first phase of unlearning a 0.5
+      foreground probability on a mostly-background volume. None: bias 0.
   """
   num_classes: int = 1
   style: str = "upernext"
@@ -71,6 +76,7 @@ class UperNetHead(nn.Module):
   fuse_kernel: int = 7
   pool_scales: Sequence[int] = (1, 2, 3, 6)
   align_corners: bool = True
+  prior: Optional[float] = None
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -99,7 +105,14 @@ class UperNetHead(nn.Module):
     x = ConvNormReLU(self.channels, self.fuse_kernel, self.dtype, name="fuse1")(x)
     nd = x.ndim - 2
     return nn.Conv(self.num_classes, (self.fuse_kernel,) * nd, padding="SAME", dtype=self.dtype,
-                   kernel_init=INIT, name="classifier")(x)
+                   kernel_init=INIT, bias_init=self._bias_init(), name="classifier")(x)
+
+  def _bias_init(self):
+    if self.prior is None:
+      return nn.initializers.zeros
+    if not 0.0 < self.prior < 1.0:
+      raise ValueError(f"UperNetHead prior must be in (0, 1), got {self.prior}")
+    return nn.initializers.constant(math.log(self.prior / (1.0 - self.prior)))
 
   def _upernet(self, features, base):
     top = features[-1]
@@ -118,4 +131,4 @@ class UperNetHead(nn.Module):
     x = ConvNormReLU(self.channels, self.fuse_kernel, self.dtype, name="fpn_bottleneck")(x)
     nd = x.ndim - 2
     return nn.Conv(self.num_classes, (1,) * nd, dtype=self.dtype, kernel_init=INIT,
-                   name="classifier")(x)
+                   bias_init=self._bias_init(), name="classifier")(x)

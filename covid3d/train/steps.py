@@ -21,9 +21,8 @@ Contracts of the functions passed in:
   device count and any number of micro-batches. A micro-batch with weight 0
   must still return a finite loss.
 * ``augment_fn(key, example) -> example``: one example (a dict without the
-  batch axis) and its own key; vmapped over the global batch on device, in
-  the same jitted program just before the per-device part (the compiler
-  partitions it over the batch axis).
+  batch axis) and its own key; run on device in the same jitted program,
+  each device over its own examples one at a time (``lax.map``).
 * ``eval_fn(outputs, batch) -> dict of arrays``: per-batch SUMS (e.g. a
   confusion matrix), added over devices with ``psum``; padded examples carry
   ``batch['valid'] == False`` and must not count.
@@ -201,14 +200,18 @@ def make_train_step(apply_fn: ApplyFn, loss_fn: LossFn, tx: optax.GradientTransf
 
   sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(AXIS)),
                           out_specs=(P(), P()))
+  # Each device augments its own examples one after the other: each example
+  # skips the random steps it did not draw, where vmap would turn every
+  # lax.cond into both branches. No collectives and no gradients here, so the
+  # varying-axes check (which rejects a cond with a constant branch) is off.
+  augment_local = jax.shard_map(
+      lambda keys, batch: lax.map(lambda args: augment_fn(*args), (keys, batch)),
+      mesh=mesh, in_specs=(P(AXIS), P(AXIS)), out_specs=P(AXIS), check_vma=False)
 
   def step(state, batch):
     if augment_fn is not None:
-      # Outside shard_map but in the same program, partitioned over the batch
-      # axis by the compiler; any jittable augmentation works here unchanged.
       keys = _example_keys(state, jnp.arange(batch[input_key].shape[0]))
-      batch = jax.vmap(augment_fn)(keys[:, 0], batch)
-      batch = lax.with_sharding_constraint(batch, NamedSharding(mesh, P(AXIS)))
+      batch = augment_local(keys[:, 0], batch)
     return sharded(state, batch)
 
   return jax.jit(step, donate_argnums=0)
