@@ -96,6 +96,20 @@ def test_checkpointer_keeps_latest_and_best(tmp_path):
   reopened.close()
 
 
+def test_checkpointer_takes_a_relative_directory(tmp_path, monkeypatch):
+  """The README's demo passes ./covid3d_demo/...; Orbax itself wants absolute paths."""
+  monkeypatch.chdir(tmp_path)
+  ckpt = checkpoint.Checkpointer('run/checkpoints', keep=1, best_metric='dice')
+  ckpt.save(1, {'w': jnp.ones(2)}, {'batch': 1}, train.default_config(), {'dice': 0.5})
+  ckpt.wait()
+  ckpt.close()
+  reopened = checkpoint.Checkpointer('run/checkpoints', keep=1, best_metric='dice')
+  np.testing.assert_array_equal(reopened.restore(1, {'w': jnp.zeros(2)})[0]['w'], [1.0, 1.0])
+  reopened.close()
+  assert (tmp_path / 'run' / 'checkpoints' / '1').is_dir()
+  assert str(checkpoint.absolute('gs://bucket/run')) == 'gs://bucket/run'
+
+
 def test_array_iterator_resume_and_process_split():
   data = {'x': np.arange(10), 'y': np.arange(10) * 2}
   full = ArrayIterator(data, 4, seed=3)

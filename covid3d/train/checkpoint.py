@@ -10,6 +10,7 @@ the metrics). Paths may be local or ``gs://``.
 import dataclasses
 import json
 import logging
+import os
 from typing import Any
 
 import jax
@@ -58,6 +59,12 @@ class IteratorRestore(ocp.args.CheckpointArgs):
   pass
 
 
+def absolute(directory: str) -> epath.Path:
+  """``directory`` as Orbax needs it: a local path made absolute; gs:// and other URLs unchanged."""
+  directory = str(directory)
+  return epath.Path(directory if '://' in directory else os.path.abspath(directory))
+
+
 class Checkpointer:
   """Saves and restores (state, iterator state, config) under ``directory``.
 
@@ -81,7 +88,7 @@ class Checkpointer:
                                            best_mode='max', create=True,
                                            enable_async_checkpointing=True)
     self.manager = ocp.CheckpointManager(
-        epath.Path(directory), options=options, item_names=('state', 'data', 'config'))
+        absolute(directory), options=options, item_names=('state', 'data', 'config'))
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
