@@ -17,14 +17,9 @@ import numpy as np
 
 from covid3d.models.dwconv import depthwise_conv
 from covid3d.models.heads import ClassificationHead
+from covid3d.models.layers import INIT, layer_norm
 
-INIT = nn.initializers.truncated_normal(stddev=0.02)
-LN_EPS = 1e-6
 REMAT_MODES = ("none", "block", "stage")
-
-
-def layer_norm(dtype, name=None):
-  return nn.LayerNorm(epsilon=LN_EPS, dtype=dtype, name=name)
 
 
 class DepthwiseConv(nn.Module):

@@ -5,9 +5,9 @@ from typing import Any, Optional, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from covid3d.models.layers import INIT, layer_norm
 from covid3d.models.ops import adaptive_avg_pool, resize_linear
 
-INIT = nn.initializers.truncated_normal(stddev=0.02)
 UPERNET_STYLES = ("upernext", "upernet")
 
 
@@ -25,7 +25,7 @@ class ClassificationHead(nn.Module):
   @nn.compact
   def __call__(self, x):
     x = jnp.mean(x, axis=tuple(range(1, x.ndim - 1)))
-    x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm")(x)
+    x = layer_norm(self.dtype, "norm")(x)
     if self.hidden:
       x = nn.relu(nn.Dense(self.hidden, dtype=self.dtype, kernel_init=INIT, name="pre_head")(x))
     x = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=INIT, name="fc")(x)
@@ -43,7 +43,7 @@ class ConvNormReLU(nn.Module):
     nd = x.ndim - 2
     x = nn.Conv(self.features, (self.kernel,) * nd, padding="SAME", dtype=self.dtype,
                 kernel_init=INIT, name="conv")(x)
-    return nn.relu(nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm")(x))
+    return nn.relu(layer_norm(self.dtype, "norm")(x))
 
 
 class UperNetHead(nn.Module):

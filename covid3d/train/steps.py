@@ -200,6 +200,8 @@ def make_train_step(apply_fn: ApplyFn, loss_fn: LossFn, tx: optax.GradientTransf
 
   sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(AXIS)),
                           out_specs=(P(), P()))
+  if augment_fn is None:
+    return jax.jit(sharded, donate_argnums=0)
   # Each device augments its own examples one after the other: each example
   # skips the random steps it did not draw, where vmap would turn every
   # lax.cond into both branches. No collectives and no gradients here, so the
@@ -209,10 +211,8 @@ def make_train_step(apply_fn: ApplyFn, loss_fn: LossFn, tx: optax.GradientTransf
       mesh=mesh, in_specs=(P(AXIS), P(AXIS)), out_specs=P(AXIS), check_vma=False)
 
   def step(state, batch):
-    if augment_fn is not None:
-      keys = _example_keys(state, jnp.arange(batch[input_key].shape[0]))
-      batch = augment_local(keys[:, 0], batch)
-    return sharded(state, batch)
+    keys = _example_keys(state, jnp.arange(batch[input_key].shape[0]))
+    return sharded(state, augment_local(keys[:, 0], batch))
 
   return jax.jit(step, donate_argnums=0)
 
