@@ -125,7 +125,10 @@ def demo(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.model.dwconv_impl = "fft"
   c.model.seg_head.channels = 8
   c.model.seg_head.fuse_kernel = 3
-  c.model.seg_head.prior = 0.01       # no 100-step detour through an all-background mask
+  # About the phantom lesion set's lesion share (3.4 % of a 32^3 volume): the
+  # segmentation stage's Dice at steps 100/200/300 is 0.14/0.40/0.41 with 0.05,
+  # 0.00/0.34/0.39 with 0.01.
+  c.model.seg_head.prior = 0.05
   c.data.sizes = (40, 32)
   c.data.phantom = True
   c.data.phantom_scans = 40
@@ -140,8 +143,8 @@ def demo(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.train.log_every = 20
   c.train.learning_rate = 3e-4
   c.train.ema_decay = 0.9             # a short run needs a short EMA memory
-  # 300 steps on 48 scans cannot learn through the 40 -> 32 crop (it shifts the
-  # mean intensity by more than the lesions do) nor through random quarter turns.
+  # The random 40 -> 32 crop and quarter turns cost a short run more than they
+  # give: random-init severity CV macro F1 0.64 with them, 0.75 without.
   c.augment.crop.p = 0.0
   c.augment.rot90.p = 0.0
   return c

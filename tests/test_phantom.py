@@ -86,18 +86,25 @@ def test_severity_follows_lesion_fraction(severity):
 
 
 def test_severity_thresholds():
-  got = [phantom.severity_from_fraction(f) for f in (0.0, 0.049, 0.05, 0.149, 0.15, 0.299, 0.3, 1)]
+  got = [phantom.severity_from_fraction(f) for f in (0.0, 0.249, 0.25, 0.499, 0.5, 0.749, 0.75, 1)]
   assert got == [0, 0, 1, 1, 2, 2, 3, 3]
 
 
-def test_lesions_are_in_the_lungs_and_subpleural(severe_clean):
-  _, mask, info = severe_clean
-  lung_codes = [_code(n) for n in ('lung', 'ggo', 'consolidation', 'vessel', 'nodule')]
-  lungs = np.isin(info['tissue'], lung_codes)
-  assert mask.any() and not (mask.astype(bool) & ~lungs).any()
-  depth = ndimage.distance_transform_edt(lungs, sampling=info['spacing'])
-  assert depth[mask > 0].mean() < 0.8 * depth[lungs].mean()
-  assert (info['tissue'] == _code('consolidation')).any()
+def test_lesions_are_in_the_lungs_subpleural_and_grow_inwards():
+  depth_ratio = []
+  for severity in range(4):
+    _, mask, info = make_scan(5, kind='covid', severity=severity, shape=(32, 96, 96), noise_hu=0.0)
+    lung_codes = [_code(n) for n in ('lung', 'ggo', 'consolidation', 'vessel', 'nodule')]
+    lungs = np.isin(info['tissue'], lung_codes)
+    assert mask.any() and not (mask.astype(bool) & ~lungs).any()
+    depth = ndimage.distance_transform_edt(lungs, sampling=info['spacing'])
+    depth_ratio.append(depth[mask > 0].mean() / depth[lungs].mean())
+  assert depth_ratio[0] < 0.7  # mild: lesions well under the pleura
+  assert np.all(np.diff(depth_ratio) > 0), depth_ratio
+
+
+def test_severe_has_consolidation(severe_clean):
+  assert (severe_clean[2]['tissue'] == _code('consolidation')).any()
 
 
 def test_mild_has_no_consolidation():

@@ -25,11 +25,12 @@ import threadpoolctl
 
 KINDS = ('covid', 'non-covid')
 SEVERITY_NAMES = ('mild', 'moderate', 'severe', 'critical')
-# Lesion volume / lung volume class boundaries: mild < 5 % <= moderate < 15 %
-# <= severe < 30 % <= critical.
-SEVERITY_THRESHOLDS = (0.05, 0.15, 0.30)
+# Lesion volume / lung volume class boundaries: the quartiles of lung
+# involvement of the usual CT severity score, mild < 25 % <= moderate < 50 %
+# <= severe < 75 % <= critical.
+SEVERITY_THRESHOLDS = (0.25, 0.50, 0.75)
 # Sampled target fractions stay well inside each class, so classes are learnable.
-TARGET_FRACTIONS = ((0.01, 0.04), (0.065, 0.135), (0.18, 0.27), (0.35, 0.50))
+TARGET_FRACTIONS = ((0.04, 0.16), (0.30, 0.45), (0.55, 0.70), (0.80, 0.92))
 # Share of the lesion volume that is consolidation, per severity class.
 CONSOLIDATION_SHARE = (0.0, 0.0, 0.2, 0.4)
 
