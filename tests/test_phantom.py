@@ -91,10 +91,10 @@ def test_severity_thresholds():
 
 
 def test_lesions_are_in_the_lungs_subpleural_and_grow_inwards():
+  lung_codes = [_code(n) for n in ('lung', 'ggo', 'consolidation', 'vessel', 'nodule')]
   depth_ratio = []
   for severity in range(4):
     _, mask, info = make_scan(5, kind='covid', severity=severity, shape=(32, 96, 96), noise_hu=0.0)
-    lung_codes = [_code(n) for n in ('lung', 'ggo', 'consolidation', 'vessel', 'nodule')]
     lungs = np.isin(info['tissue'], lung_codes)
     assert mask.any() and not (mask.astype(bool) & ~lungs).any()
     depth = ndimage.distance_transform_edt(lungs, sampling=info['spacing'])
