@@ -1,20 +1,17 @@
 """Challenge metrics: confusion matrix, per-class and macro F1, accuracy, Dice.
 
-Metrics over a validation set are accumulated as sums (confusion counts,
-Dice intersections and sizes) in small pytrees, so that per-batch results can
-be added on device, summed across devices with ``lax.psum`` inside
-``shard_map`` and across hosts with ``sum_over_hosts``, and turned into the
-final figure once at the end. Everything except ``plot_confusion_matrix`` and
-``sum_over_hosts`` works under ``jax.jit``.
+Metrics over a validation set are built from sums (confusion counts, Dice
+intersections and sizes, ``dice_terms``), so that per-batch results can be
+added up over batches, devices and hosts (the eval step of
+``covid3d.train.tasks`` does that) and turned into the final figure once at
+the end. Everything except ``plot_confusion_matrix`` works under ``jax.jit``.
 """
 import os
 from typing import Sequence
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
 
 def _check_classes(name, values, num_classes, lowest):
@@ -146,77 +143,6 @@ def dice(pred_mask, true_mask, valid=None):
     Scalar float32 in [0, 1].
   """
   return dice_from_terms(*dice_terms(pred_mask, true_mask, valid))
-
-
-class _Summable:
-  """Pytree accumulators whose every leaf is a sum: merge by addition."""
-
-  def __add__(self, other):
-    return jax.tree.map(jnp.add, self, other)
-
-  def psum(self, axis_name):
-    """Sum over the devices of a mapped axis (inside ``shard_map``/``pmap``)."""
-    return jax.tree.map(lambda x: lax.psum(x, axis_name), self)
-
-
-@flax.struct.dataclass
-class ConfusionAccumulator(_Summable):
-  """A running confusion matrix. ``counts``: ``(K, K)`` int32, rows true."""
-  counts: jax.Array
-
-  @classmethod
-  def zeros(cls, num_classes: int):
-    return cls(jnp.zeros((num_classes, num_classes), jnp.int32))
-
-  def update(self, labels, preds, mask=None):
-    """Adds a batch (see ``confusion_matrix``); returns the new accumulator."""
-    k = self.counts.shape[0]
-    return self.replace(counts=self.counts + confusion_matrix(labels, preds, k, mask))
-
-  def compute(self):
-    """Dict of ``macro_f1``, ``accuracy`` (scalars) and ``f1_per_class`` ``(K,)``."""
-    return {"macro_f1": macro_f1(self.counts), "accuracy": accuracy(self.counts),
-            "f1_per_class": f1_per_class(self.counts)}
-
-
-@flax.struct.dataclass
-class DiceAccumulator(_Summable):
-  """Running Dice sums over a data set: intersection and total mask size (float32)."""
-  intersection: jax.Array
-  total: jax.Array
-
-  @classmethod
-  def zeros(cls):
-    return cls(jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
-
-  def update(self, pred_mask, true_mask, valid=None):
-    """Adds a batch (see ``dice_terms``); returns the new accumulator."""
-    inter, total = dice_terms(pred_mask, true_mask, valid)
-    return self.replace(intersection=self.intersection + inter, total=self.total + total)
-
-  def compute(self):
-    """The pooled Dice score of everything added so far."""
-    return dice_from_terms(self.intersection, self.total)
-
-
-def sum_over_hosts(tree):
-  """Sums a pytree of host-local accumulators over all JAX processes.
-
-  For accumulators computed separately on each host (not already reduced by a
-  ``psum`` over a mesh spanning every host). Every process must call it.
-  Identity (as numpy) with one process.
-
-  Args:
-    tree: pytree of arrays with the same structure and shapes on every host.
-
-  Returns:
-    The same pytree with numpy leaves holding the sum over processes.
-  """
-  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-  if jax.process_count() == 1:
-    return jax.tree.map(np.asarray, tree)
-  gathered = multihost_utils.process_allgather(tree)
-  return jax.tree.map(lambda x: np.asarray(x).sum(axis=0), gathered)
 
 
 def plot_confusion_matrix(cm, class_names: Sequence[str], path, title=None):

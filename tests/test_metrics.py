@@ -1,10 +1,5 @@
-"""Metrics against scikit-learn and hand computations; accumulation across devices and hosts."""
+"""Metrics against scikit-learn and hand computations; sums over batches."""
 import functools
-import os
-import socket
-import subprocess
-import sys
-import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -64,37 +59,14 @@ def test_confusion_matrix_rejects_out_of_range_classes(labels, preds):
     metrics.confusion_matrix(np.array(labels), np.array(preds), 3)
 
 
-def test_confusion_accumulator_equals_one_matrix_of_all_batches():
+def test_confusion_matrices_of_batches_add_up_to_the_whole():
   rng = np.random.default_rng(1)
   y, p = rng.integers(0, 4, 40), rng.integers(0, 4, 40)
-  acc = metrics.ConfusionAccumulator.zeros(4)
-  update = jax.jit(lambda a, yy, pp: a.update(yy, pp))
-  for i in range(0, 40, 8):
-    acc = update(acc, y[i:i + 8], p[i:i + 8])
-  np.testing.assert_array_equal(acc.counts, skm.confusion_matrix(y, p, labels=range(4)))
-  out = acc.compute()
-  np.testing.assert_allclose(out["macro_f1"], skm.f1_score(y, p, average="macro"), atol=1e-6)
-  halves = (metrics.ConfusionAccumulator.zeros(4).update(y[:13], p[:13])
-            + metrics.ConfusionAccumulator.zeros(4).update(y[13:], p[13:]))
-  np.testing.assert_array_equal(halves.counts, acc.counts)
-
-
-def test_accumulators_psum_over_a_mapped_axis():
-  rng = np.random.default_rng(2)
-  y, p = rng.integers(0, 3, (4, 10)), rng.integers(0, 3, (4, 10))
-  pred_m = rng.random((4, 2, 6, 6)) < 0.4
-  true_m = (rng.random((4, 2, 6, 6)) < 0.3).astype(np.int32)
-
-  def per_device(yy, pp, pm, tm):
-    c = metrics.ConfusionAccumulator.zeros(3).update(yy, pp).psum("d")
-    d = metrics.DiceAccumulator.zeros().update(pm, tm).psum("d")
-    return c.counts, d.compute()
-
-  counts, dice = jax.vmap(per_device, axis_name="d")(y, p, pred_m, true_m)
-  want = skm.confusion_matrix(y.ravel(), p.ravel(), labels=range(3))
-  for dev in range(4):
-    np.testing.assert_array_equal(counts[dev], want)
-  np.testing.assert_allclose(dice, np_dice(pred_m, true_m), rtol=1e-6)
+  cm = jax.jit(metrics.confusion_matrix, static_argnums=2)
+  total = sum(cm(y[i:i + 8], p[i:i + 8], 4) for i in range(0, 40, 8))
+  np.testing.assert_array_equal(total, skm.confusion_matrix(y, p, labels=range(4)))
+  np.testing.assert_allclose(metrics.macro_f1(total), skm.f1_score(y, p, average="macro"),
+                             atol=1e-6)
 
 
 def np_dice(a, b):
@@ -120,61 +92,17 @@ def test_dice_matches_hand_computation():
     metrics.dice(np.zeros((2, 4)), np.zeros((2, 5)))
 
 
-def test_dice_accumulator_pools_over_batches():
+def test_dice_terms_pool_over_batches():
   rng = np.random.default_rng(4)
   pred = rng.random((6, 4, 8, 8)) < 0.3
   true = (rng.random((6, 4, 8, 8)) < 0.1).astype(np.int32)
-  acc = metrics.DiceAccumulator.zeros()
-  for i in range(0, 6, 2):
-    acc = jax.jit(metrics.DiceAccumulator.update)(acc, pred[i:i + 2], true[i:i + 2])
-  np.testing.assert_allclose(acc.compute(), np_dice(pred, true), rtol=1e-6)
-  # Pooled Dice is not the mean of per-batch Dice: the accumulator must pool.
+  terms = [jax.jit(metrics.dice_terms)(pred[i:i + 2], true[i:i + 2]) for i in range(0, 6, 2)]
+  inter, total = (sum(t[j] for t in terms) for j in range(2))
+  np.testing.assert_allclose(metrics.dice_from_terms(inter, total), np_dice(pred, true),
+                             rtol=1e-6)
+  # Pooled Dice is not the mean of per-batch Dice: the sums must be pooled.
   per_batch = np.mean([np_dice(pred[i:i + 2], true[i:i + 2]) for i in range(0, 6, 2)])
   assert abs(per_batch - np_dice(pred, true)) > 1e-4
-
-
-def test_sum_over_hosts_single_process_is_identity():
-  acc = metrics.ConfusionAccumulator.zeros(2).update(np.array([0, 1]), np.array([1, 1]))
-  out = metrics.sum_over_hosts(acc)
-  np.testing.assert_array_equal(out.counts, [[0, 1], [0, 1]])
-
-
-HOST_SCRIPT = textwrap.dedent("""
-    import sys
-    import jax
-    import numpy as np
-    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-    port, pid = sys.argv[1], int(sys.argv[2])
-    jax.distributed.initialize(f'127.0.0.1:{port}', num_processes=2, process_id=pid)
-    from covid3d import metrics
-    y = np.array([[0, 1, 2], [2, 2, 1]])[pid]
-    p = np.array([[0, 2, 2], [2, 1, 1]])[pid]
-    acc = metrics.ConfusionAccumulator.zeros(3).update(y, p)
-    total = metrics.sum_over_hosts(acc)
-    print('RESULT', total.counts.ravel().tolist(), flush=True)
-""")
-
-
-def free_port():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
-def test_sum_over_hosts_with_two_processes(tmp_path):
-  script = tmp_path / "host.py"
-  script.write_text(HOST_SCRIPT)
-  port = free_port()
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  procs = [subprocess.Popen([sys.executable, str(script), str(port), str(i)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-           for i in range(2)]
-  outs = [proc.communicate(timeout=120)[0] for proc in procs]
-  want = skm.confusion_matrix([0, 1, 2, 2, 2, 1], [0, 2, 2, 2, 1, 1], labels=range(3))
-  for proc, out in zip(procs, outs):
-    assert proc.returncode == 0, out
-    line = [l for l in out.splitlines() if l.startswith("RESULT")][0]
-    np.testing.assert_array_equal(eval(line[len("RESULT"):]), want.ravel())
 
 
 def test_plot_confusion_matrix_writes_annotated_png(tmp_path):

@@ -287,6 +287,6 @@ def test_plot_and_cli(tmp_path):
   png = tmp_path / 'classes.png'
   phantom.plot_classes(png, size=48, n_slices=24)
   assert Image.open(png).size[0] > 300
-  phantom.main(['--out', str(tmp_path / 'ds'), '--n', '1'])
+  writers.main(['--out', str(tmp_path / 'ds'), '--n', '1'])
   assert (tmp_path / 'ds' / writers.MANIFEST).exists()
   assert len(list((tmp_path / 'ds' / 'stoic' / 'data' / 'mha').glob('*.mha'))) == 1

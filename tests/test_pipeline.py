@@ -1,11 +1,10 @@
-"""Tests for covid3d.data.pipeline (grain batches, sharding, state, arrays)."""
+"""Tests for covid3d.data.pipeline (grain batches, host slices, state)."""
 import json
 import os
 import subprocess
 import sys
 import textwrap
 
-import jax
 import numpy as np
 import pytest
 
@@ -13,7 +12,7 @@ from covid3d.data import phantom_writers
 from covid3d.data import pipeline
 from covid3d.data import preprocess
 from covid3d.data import readers
-from covid3d.data import records as records_lib
+from covid3d.data import schema
 
 SIZE = 16
 
@@ -35,7 +34,7 @@ def make_record(i: int, size: int = SIZE) -> dict:
 
 def make_source(n: int) -> pipeline.RecordSource:
   recs = [make_record(i) for i in range(n)]
-  return pipeline.RecordSource(recs, tuple(map(records_lib.index_entry, recs)),
+  return pipeline.RecordSource(recs, tuple(map(schema.index_entry, recs)),
                                'test records')
 
 
@@ -67,7 +66,6 @@ def test_select_records():
 def test_train_batches_shuffle_per_epoch_and_convert():
   source = make_source(13)
   indices = np.arange(1, 12)  # 11 records, G=4: 2 batches/epoch, 3 dropped
-  assert pipeline.steps_per_epoch(11, 4, train=True) == 2
   batches = host_batches(source, indices, 6, global_batch_size=4, train=True,
                          seed=7)
   epochs = [np.concatenate([b['record_index'] for b in batches[e:e + 2]])
@@ -115,8 +113,7 @@ def test_eval_pads_and_masks_every_record_once():
   indices = np.array([0, 2, 3, 5, 7, 8, 9])
   # G=6 over 3 processes: the second batch has 1 real record, so processes
   # 1 and 2 see padding only.
-  steps = pipeline.steps_per_epoch(len(indices), 6, train=False)
-  assert steps == 2
+  steps = 2  # ceil(7 / 6)
   hosts = [host_batches(source, indices, steps, global_batch_size=6,
                         train=False, process_index=p, process_count=3)
            for p in range(3)]
@@ -163,7 +160,7 @@ def test_file_source_from_the_cache(tmp_path):
   source = pipeline.file_source(paths)
   assert [e['scan_id'] for e in source.index] == [r.scan_id for r in refs]
   records = [preprocess.read_record(p) for p in paths]
-  assert list(source.index) == [records_lib.index_entry(r) for r in records]
+  assert list(source.index) == [schema.index_entry(r) for r in records]
   batch, = host_batches(source, np.arange(3), 1, global_batch_size=3,
                         train=False, fields=('volume_16', 'stoic_severe'))
   for row, record in enumerate(records):
@@ -185,47 +182,24 @@ def test_bad_batch_sizes():
     pipeline.host_dataset(source, np.arange(5), global_batch_size=3,
                           train=True, fields=FIELDS, process_count=2)
   with pytest.raises(ValueError, match='cannot be batched'):
-    records_lib.to_numpy(make_record(0), ['scan_id'])
+    schema.to_numpy(make_record(0), ['scan_id'])
 
 
-@pytest.mark.parametrize('workers', [0, 1])
-def test_state_restore_gives_the_same_batches(workers):
+def test_state_restore_gives_the_same_batches():
   source = make_source(17)
   indices = pipeline.select_records(source)
-  kw = dict(global_batch_size=4, fields=FIELDS, train=True, seed=11,
-            workers=workers)
-  it = pipeline.make_iterator(source, indices, **kw)
+  kw = dict(global_batch_size=4, fields=FIELDS, train=True, seed=11)
+  it = iter(pipeline.host_dataset(source, indices, **kw))
   for _ in range(5):  # crosses the epoch boundary (4 batches per epoch)
     next(it)
-  state = it.state_bytes()
-  json.loads(state)
+  state = json.dumps(it.get_state())
   after = [next(it) for _ in range(3)]
-  it.close()
-  resumed = pipeline.make_iterator(source, indices, **kw)
-  resumed.restore_bytes(state)
+  resumed = iter(pipeline.host_dataset(source, indices, **kw))
+  resumed.set_state(json.loads(state))
   for a, b in zip(after, [next(resumed) for _ in range(3)]):
     assert a.keys() == b.keys()
     for k in a:
-      np.testing.assert_array_equal(np.asarray(a[k]), np.asarray(b[k]))
-  resumed.close()
-
-
-def test_global_arrays_on_the_mesh():
-  source = make_source(9)
-  indices = np.arange(9)
-  it = pipeline.make_iterator(source, indices, global_batch_size=4,
-                              fields=FIELDS, train=False)
-  host = host_batches(source, indices, 1, global_batch_size=4, train=False)[0]
-  batch = next(it)
-  mesh = pipeline.make_mesh()
-  for k, v in host.items():
-    assert isinstance(batch[k], jax.Array)
-    assert batch[k].sharding == pipeline.data_sharding(mesh)
-    np.testing.assert_array_equal(np.asarray(batch[k]), v)
-  with pytest.raises(ValueError, match='must split over'):
-    pipeline.make_iterator(source, indices, global_batch_size=3,
-                           fields=FIELDS, train=False,
-                           mesh=pipeline.make_mesh(jax.devices() * 2))
+      np.testing.assert_array_equal(a[k], b[k])
 
 
 _MULTIHOST = textwrap.dedent('''
@@ -239,13 +213,17 @@ _MULTIHOST = textwrap.dedent('''
     sys.path.insert(0, sys.argv[3])
     from test_pipeline import make_source
     from covid3d.data import pipeline
+    from covid3d.train import steps
     source = make_source(11)
+    mesh = steps.make_mesh()
     out = []
     for train in (True, False):
-      it = pipeline.make_iterator(source, np.arange(11), global_batch_size=4,
-                                  fields=('severity',), train=train, seed=5)
+      it = iter(pipeline.host_dataset(
+          source, np.arange(11), global_batch_size=4, fields=('severity',),
+          train=train, seed=5, process_index=jax.process_index(),
+          process_count=jax.process_count()))
       for _ in range(3):
-        b = next(it)
+        b = steps.shard_batch(next(it), mesh)
         assert b['severity'].shape == (4,)
         assert len(b['severity'].sharding.device_set) == 4
         out.append({k: multihost_utils.process_allgather(v, tiled=True

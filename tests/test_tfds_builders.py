@@ -13,7 +13,7 @@ from covid3d.data import phantom_writers
 from covid3d.data import pipeline
 from covid3d.data import preprocess
 from covid3d.data import readers
-from covid3d.data import records as records_lib
+from covid3d.data import schema
 from covid3d.data import tfds_builders
 from covid3d.data.skips import DataError
 from covid3d.data.tfds_builders import base
@@ -71,7 +71,7 @@ def test_phantom_splits_and_index(raw, phantom_dir):
     assert [e['scan_id'] for e in source.index] == ids
     for i, entry in enumerate(source.index):
       record = source.records[i]
-      assert records_lib.index_entry(record) == entry
+      assert schema.index_entry(record) == entry
       assert record['volume_32'].dtype == np.float16
       assert record['volume_16'].shape == (16, 16, 16)
       assert record['mask_32'].dtype == np.uint8
@@ -86,8 +86,8 @@ def test_records_equal_preprocessed_scans(raw, phantom_dir):
     want = preprocess.preprocess_scan(readers.load_scan(ref), SIZES)
     got = pipeline.tfds_source('phantom/tiny', f'{name}_train',
                                phantom_dir).records[0]
-    assert records_lib.scan_id(got) == ref.scan_id
-    for k in records_lib.field_names(SIZES)[1:]:
+    assert schema.scan_id(got) == ref.scan_id
+    for k in schema.field_names(SIZES)[1:]:
       np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(want[k]),
                                     err_msg=f'{name} {k}')
   stoic = pipeline.tfds_source('phantom/tiny', 'stoic_train', phantom_dir)

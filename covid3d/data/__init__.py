@@ -1,1 +1,1 @@
-"""covid3d.data."""
+"""Reading, cleaning and preprocessing CT scans; the synthetic phantom; folds; the input pipeline."""

@@ -12,11 +12,10 @@ Array convention (DESIGN.md): volume float32 (D, H, W) = (slice z, row y, column
 x). Index 0 along D is the most inferior slice, rows run anterior -> posterior
 and columns patient right -> left, i.e. the arrays are in ITK's LPS orientation
 with an identity direction matrix. Writers for the three real dataset formats
-are in `covid3d.data.phantom_writers`; `python -m covid3d.data.phantom` writes
-them (`--out DIR`) or the example figure (`--png FILE`).
+are in `covid3d.data.phantom_writers`; `python -m covid3d.data.phantom_writers`
+writes them (`--out DIR`) or the example figure (`--png FILE`).
 """
 
-import argparse
 import dataclasses
 
 import numpy as np
@@ -519,24 +518,3 @@ def plot_classes(path, seed=0, size=192, n_slices=80):
   fig.savefig(path, dpi=90)
   plt.close(fig)
 
-
-def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--png', help='write the example figure to this file')
-  parser.add_argument('--out', help='write the three datasets under this folder')
-  parser.add_argument('--seed', type=int, default=0)
-  parser.add_argument('--n', type=int, default=64, help='scans per dataset for --out')
-  args = parser.parse_args(argv)
-  if not (args.png or args.out):
-    parser.error('give --png and/or --out')
-  if args.png:
-    plot_classes(args.png, seed=args.seed)
-  if args.out:
-    from covid3d.data import phantom_writers  # imports this module
-    roots = phantom_writers.write_all(args.out, args.seed, args.n)
-    for name, root in roots.items():
-      print(f'{name}: {root}')
-
-
-if __name__ == '__main__':
-  main()

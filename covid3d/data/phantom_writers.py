@@ -15,8 +15,12 @@ Every writer returns one record (dict) per scan with its ground truth, and
 `write_all` also stores them in `phantom_manifest.json`. Geometry: the phantom
 arrays are LPS with an identity direction (`covid3d.data.phantom`); the MHA
 files keep that, the NIfTI affines are its RAS form, diag(-sx, -sy, sz).
+
+`python -m covid3d.data.phantom_writers` writes the three datasets (`--out DIR`)
+or the phantom's example figure (`--png FILE`, `phantom.plot_classes`).
 """
 
+import argparse
 import concurrent.futures
 import csv
 import json
@@ -325,3 +329,25 @@ def write_all(root, seed, n_per_dataset, *, workers=1, **kwargs):
     json.dump({'seed': seed, 'roots': {k: str(v) for k, v in roots.items()},
                'scans': manifest}, f, indent=1)
   return roots
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(prog='python -m covid3d.data.phantom_writers',
+                                   description=__doc__.split('\n')[0])
+  parser.add_argument('--png', help='write the example figure to this file')
+  parser.add_argument('--out', help='write the three datasets under this folder')
+  parser.add_argument('--seed', type=int, default=0)
+  parser.add_argument('--n', type=int, default=64, help='scans per dataset for --out')
+  args = parser.parse_args(argv)
+  if not (args.png or args.out):
+    parser.error('give --png and/or --out')
+  if args.png:
+    phantom.plot_classes(args.png, seed=args.seed)
+  if args.out:
+    roots = write_all(args.out, args.seed, args.n)
+    for name, root in roots.items():
+      print(f'{name}: {root}')
+
+
+if __name__ == '__main__':
+  main()

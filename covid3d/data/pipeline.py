@@ -1,4 +1,4 @@
-"""grain input pipeline: records -> per-host numpy batches -> global jax arrays.
+"""grain input pipeline: records -> this process's numpy batches.
 
 Flow (see docs/pipeline.md):
 
@@ -11,29 +11,25 @@ Flow (see docs/pipeline.md):
        eval:  in order, padded with -1 to a multiple of G
     -> host slice: process p keeps positions [p*b, (p+1)*b) of each global
        batch, b = G / process_count
-    -> load + convert the b records (threads / worker processes, prefetched)
-    -> jax.make_array_from_process_local_data on a Mesh(('data',))
+    -> load + convert the b records (reader threads, prefetched)
 
-Every process runs the same index pipeline from the same seed, so the global
-batches do not depend on the number of processes, and the iterator state (the
-index of the next global batch) is a small JSON dict.
+The training code makes global jax arrays of these host batches
+(`covid3d.train.steps.shard_batch`). Every process runs the same index
+pipeline from the same seed, so the global batches do not depend on the
+number of processes, and the iterator state (the index of the next global
+batch) is a small JSON dict.
 """
 import dataclasses
-import json
 import os
 from collections.abc import Collection, Mapping, Sequence
-from typing import Any
 
-from absl import flags
 import grain
-import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import tensorflow_datasets as tfds
 
 from covid3d.data import cache
 from covid3d.data import preprocess
-from covid3d.data import records as records_lib
+from covid3d.data import schema
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,9 +37,8 @@ class RecordSource:
   """Random-access records plus their cheap per-record index.
 
   Attributes:
-    records: sequence of record dicts (`len`, `[i]`); picklable so worker
-      processes can read it.
-    index: one `records.index_entry` dict per record, same order.
+    records: sequence of record dicts (`len`, `[i]`).
+    index: one `schema.index_entry` dict per record, same order.
     name: where the records come from, for error messages.
   """
   records: Sequence[Mapping]
@@ -110,7 +105,7 @@ def file_source(paths: Sequence[str]) -> RecordSource:
     raise ValueError(f'{missing[0]} (and {len(missing) - 1} more) not listed '
                      f'in the {cache.INDEX_FILE} of its folder')
   index = tuple({'scan_id': rows[p]['scan_id'],
-                 **{k: rows[p][k] for k in records_lib.INT_FIELDS}}
+                 **{k: rows[p][k] for k in schema.INT_FIELDS}}
                 for p in paths)
   return RecordSource(RecordFiles(paths), index, f'{len(paths)} record files')
 
@@ -133,8 +128,8 @@ def select_records(source: RecordSource, *, label: str | None = None,
   Raises:
     ValueError: for an unknown label name, or a scan missing from `fold_of`.
   """
-  if label is not None and label not in records_lib.LABELS:
-    raise ValueError(f'label {label!r} not in {records_lib.LABELS}')
+  if label is not None and label not in schema.LABELS:
+    raise ValueError(f'label {label!r} not in {schema.LABELS}')
   if (folds is None) != (fold_of is None):
     raise ValueError('folds and fold_of go together')
   keep = []
@@ -176,7 +171,7 @@ class _LoadBatch:
   def __call__(self, indices: np.ndarray) -> dict[str, np.ndarray]:
     names = [f for _, f in self.fields]
     elems = [self.padding if i < 0 else
-             records_lib.to_numpy(self.records[i], names)
+             schema.to_numpy(self.records[i], names)
              for i in indices.tolist()]
     batch = {key: np.stack([e[f] for e in elems]) for key, f in self.fields}
     batch['valid'] = indices >= 0
@@ -187,8 +182,8 @@ class _LoadBatch:
 def _padding_element(source: RecordSource, index: int,
                      fields: Sequence[str]) -> dict[str, np.ndarray]:
   """Zeros shaped like record `index`, labels -1."""
-  example = records_lib.to_numpy(source.records[index], fields)
-  return {k: np.full_like(v, -1 if k in records_lib.LABELS else 0)
+  example = schema.to_numpy(source.records[index], fields)
+  return {k: np.full_like(v, -1 if k in schema.LABELS else 0)
           for k, v in example.items()}
 
 
@@ -207,8 +202,7 @@ def host_dataset(source: RecordSource, indices: np.ndarray, *,
                  fields: Sequence[str] | Mapping[str, str], train: bool,
                  seed: int = 0, num_epochs: int | None = None,
                  process_index: int = 0, process_count: int = 1,
-                 threads: int = 4, prefetch: int = 4, workers: int = 0
-                 ) -> grain.IterDataset:
+                 threads: int = 4, prefetch: int = 4) -> grain.IterDataset:
   """This process's numpy batches of the selected records.
 
   Args:
@@ -227,7 +221,6 @@ def host_dataset(source: RecordSource, indices: np.ndarray, *,
     process_index, process_count: this process and the number of processes.
     threads, prefetch: grain reader threads and prefetched batches per
       process (host memory holds about `prefetch` batches).
-    workers: grain worker processes (0: read in this process).
 
   Returns:
     IterDataset of dicts: each field stacked to (b, ...) with b = G /
@@ -263,102 +256,6 @@ def host_dataset(source: RecordSource, indices: np.ndarray, *,
   start = process_index * per_host
   ds = ds.map(_HostSlice(start, start + per_host))
   ds = ds.map(_LoadBatch(source.records, pairs, padding))
-  it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads,
-                                               prefetch_buffer_size=prefetch))
-  if workers:
-    # grain's worker start-up reads an absl flag; outside an absl app (tests,
-    # notebooks) flags are unparsed, so take their defaults.
-    if not flags.FLAGS.is_parsed():
-      flags.FLAGS.mark_as_parsed()
-    it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=workers, per_worker_buffer_size=1))
-  return it_ds
+  return ds.to_iter_dataset(grain.ReadOptions(num_threads=threads,
+                                              prefetch_buffer_size=prefetch))
 
-
-def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """1-D mesh over all devices with axis 'data' (Auto axis, for shard_map)."""
-  return Mesh(np.array(jax.devices() if devices is None else devices),
-              ('data',))
-
-
-def data_sharding(mesh: Mesh) -> NamedSharding:
-  """Batch axis split over the mesh's 'data' axis."""
-  return NamedSharding(mesh, P('data'))
-
-
-class GlobalBatchIterator:
-  """Turns the host batches of a grain IterDataset into global jax arrays.
-
-  Each `next()` returns the same keys as the host batches, every array of
-  shape (G, ...) sharded over the mesh's 'data' axis; process p contributes
-  its b rows on its local devices.
-  """
-
-  def __init__(self, dataset: grain.IterDataset, mesh: Mesh):
-    self._iter = iter(dataset)
-    self.sharding = data_sharding(mesh)
-
-  def __iter__(self):
-    return self
-
-  def __next__(self) -> dict[str, jax.Array]:
-    host = next(self._iter)
-    return {k: jax.make_array_from_process_local_data(self.sharding, v)
-            for k, v in host.items()}
-
-  def get_state(self) -> dict[str, Any]:
-    """grain iterator state (JSON-serialisable dict)."""
-    return self._iter.get_state()
-
-  def set_state(self, state: dict[str, Any]) -> None:
-    self._iter.set_state(state)
-
-  def state_bytes(self) -> bytes:
-    """The state as UTF-8 JSON, to store with a training checkpoint."""
-    return json.dumps(self.get_state()).encode('utf-8')
-
-  def restore_bytes(self, data: bytes) -> None:
-    """Continues exactly where the iterator that wrote `data` stood."""
-    self.set_state(json.loads(data.decode('utf-8')))
-
-  def close(self) -> None:
-    """Stops grain worker processes and threads."""
-    self._iter.close()
-
-
-def make_iterator(source: RecordSource, indices: np.ndarray, *,
-                  global_batch_size: int,
-                  fields: Sequence[str] | Mapping[str, str], train: bool,
-                  seed: int = 0, num_epochs: int | None = None,
-                  mesh: Mesh | None = None, threads: int = 4,
-                  prefetch: int = 4, workers: int = 0) -> GlobalBatchIterator:
-  """The whole pipeline for this process (see `host_dataset` for arguments).
-
-  Args:
-    mesh: mesh with a 'data' axis (default `make_mesh()`); the per-process
-      batch must split evenly over this process's devices.
-
-  Returns:
-    An iterator of dicts of global jax arrays with leading axis G.
-  """
-  mesh = make_mesh() if mesh is None else mesh
-  count = jax.process_count()
-  local = len(mesh.local_devices)
-  if global_batch_size % count or (global_batch_size // count) % local:
-    raise ValueError(
-        f'global_batch_size={global_batch_size} must split over {count} '
-        f'processes x {local} local devices')
-  dataset = host_dataset(
-      source, indices, global_batch_size=global_batch_size, fields=fields,
-      train=train, seed=seed, num_epochs=num_epochs,
-      process_index=jax.process_index(), process_count=count,
-      threads=threads, prefetch=prefetch, workers=workers)
-  return GlobalBatchIterator(dataset, mesh)
-
-
-def steps_per_epoch(num_records: int, global_batch_size: int,
-                    train: bool) -> int:
-  """Global batches per epoch: floor (train, remainder dropped) or ceil."""
-  if train:
-    return num_records // global_batch_size
-  return -(-num_records // global_batch_size)

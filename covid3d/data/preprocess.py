@@ -1,6 +1,6 @@
 """Preprocessing: resample scans to cubes, cache them, read them back.
 
-`preprocess_scan` turns a Scan into a *record* (`covid3d.data.records`): the
+`preprocess_scan` turns a Scan into a *record* (`covid3d.data.schema`): the
 volume resampled anisotropically straight to each cube size s (as the authors
 do: no spacing used) with a cubic spline (order 3), clipped back to [0, 1]
 after the spline's overshoot and stored as float16; the mask (if any) resampled
@@ -29,7 +29,7 @@ import scipy.sparse
 
 from covid3d.data import cache
 from covid3d.data import readers
-from covid3d.data import records as records_lib
+from covid3d.data import schema
 from covid3d.data.read_common import unique_ids
 from covid3d.data.skips import SkipLog, reject
 
@@ -113,7 +113,7 @@ def settings(sizes) -> dict:
 
 
 def preprocess_scan(scan, sizes=DEFAULT_SIZES) -> dict:
-  """A Scan -> its record (module doc; fields in `covid3d.data.records`).
+  """A Scan -> its record (module doc; fields in `covid3d.data.schema`).
 
   Args:
     scan: a Scan (float32 (D, H, W) volume in [0, 1], optional uint8 mask).
@@ -128,8 +128,8 @@ def preprocess_scan(scan, sizes=DEFAULT_SIZES) -> dict:
   for s in sizes:
     volume = resample(scan.volume, (s, s, s), order=3)
     np.clip(volume, 0.0, 1.0, out=volume)
-    record[records_lib.volume_key(s)] = volume.astype(np.float16)
-    record[records_lib.mask_key(s)] = (
+    record[schema.volume_key(s)] = volume.astype(np.float16)
+    record[schema.mask_key(s)] = (
         resample(scan.mask, (s, s, s), order=0).astype(np.uint8) if scan.mask is not None
         else np.zeros((s, s, s), np.uint8))
   record['has_mask'] = np.int32(scan.mask is not None)
@@ -144,7 +144,7 @@ def read_record(path) -> dict:
   record['scan_id'] = str(record['scan_id'])
   for k in [k for k in record if k.startswith('volume_')]:
     s = record[k].shape[0]
-    record.setdefault(records_lib.mask_key(s), np.zeros((s, s, s), np.uint8))
+    record.setdefault(schema.mask_key(s), np.zeros((s, s, s), np.uint8))
   return record
 
 

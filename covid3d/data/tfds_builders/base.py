@@ -15,7 +15,7 @@ from covid3d.data import preprocess
 from covid3d.data import read_cov19ctdb
 from covid3d.data import read_lesions
 from covid3d.data import readers
-from covid3d.data import records as records_lib
+from covid3d.data import schema
 from covid3d.data.skips import SkipLog
 
 FILE_FORMAT = 'array_record'
@@ -126,7 +126,7 @@ class ScanRecordBuilder(tfds.core.GeneratorBasedBuilder,
     return tfds.core.DatasetInfo(
         builder=self,
         description=self.DESCRIPTION,
-        features=records_lib.tfds_features(self.builder_config.sizes),
+        features=schema.tfds_features(self.builder_config.sizes),
         homepage=self.HOMEPAGE,
         metadata=tfds.core.MetadataDict(),
         # Records are written in key (= scan-id rank) order, so the index in
@@ -158,6 +158,6 @@ class ScanRecordBuilder(tfds.core.GeneratorBasedBuilder,
                        f'scans could be read; {skips.summary()}')
     index = self.info.metadata[split] = []
     for key, path in enumerate(paths):
-      record = records_lib.select_fields(preprocess.read_record(path), sizes)
-      index.append(records_lib.index_entry(record))
+      record = schema.select_fields(preprocess.read_record(path), sizes)
+      index.append(schema.index_entry(record))
       yield key, record

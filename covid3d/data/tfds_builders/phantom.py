@@ -38,7 +38,7 @@ class Phantom(base.ScanRecordBuilder):
   MANUAL_DOWNLOAD_INSTRUCTIONS = """
   Nothing to download: the phantom is written into the manual dir (default
   <data_dir>/downloads/manual) when that is missing or empty. To use another
-  phantom set, write it with `python -m covid3d.data.phantom --out DIR --n N`
+  phantom set, write it with `python -m covid3d.data.phantom_writers --out DIR --n N`
   and pass --manual_dir DIR.
   """
 

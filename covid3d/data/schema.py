@@ -1,4 +1,4 @@
-"""The preprocessed scan *record*: its fields, TFDS features and numpy view.
+"""The schema of a preprocessed scan *record*: its fields, TFDS features and numpy view.
 
 A record (made by `covid3d.data.preprocess.preprocess_scan`) is a dict:
 
