@@ -7,5 +7,5 @@ from covid3d import config as base
 
 
 def get_config(arg=None):
-  # 70 epochs over the 1992 training scans of the 2nd challenge (REFERENCE.md).
+  # 70 epochs over the 1992 training scans of the 2nd challenge (docs/method.md).
   return base.finetune_config("detection", arg, epochs=70, labelled_scans=1992)

@@ -1,4 +1,4 @@
-"""Stage 5b (multitask): STOIC severity + segmentation pseudo-labels, from the inflated 2-D weights.
+"""Stage 5 (multitask): STOIC severity + segmentation pseudo-labels, from the inflated 2-D weights.
 
   python -m covid3d.main --config=configs/multitask.py --workdir=R/multitask \
       --config.init_from=R/pretrain2d --config.pseudo_labels=R/pseudolabel

@@ -12,8 +12,7 @@ def get_config(arg=None):
   c.pretrain2d.image_size = 224       # ImageNet images resized to this square, pixels
   c.pretrain2d.max_examples = 0       # use only the first N training images (0: all)
   c.augment.crop.p = 0.0              # 2-D training uses no volume augmentation
-  c.train.augment = False
-  # The official ConvNeXt recipe the authors followed (REFERENCE.md), at batch 4096.
+  # The official ConvNeXt recipe the authors followed (docs/method.md), at batch 4096.
   c.train.learning_rate = 4e-3
   c.train.weight_decay = 0.05
   c.train.schedule = "cosine"

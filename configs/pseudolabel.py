@@ -1,4 +1,4 @@
-"""Stage 4: the segmentation teacher labels COV19-CT-DB and STOIC (masks + NIfTI).
+"""Stage 3: the segmentation teacher labels COV19-CT-DB and STOIC (masks + NIfTI).
 
   python -m covid3d.main --config=configs/pseudolabel.py --workdir=R/pseudolabel \
       --config.init_from=R/segmentation --config.data.cov19ctdb_dir=... --config.data.stoic_dir=...

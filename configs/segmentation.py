@@ -1,4 +1,4 @@
-"""Stage 3: lesion segmentation on COVID-19-20, from the inflated 2-D weights.
+"""Stage 2: lesion segmentation on COVID-19-20, from the inflated 2-D weights.
 
   python -m covid3d.main --config=configs/segmentation.py --workdir=R/segmentation \
       --config.init_from=R/pretrain2d --config.data.lesions_dir=/data/covid19-20

@@ -1,4 +1,4 @@
-"""Stage 5a (segmia): segmentation on COV19-CT-DB pseudo-labels, from the inflated 2-D weights.
+"""Stage 4 (segmia): segmentation on COV19-CT-DB pseudo-labels, from the inflated 2-D weights.
 
   python -m covid3d.main --config=configs/segmia.py --workdir=R/segmia \
       --config.init_from=R/pretrain2d --config.pseudo_labels=R/pseudolabel

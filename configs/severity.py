@@ -9,5 +9,5 @@ from covid3d import config as base
 
 
 def get_config(arg=None):
-  # 100 epochs over the 258 labelled training scans (REFERENCE.md).
+  # 100 epochs over the 258 labelled training scans (docs/method.md).
   return base.finetune_config("severity", arg, epochs=100, labelled_scans=258)

@@ -42,7 +42,8 @@ from covid3d.augment_ops import (ELASTIC_METHODS, _QUARTER_PLANES, elastic_displ
                                  gaussian_filter, quarter_turns_matrix,
                                  rot90, rotation_matrix, sample, warp)
 
-__all__ = ["default_config", "draw", "augment", "augment_batch", "gaussian_filter", "warp",
+__all__ = ["default_config", "draw", "augment", "augment_batch", "augment_example",
+           "gaussian_filter", "warp",
            "elastic_displacement", "rot90", "code_truncate"]
 
 ELASTIC_UNITS = ("code", "voxels", "max")
@@ -351,6 +352,24 @@ def augment(key: jax.Array, volume: jax.Array, mask: Optional[jax.Array],
   if n.clip is not None:
     vol = jnp.clip(vol, n.clip[0], n.clip[1])
   return vol, msk
+
+
+def augment_example(key: jax.Array, example: dict, config: ml_collections.ConfigDict) -> dict:
+  """:func:`augment` of one example of a training batch: the train step's ``augment_fn``.
+
+  ``example["image"]`` ``(D, H, W, 1)`` float32 and, when present,
+  ``example["mask"]`` ``(D, H, W, 1)`` are transformed together;
+  ``image_large``/``mask_large`` (the crop source, same layout) are consumed
+  and dropped; every other entry passes through unchanged.
+  """
+  channel = lambda name: example[name][..., 0] if name in example else None  # noqa: E731
+  volume, mask = augment(key, channel("image"), channel("mask"), config,
+                         volume_large=channel("image_large"), mask_large=channel("mask_large"))
+  out = {k: v for k, v in example.items() if not k.endswith("_large")}
+  out["image"] = volume[..., None]
+  if mask is not None:
+    out["mask"] = mask[..., None]
+  return out
 
 
 def augment_batch(key: jax.Array, volumes: jax.Array, masks: Optional[jax.Array],

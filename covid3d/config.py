@@ -13,8 +13,8 @@ from covid3d.train import config as train_config
 
 def get_config(stage: str) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  # Which covid3d.stages module runs: pretrain2d, segmentation, pseudolabel,
-  # segmia, multitask, finetune, predict.
+  # Which stage runs (covid3d.stages.registry): pretrain2d, segmentation,
+  # pseudolabel, segmia, multitask, severity, detection, predict.
   c.stage = stage
   # Seeds the model initialisation and the phantom; train.seed seeds training.
   c.seed = 0
@@ -22,15 +22,15 @@ def get_config(stage: str) -> ml_collections.ConfigDict:
   # (its best EMA checkpoint; a 2-D one is inflated); or a 2-D ConvNeXt
   # checkpoint file (.pth, .safetensors, .npz), inflated for 3-D stages.
   c.init_from = "random"
-  # Persistent XLA compilation cache ('' = ~/.cache/covid3d/jax): folds and
-  # stages with the same step program compile once.
-  c.compilation_cache_dir = ""
+  # The cache root (covid3d.cachedir): XLA compilation cache, depthwise-backend
+  # choices, preprocessed records. '' = $COVID3D_CACHE_DIR, else ~/.cache/covid3d.
+  c.cache_dir = ""
   # Workdir of the pseudolabel stage whose masks segmia/multitask train on.
   c.pseudo_labels = ""
 
   c.model = ml_collections.ConfigDict()
   c.model.variant = "tiny"            # nano, tiny, small, base, large (covid3d.models.VARIANTS)
-  c.model.drop_path_rate = 0.1        # effective value in the authors' code (see REFERENCE)
+  c.model.drop_path_rate = 0.1        # the authors' effective value (docs/method.md)
   c.model.layer_scale_init = 1e-6
   c.model.head_hidden = 768           # authors' extra Linear+ReLU before each classifier; 0: official head
   c.model.dwconv_impl = "auto"        # xla, fft, shift or auto (measured per device and shape)
@@ -54,7 +54,6 @@ def get_config(stage: str) -> ml_collections.ConfigDict:
   c.data.lesions_dir = ""             # COVID-19-20 lesion set root (*_ct.nii.gz, *_seg.nii.gz)
   c.data.stoic_dir = ""               # STOIC root (data/mha/, metadata/reference.csv)
   c.data.imagenet_dir = ""            # TFDS manual dir of imagenet2012 (pretrain2d)
-  c.data.cache_dir = ""               # preprocessed-record cache; default <workdir>/../cache
   c.data.sizes = (256, 224)           # cached cube edges: (crop source, model input)
   c.data.workers = 0                  # preprocessing processes (0: all cores)
   c.data.loader_threads = 4           # grain reader threads per host
@@ -84,18 +83,19 @@ def pretraining_config(stage: str, arg, num_steps: int, eval_every: int) -> ml_c
   c.train.weight_decay = 0.0
   c.train.clip_norm = 5.0
   c.train.ema_decay = 0.99
-  c.train.best_metric = "dice"
+  c.train.best_metric = "dice"       # the EMA validation Dice picks the checkpoint handed on
   c.train.num_steps = num_steps
   c.train.eval_every = eval_every
   c.train.checkpoint_every = eval_every
   return finalize(c, arg)
 
 
-def finetune_config(task: str, arg, epochs: int, labelled_scans: int) -> ml_collections.ConfigDict:
-  """Severity or detection fine-tuning (the challenge recipe), ``epochs`` over 4/5 of the scans."""
-  c = get_config("finetune")
-  c.finetune = ml_collections.ConfigDict()
-  c.finetune.task = task              # severity (4 classes) or detection (2 classes)
+def finetune_config(target: str, arg, epochs: int, labelled_scans: int) -> ml_collections.ConfigDict:
+  """Fine-tuning for ``target`` (the challenge recipe), ``epochs`` over 4/5 of the scans.
+
+  ``target`` is the stage: 'severity' (4 classes) or 'detection' (2 classes).
+  """
+  c = get_config(target)
   c.predict = ml_collections.ConfigDict()
   c.predict.folds = ()                # fold models in the ensemble; (): all, (4,): the code's fold 5
   c.predict.partitions = ("validation", "test")

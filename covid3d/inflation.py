@@ -5,8 +5,11 @@ By default the new axis is depth (axis 0), so the 2-D filters lie in the axial
 (H, W) plane they were trained on. ``new_axis=2`` is the authors' code, which
 appends the new axis last and so lays the 2-D filter in the (D, H) plane.
 
-Modes (``g`` is a Gaussian profile along an axis, centred, sigma = (size//2)/4
-as in the authors' code; the paper writes N(d, D/2, D/8)):
+Modes (``g`` is a Gaussian profile along an axis, centred at (size-1)/2, sigma
+= (size//2)/4; the paper writes N(d, D/2, D/8). For the odd 7-tap depthwise
+kernels this is the authors' profile; for the even stem (4) and downsampling
+(2) kernels their code differs: mean at size//2, and no Gaussian at all below
+3 taps; docs/method.md):
 
 * ``full``: the 2-D kernel repeated along the new axis (I3D).
 * ``1g``:   the 2-D kernel times ``g`` along the new axis.

@@ -106,12 +106,11 @@ def segmentation_loss(logits, mask, valid=None, per_example=False):
   authors' code) and ``bce`` the mean binary cross entropy over the counted
   voxels.
 
-  Dice pooling: by default (``per_example=False``) the sums run over all
-  counted voxels of the whole batch at once, as the authors' code does (it
-  flattens the batch). This is the more stable choice when many examples have
-  no lesion, but inside ``shard_map`` it pools one device's shard only.
-  ``per_example=True`` computes one Dice per example and averages over the
-  valid examples, which does not depend on how the batch is split.
+  Dice pooling: ``per_example=True`` computes one Dice per example and
+  averages over the valid examples, as the authors' code does; it does not
+  depend on how the batch is split over devices. ``per_example=False`` (the
+  default here) pools the sums over all counted voxels of the batch at once,
+  which inside ``shard_map`` pools one device's shard only.
 
   Args:
     logits: ``(B, ...)`` float lesion logits, e.g. ``(B, D, H, W, 1)``.

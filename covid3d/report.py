@@ -17,7 +17,7 @@ def collect(root) -> list[dict]:
   for cv_path in sorted(Path(root).glob("*/cv.json")):
     cv = json.loads(cv_path.read_text())
     folds = [f["macro_f1"] for f in cv["folds"]]
-    row = {"run": cv_path.parent.name, "task": cv["task"], "init_from": cv["init_from"],
+    row = {"run": cv_path.parent.name, "target": cv["target"], "init_from": cv["init_from"],
            "folds": folds, "cv_macro_f1": float(np.mean(folds)), "cv_std": float(np.std(folds)),
            "f1_per_class": cv["mean_f1_per_class"]}
     val = cv_path.parent / "metrics_validation.json"

@@ -36,7 +36,9 @@ NAMINGS = {
         head_norm="head.norm", pre_head="head.pre_logits.fc", fc="head.fc"),
 }
 STEM_PATCH, DOWN_PATCH, DW_KERNEL = 4, 2, 7
-TORCH_SUFFIXES = {".pth", ".pt", ".bin", ".ckpt"}
+TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
+# Every file type read_state_dict reads (what ``config.init_from`` accepts as a checkpoint file).
+CHECKPOINT_SUFFIXES = TORCH_SUFFIXES + (".safetensors", ".npz")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,7 +164,7 @@ def read_state_dict(source) -> Dict[str, np.ndarray]:
             f"file, load it yourself with torch.load and pass its state dict") from e
     else:
       raise ValueError(f"{path!r}: unknown checkpoint type {suffix!r}; expected one of "
-                       f"{sorted(TORCH_SUFFIXES | {'.safetensors', '.npz'})}")
+                       f"{list(CHECKPOINT_SUFFIXES)}")
   if not isinstance(state, Mapping):
     raise ValueError(f"{where} holds a {type(state).__name__}, not a state dict")
   state = _unwrap(state)

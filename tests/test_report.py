@@ -9,7 +9,7 @@ from covid3d import report
 def _write_run(root, name, folds, classes=("mild", "moderate", "severe", "critical")):
   run = root / name
   run.mkdir()
-  cv = {"task": "severity", "init_from": f"/x/{name}",
+  cv = {"target": "severity", "init_from": f"/x/{name}",
         "folds": [{"fold": k, "macro_f1": f} for k, f in enumerate(folds)],
         "mean_f1_per_class": {c: 0.5 for c in classes}}
   (run / "cv.json").write_text(json.dumps(cv))

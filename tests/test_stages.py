@@ -1,6 +1,7 @@
 """The pipeline end to end on a small phantom (one or two steps per stage), and bad hand-offs."""
 import importlib.util
 import json
+import shutil
 from pathlib import Path
 
 import jax
@@ -8,8 +9,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from covid3d import stages
-from covid3d.stages.common import HandOffError
+from covid3d.stages import registry
+from covid3d.stages.handoff import HandOffError
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -58,7 +59,7 @@ def tiny(name, root, **overrides):
 
 
 def run(name, root, workdir, **overrides):
-  stages.run(tiny(name, root, **overrides), str(root / workdir))
+  registry.run(tiny(name, root, **overrides), str(root / workdir))
   return root / workdir
 
 
@@ -119,7 +120,7 @@ def test_missing_checkpoint_names_the_producing_command(root, tmp_path):
   with pytest.raises(HandOffError, match="run that stage first"):
     run("segmentation", root, "seg_bad", init_from=str(tmp_path))
   (tmp_path / "checkpoints").mkdir()
-  with pytest.raises(HandOffError, match="no config.json"):
+  with pytest.raises(HandOffError, match="holds no finished checkpoint"):
     run("segmentation", root, "seg_bad", init_from=str(tmp_path))
   with pytest.raises(HandOffError, match="neither 'random', a workdir nor a checkpoint"):
     run("segmentation", root, "seg_bad", init_from=str(tmp_path / "nothing"))
@@ -136,7 +137,11 @@ def test_wrong_variant_is_a_clear_error(chain):
   assert "stage0/block2" in str(err.value) or "shape" in str(err.value)
 
 
-def test_wrong_number_of_classes_is_a_clear_error(chain):
-  with pytest.raises(HandOffError, match="finetune.task='detection'"):
-    run("predict", chain, "predict_bad", init_from=str(chain / "severity"),
-        **{"finetune.task": "detection"})
+def test_wrong_number_of_classes_is_a_clear_error(chain, tmp_path):
+  # A severity workdir (4-class folds) that says it ran the detection stage (2 classes).
+  relabelled = tmp_path / "severity_as_detection"
+  shutil.copytree(chain / "severity", relabelled)
+  config = json.loads((relabelled / "config.json").read_text())
+  (relabelled / "config.json").write_text(json.dumps(dict(config, stage="detection")))
+  with pytest.raises(HandOffError, match=r"detection, 2 classes"):
+    run("predict", chain, "predict_bad", init_from=str(relabelled))

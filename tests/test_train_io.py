@@ -96,6 +96,31 @@ def test_checkpointer_keeps_latest_and_best(tmp_path):
   reopened.close()
 
 
+def test_a_reader_picks_the_best_checkpoint_by_the_metric_its_run_recorded(tmp_path):
+  ckpt = checkpoint.Checkpointer(str(tmp_path), keep=1, best_metric='dice')
+  for step, dice, f1 in ((1, 0.2, 0.9), (2, 0.8, 0.1), (3, 0.5, 0.5)):
+    ckpt.save(step, {'w': jnp.full((2,), float(step))}, {}, train.default_config(),
+              {'dice': dice, 'macro_f1': f1})
+  ckpt.wait()
+  ckpt.close()
+  reader = checkpoint.Checkpointer.open(str(tmp_path))
+  assert reader.best_metric == 'dice' and reader.best_step() == 2 and reader.latest_step() == 3
+  reader.close()
+  unrecorded = tmp_path / 'imported'
+  ckpt = checkpoint.Checkpointer(str(unrecorded), keep=1, best_metric=None)
+  ckpt.save(0, {'w': jnp.ones(2)}, {}, train.default_config())
+  ckpt.wait()
+  ckpt.close()
+  reader = checkpoint.Checkpointer.open(str(unrecorded))
+  assert reader.best_step() is None and reader.latest_step() == 0
+  reader.close()
+
+
+def test_itstime():
+  assert [s for s in range(1, 11) if train.itstime(s, 4, 10)] == [4, 8, 10]
+  assert [s for s in range(1, 11) if train.itstime(s, 0, 10)] == [10]
+
+
 def test_checkpointer_takes_a_relative_directory(tmp_path, monkeypatch):
   """The README's demo passes ./covid3d_demo/...; Orbax itself wants absolute paths."""
   monkeypatch.chdir(tmp_path)

@@ -111,7 +111,7 @@ def _worker(args: dict):
   config.update(num_steps=args['num_steps'], batch_size=args['batch_size'],
                 eval_batch_size=args['batch_size'], micro_batches=args['micro_batches'],
                 checkpoint_every=args['checkpoint_every'], eval_every=args['eval_every'],
-                max_nonfinite_in_a_row=args['max_nonfinite'], augment=args['augment'],
+                max_nonfinite_in_a_row=args['max_nonfinite'],
                 seed=args['seed'], learning_rate=args['learning_rate'], eps=args['eps'], log_every=1,
                 progress_bar=False)
   if args['coordinator']:
@@ -135,7 +135,8 @@ def _worker(args: dict):
   summary = {}
   try:
     result = train.train_and_evaluate(config, args['workdir'], model, params, iterator, task,
-                                      eval_batches=eval_batches, augment_fn=flip_noise_augment)
+                                      eval_batches=eval_batches,
+                                      augment_fn=flip_noise_augment if args['augment'] else None)
     state = result['state']
     summary.update(step=result['step'], best_step=result['best_step'], eval=result['eval'],
                    nonfinite_total=result['nonfinite_total'])

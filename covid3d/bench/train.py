@@ -10,6 +10,7 @@ no-augmentation step in subprocesses with that many simulated CPU devices
 (``--xla_force_host_platform_device_count``) at the same per-device batch.
 """
 import argparse
+import functools
 import json
 import os
 import subprocess
@@ -83,7 +84,7 @@ def _measure(args, augment: bool) -> dict:
   if augment:
     aug_config = aug.default_config()
     aug_config.crop.p = 0.0
-    augment_fn = train.steps.volume_augment_fn(aug_config)
+    augment_fn = functools.partial(aug.augment_example, config=aug_config)
   task = train.classification_task(4, class_counts=[1, 1, 1, 1])
   step = train.make_train_step(train.flax_apply_fn(model), task.loss_fn, tx, mesh,
                                ema_decay=0.99, micro_batches=args.micro_batches,

@@ -12,8 +12,8 @@ cross-correlation with 'same' zero padding, exactly what
   of the input times one weight per channel: memory-bound multiply-adds.
 * ``auto``: times the other backends once per (device kind, shape, dtype) on
   the current device and uses the fastest. The decision is memoised in this
-  process and written to ``$COVID3D_CACHE_DIR/dwconv_auto.json`` (default
-  ``~/.cache/covid3d``) so later processes reuse the measurement.
+  process and written to ``dwconv_auto.json`` under the cache root
+  (``covid3d.cachedir``) so later processes reuse the measurement.
 """
 import functools
 import itertools
@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from covid3d import cachedir
 from covid3d.timing import median_seconds
 
 IMPLS = ("xla", "fft", "shift")
@@ -110,11 +111,6 @@ def depthwise_conv(x, kernel, bias=None, impl="xla"):
   return y
 
 
-def _cache_path():
-  root = os.environ.get("COVID3D_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "covid3d"))
-  return os.path.join(root, "dwconv_auto.json")
-
-
 def _cache_key(x_shape, k_shape, dtype):
   dev = jax.devices()[0]
   return f"{dev.platform}|{dev.device_kind}|{tuple(x_shape)}|{tuple(k_shape)}|{jnp.dtype(dtype).name}"
@@ -133,7 +129,7 @@ def time_impl(impl, x_shape, k_shape, dtype=jnp.float32, reps=3, grad=True):
 
 @functools.lru_cache(maxsize=None)
 def _choose_cached(key, x_shape, k_shape, dtype_name):
-  path = _cache_path()
+  path = cachedir.path("dwconv_auto.json")
   table = {}
   if os.path.exists(path):
     try:

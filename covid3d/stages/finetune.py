@@ -1,9 +1,10 @@
-"""Stage ``finetune``: severity (4 classes) or detection (2 classes), k-fold CV.
+"""Stages ``severity`` and ``detection``: fine-tuning with k-fold cross-validation.
 
 One model per fold, each trained on the other folds of the COV19-CT-DB
 training partition and evaluated (EMA weights) on its own fold; a fold whose
 ``fold<k>/DONE`` exists is skipped on rerun. Then the fold ensemble predicts
-the validation and test partitions (``covid3d.stages.predict``).
+the validation and test partitions (``covid3d.stages.predict``). The target
+(record label and class names) is ``handoff.TARGETS[config.stage]``.
 
 Writes ``folds.csv``, ``fold<k>/`` (checkpoints, metrics), ``cv.json``
 (per-fold and mean macro F1 and per-class F1 of each fold's best EMA
@@ -18,18 +19,9 @@ from etils import epath
 from covid3d import losses
 from covid3d.data import folds as folds_lib
 from covid3d.data import pipeline
-from covid3d.stages import common, fit, predict
+from covid3d.models import build
+from covid3d.stages import fit, handoff, inputs, predict
 from covid3d.train import tasks
-
-# task -> (record label, class names in label order)
-TASKS = {"severity": ("severity", ("mild", "moderate", "severe", "critical")),
-         "detection": ("covid", ("non-covid", "covid"))}
-
-
-def task_spec(config):
-  if config.finetune.task not in TASKS:
-    raise ValueError(f"finetune.task={config.finetune.task!r} is not one of {sorted(TASKS)}")
-  return TASKS[config.finetune.task]
 
 
 def best_eval(workdir, metric="macro_f1") -> dict:
@@ -38,7 +30,7 @@ def best_eval(workdir, metric="macro_f1") -> dict:
           if line.strip()]
   evals = [r for r in rows if r.get("split") == "eval"]
   if not evals:
-    raise common.HandOffError(f"{workdir}/metrics.jsonl has no evaluation")
+    raise handoff.HandOffError(f"{workdir}/metrics.jsonl has no evaluation")
   return max(evals, key=lambda r: (r[metric], -r["step"]))
 
 
@@ -60,8 +52,8 @@ def train_fold(config, workdir, source, fold_of, fold, label, num_classes):
   if config.loss.balanced and np.any(counts == 0):
     raise ValueError(f"fold {fold}: class counts {counts.tolist()} of its training folds include "
                      "zero; balanced CE needs every class (use fewer folds or more data)")
-  model = common.make_model(config, {label: num_classes}, segmentation=False)
-  fields = common.batch_fields(config, label=label)
+  model = build.make_model(config, {label: num_classes}, segmentation=False)
+  fields = inputs.batch_fields(config, label=label)
   if config.loss.balanced:
     # The fold's class weights travel with the batches, so all folds share one program.
     task = tasks.classification_task(num_classes, label_key="label", weights_key="class_weights")
@@ -72,29 +64,29 @@ def train_fold(config, workdir, source, fold_of, fold, label, num_classes):
           train_iter_wrapper=wrapper)
   best = best_eval(workdir)
   summary = {"fold": fold, "train_counts": counts.tolist(), "n_val": len(val_idx), **best}
-  common.mark_done(workdir, summary)
+  handoff.mark_done(workdir, summary)
   return summary
 
 
 def run(config, workdir):
-  label, names = task_spec(config)
-  source = common.records(config, workdir, "cov19ctdb", ("train",))
+  label, names = handoff.target(config.stage)
+  source = inputs.record_source(config, workdir, "cov19ctdb", ("train",))
   fold_of = fold_table(config, workdir, source, label)
   summaries = []
   for fold in range(config.data.folds):
     fold_dir = epath.Path(workdir) / f"fold{fold}"
-    if (fold_dir / common.DONE).exists():
-      logging.info("fold %d already finished (%s): skipped", fold, fold_dir / common.DONE)
-      summaries.append(json.loads((fold_dir / common.DONE).read_text()))
+    if (fold_dir / handoff.DONE).exists():
+      logging.info("fold %d already finished (%s): skipped", fold, fold_dir / handoff.DONE)
+      summaries.append(json.loads((fold_dir / handoff.DONE).read_text()))
       continue
     logging.info("fold %d of %d", fold + 1, config.data.folds)
     summaries.append(train_fold(config, str(fold_dir), source, fold_of, fold, label, len(names)))
-  cv = {"task": config.finetune.task, "init_from": config.init_from, "folds": summaries,
+  cv = {"target": config.stage, "init_from": config.init_from, "folds": summaries,
         "mean_macro_f1": float(np.mean([s["macro_f1"] for s in summaries])),
         "mean_f1_per_class": {name: float(np.mean([s[f"f1_{k}"] for s in summaries]))
                               for k, name in enumerate(names)}}
   (epath.Path(workdir) / "cv.json").write_text(json.dumps(cv, indent=1))
   logging.info("CV macro F1 %.4f over %d folds", cv["mean_macro_f1"], len(summaries))
   outputs = predict.predict_finetuned(config, workdir)
-  common.mark_done(workdir, {"cv_macro_f1": cv["mean_macro_f1"], **outputs})
+  handoff.mark_done(workdir, {"cv_macro_f1": cv["mean_macro_f1"], **outputs})
   return cv

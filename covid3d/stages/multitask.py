@@ -2,12 +2,14 @@
 
 One backbone, a classification head ``stoic_severe`` (probSevere, counted for
 COVID-positive patients only, as the authors' code) and the segmentation head,
-losses weighted by ``config.loss.weights`` (1:1). Best checkpoint by EMA Dice.
+losses weighted by ``config.loss.weights`` (1:1). Best checkpoint by
+``train.best_metric`` (EMA Dice).
 """
 import jax.numpy as jnp
 
 from covid3d import losses
-from covid3d.stages import common, fit
+from covid3d.models import build
+from covid3d.stages import fit, handoff, inputs
 from covid3d.train import tasks
 
 HEAD = "stoic_severe"
@@ -43,17 +45,18 @@ def multitask_task(weights) -> tasks.Task:
     out.update(seg.summarize({k[4:]: v for k, v in sums.items() if k.startswith("seg_")}))
     return out
 
-  return tasks.Task(loss_fn, eval_fn, summarize, "dice", 2)
+  return tasks.Task(loss_fn, eval_fn, summarize, 2)
 
 
 def run(config, workdir):
-  source = common.records(config, workdir, "stoic")
-  source = common.with_pseudo_labels(source, config.pseudo_labels, "stoic")
-  model = common.make_model(config, {HEAD: 2}, segmentation=True)
-  train_idx, val_idx = common.holdout_split(source, config.data.val_fraction, config.data.fold_seed)
-  fields = dict(common.batch_fields(config, stoic_covid="stoic_covid", stoic_severe="stoic_severe"),
-                **common.mask_fields(config))
+  source = inputs.record_source(config, workdir, "stoic")
+  source = inputs.with_pseudo_labels(source, config.pseudo_labels, "stoic")
+  model = build.make_model(config, {HEAD: 2}, segmentation=True)
+  train_idx, val_idx = inputs.holdout_split(len(source.index), config.data.val_fraction,
+                                            config.data.fold_seed)
+  fields = dict(inputs.batch_fields(config, stoic_covid="stoic_covid", stoic_severe="stoic_severe"),
+                **inputs.mask_fields(config))
   result = fit.fit(config, workdir, model, source, train_idx, val_idx, fields,
-                   multitask_task(config.loss.weights), has_mask=True)
-  common.mark_done(workdir, {"best_step": result["best_step"], "eval": result["eval"]})
+                   multitask_task(config.loss.weights))
+  handoff.mark_done(workdir, {"best_step": result["best_step"], "eval": result["eval"]})
   return result

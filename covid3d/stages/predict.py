@@ -1,4 +1,4 @@
-"""Stage ``predict``: the fold ensemble of a finetune workdir on the COV19-CT-DB partitions.
+"""Stage ``predict``: the fold ensemble of a fine-tuning workdir on the COV19-CT-DB partitions.
 
 Ensemble = mean of the fold models' softmax (the paper's intent; the
 challenge code used only fold 5: ``--config.predict.folds=4,``). Writes, per
@@ -17,27 +17,28 @@ import numpy as np
 from etils import epath
 
 from covid3d import metrics
-from covid3d.stages import common
+from covid3d.models import build
+from covid3d.stages import handoff, inputs
 
 
 def fold_dirs(finetune_dir, folds):
   dirs = [epath.Path(finetune_dir) / f"fold{f}" for f in folds]
-  missing = [str(d) for d in dirs if not (d / common.DONE).exists()]
+  missing = [str(d) for d in dirs if not (d / handoff.DONE).exists()]
   if missing:
-    raise common.HandOffError(
-        f"unfinished folds {missing}: run the finetune stage first "
+    raise handoff.HandOffError(
+        f"unfinished folds {missing}: run the fine-tuning stage first "
         f"(python -m covid3d.main --config=configs/severity.py --workdir={finetune_dir})")
   return dirs
 
 
 def predict_probs(config, model, params_list, source, output):
   """``(scan_ids, (N, K) mean softmax)`` of the models in ``params_list`` over ``source``."""
-  apply_fn = common.normalized_apply(model, config)
-  forward = jax.jit(lambda p, x: jax.nn.softmax(apply_fn(p, x, True, None)[output], axis=-1))
+  apply_fn = build.apply_fn(model, config, output)
+  forward = jax.jit(lambda p, x: jax.nn.softmax(apply_fn(p, x, True, None), axis=-1))
   indices = np.arange(len(source.index))
-  fields = common.batch_fields(config, image_only=True)
+  fields = inputs.batch_fields(config, image_only=True)
   ids, probs = [], []
-  for batch in common.host_batches(source, indices, config.train.eval_batch_size, fields, config):
+  for batch in inputs.host_batches(source, indices, config.train.eval_batch_size, fields, config):
     p = np.mean([np.asarray(forward(params, jnp.asarray(batch["image"]))) for params in params_list],
                 axis=0)
     keep = np.asarray(batch["valid"])
@@ -75,25 +76,28 @@ def write_outputs(outdir, partition, ids, probs, names, labels=None):
 
 
 def predict_finetuned(config, finetune_dir, outdir=None):
-  """Ensemble predictions of ``finetune_dir``'s folds; returns the labelled partitions' macro F1."""
-  from covid3d.stages.finetune import task_spec  # pylint: disable=import-outside-toplevel
-  label, names = task_spec(config)
+  """Ensemble predictions of ``finetune_dir``'s folds; returns the labelled partitions' macro F1.
+
+  The target (severity or detection) is the stage ``finetune_dir`` ran.
+  """
+  stage = handoff.stage_info(finetune_dir).get("stage")
+  label, names = handoff.target(stage)
   outdir = outdir or finetune_dir
   folds = tuple(config.predict.folds) or tuple(range(config.data.folds))
-  params_list = [common.best_params(d) for d in fold_dirs(finetune_dir, folds)]
-  model = common.make_model(config, {label: len(names)}, segmentation=False)
-  like = common.init_params(model, config, min(config.data.sizes))
+  params_list = [handoff.best_params(d) for d in fold_dirs(finetune_dir, folds)]
+  model = build.make_model(config, {label: len(names)}, segmentation=False)
+  like = build.init_params(model, config, min(config.data.sizes))
   for fold, params in zip(folds, params_list):
-    common.check_fits(params, like, f"fold {fold} of {finetune_dir}",
-                      f"was it fine-tuned for finetune.task={config.finetune.task!r} "
-                      f"({len(names)} classes) with model.variant={config.model.variant!r}?")
+    handoff.check_fits(params, like, f"fold {fold} of {finetune_dir}",
+                       f"was it fine-tuned ({stage}, {len(names)} classes) with "
+                       f"model.variant={config.model.variant!r}?")
   summary = {"ensemble_folds": list(folds)}
   for partition in config.predict.partitions:
-    refs = common.list_refs(config, "cov19ctdb", (partition,))
+    refs = inputs.list_refs(config, "cov19ctdb", (partition,))
     if not refs:
       logging.info("partition %s has no scans: nothing to predict", partition)
       continue
-    source = common.records(config, outdir, "cov19ctdb", (partition,), refs=refs)
+    source = inputs.record_source(config, outdir, "cov19ctdb", (partition,), refs=refs)
     ids, probs = predict_probs(config, model, params_list, source, label)
     by_id = {e["scan_id"]: e[label] for e in source.index}
     result = write_outputs(outdir, partition, ids, probs, names,
@@ -107,7 +111,9 @@ def predict_finetuned(config, finetune_dir, outdir=None):
 
 def run(config, workdir):
   if not epath.Path(config.init_from).is_dir():
-    raise common.HandOffError(f"predict: init_from={config.init_from!r} must be a finetune workdir")
+    raise handoff.HandOffError(
+        f"predict: init_from={config.init_from!r} must be the workdir of a severity or "
+        "detection stage")
   summary = predict_finetuned(config, config.init_from, workdir)
-  common.mark_done(workdir, summary)
+  handoff.mark_done(workdir, summary)
   return summary

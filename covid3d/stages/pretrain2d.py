@@ -16,24 +16,17 @@ import numpy as np
 from etils import epath
 
 from covid3d import weights
-from covid3d.models import ConvNeXt, variant
-from covid3d.stages import common
+from covid3d.models import build
+from covid3d.stages import handoff, inputs
 from covid3d.train import checkpoint, loop, optim, state as state_lib, tasks
 from covid3d.train.iterators import ArrayIterator
 
 GRAY = np.array([0.299, 0.587, 0.114], np.float32)  # ITU-R 601 luma
 
 
-def make_model(config, num_classes):
-  m = config.model
-  return ConvNeXt(**variant(m.variant), spatial_dims=2, in_chans=1, num_classes=num_classes,
-                  drop_path_rate=m.drop_path_rate, layer_scale_init=m.layer_scale_init,
-                  head_hidden=m.head_hidden or None, dwconv_impl=m.dwconv_impl)
-
-
 def phantom_slices(config, workdir):
   """Axial slices of the middle half of each training scan: image (N, s, s, 1), label covid."""
-  source = common.records(config, workdir, "cov19ctdb", ("train",))
+  source = inputs.record_source(config, workdir, "cov19ctdb", ("train",))
   size = min(config.data.sizes)
   images, labels = [], []
   for i, entry in enumerate(source.index):
@@ -67,16 +60,16 @@ def import_checkpoint(config, workdir):
   params = weights.load_torch_convnext(config.init_from, spatial_dims=2)
   tx = optim.make_optimizer(config.train)
   state = state_lib.create_state(params, tx, config.train.seed)
-  ckpt = checkpoint.Checkpointer(str(epath.Path(workdir) / "checkpoints"), 1, "imported")
+  ckpt = checkpoint.Checkpointer(str(epath.Path(workdir) / "checkpoints"), 1, None)
   ckpt.save(0, state, {}, config)
   ckpt.wait()
   ckpt.close()
   logging.info("imported %s into %s", config.init_from, workdir)
-  common.mark_done(workdir, {"imported": config.init_from})
+  handoff.mark_done(workdir, {"imported": config.init_from})
 
 
 def run(config, workdir):
-  if config.init_from.endswith(common.CHECKPOINT_SUFFIXES):
+  if config.init_from.endswith(weights.CHECKPOINT_SUFFIXES):
     return import_checkpoint(config, workdir)
   if config.data.imagenet_dir:
     data = imagenet_arrays(config, "train", config.pretrain2d.max_examples or None)
@@ -85,16 +78,15 @@ def run(config, workdir):
     data = phantom_slices(config, workdir)
     num_classes = 2
   else:
-    raise common.HandOffError(
+    raise handoff.HandOffError(
         "pretrain2d needs --config.data.imagenet_dir=DIR (TFDS manual dir of imagenet2012), "
         "--config.init_from=<2-D ConvNeXt checkpoint>, or a ':demo' config (phantom slices)")
-  n_val = max(1, int(len(data["label"]) * config.data.val_fraction))
-  order = np.random.default_rng(config.data.fold_seed).permutation(len(data["label"]))
-  train = {k: v[order[n_val:]] for k, v in data.items()}
-  val = {k: v[order[:n_val]] for k, v in data.items()}
-  model = make_model(config, num_classes)
-  size = data["image"].shape[1]
-  params = jax.jit(model.init)(jax.random.key(config.seed), np.zeros((1, size, size, 1)))["params"]
+  train_idx, val_idx = inputs.holdout_split(len(data["label"]), config.data.val_fraction,
+                                            config.data.fold_seed)
+  train = {k: v[train_idx] for k, v in data.items()}
+  val = {k: v[val_idx] for k, v in data.items()}
+  model = build.make_convnext2d(config, num_classes)
+  params = build.init_params(model, config, data["image"].shape[1], spatial_dims=2)
   train_iter = ArrayIterator(train, config.train.batch_size, config.train.seed,
                              jax.process_index(), jax.process_count())
 
@@ -106,9 +98,9 @@ def run(config, workdir):
     n_batches = -(-len(val["label"]) // (count * b))
     return ({k: v[i * b:(i + 1) * b] for k, v in mine.items()} for i in range(n_batches))
 
-  apply_fn = common.normalized_apply(model, config)
   result = loop.train_and_evaluate(config.train, workdir, model, params, train_iter,
                                    tasks.classification_task(num_classes, label_key="label"),
-                                   eval_batches=eval_batches, apply_fn=apply_fn, stage_config=config)
-  common.mark_done(workdir, {"best_step": result["best_step"], "eval": result["eval"]})
+                                   eval_batches=eval_batches, apply_fn=build.apply_fn(model, config),
+                                   stage_config=config)
+  handoff.mark_done(workdir, {"best_step": result["best_step"], "eval": result["eval"]})
   return result

@@ -24,8 +24,9 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from covid3d.data import readers
+from covid3d.models import build
 from covid3d.models.ops import resize_linear
-from covid3d.stages import common
+from covid3d.stages import handoff, inputs
 
 DATASETS = (("cov19ctdb", ("train", "validation", "test")), ("stoic", ("train",)))
 
@@ -54,30 +55,30 @@ def sliding_window(forward, x, window: int, overlap: float):
 
 def teacher_params(config, model):
   """The segmentation workdir's EMA backbone + segmentation head, checked against ``model``."""
-  params = common.best_params(config.init_from)
+  params = handoff.best_params(config.init_from)
   if "seg_head" not in params:
-    raise common.HandOffError(f"{config.init_from} holds no segmentation head: init_from must be "
+    raise handoff.HandOffError(f"{config.init_from} holds no segmentation head: init_from must be "
                               "the workdir of the segmentation stage")
-  like = common.init_params(model, config, min(config.data.sizes))
+  like = build.init_params(model, config, min(config.data.sizes))
   chosen = {"backbone": params["backbone"], "seg_head": params["seg_head"]}
-  common.check_fits(chosen, like, f"segmentation weights of {config.init_from}",
-                    f"was {config.init_from} trained with config.model.variant={config.model.variant!r}?")
+  handoff.check_fits(chosen, like, f"segmentation weights of {config.init_from}",
+                     f"was {config.init_from} trained with config.model.variant={config.model.variant!r}?")
   return chosen
 
 
 def run(config, workdir):
   p = config.pseudolabel
   small, big = min(config.data.sizes), max(config.data.sizes)
-  model = common.make_model(config, {}, segmentation=True)
+  model = build.make_model(config, {}, segmentation=True)
   params = teacher_params(config, model)
-  apply_fn = common.normalized_apply(model, config)
-  prob = jax.jit(lambda x: jax.nn.sigmoid(apply_fn(params, x, True, None)["segmentation"]))
+  apply_fn = build.apply_fn(model, config, "segmentation")
+  prob = jax.jit(lambda x: jax.nn.sigmoid(apply_fn(params, x, True, None)))
   counts = {}
   for dataset, partitions in DATASETS:
     if dataset not in p.datasets:
       continue
-    refs = common.list_refs(config, dataset, partitions)
-    source = common.records(config, workdir, dataset, partitions, refs=refs)
+    refs = inputs.list_refs(config, dataset, partitions)
+    source = inputs.record_source(config, workdir, dataset, partitions, refs=refs)
     by_id = {r.scan_id: r for r in refs}
     mask_dir = epath.Path(workdir) / "masks" / dataset
     nifti_dir = epath.Path(workdir) / "nifti" / dataset
@@ -85,7 +86,7 @@ def run(config, workdir):
     nifti_dir.mkdir(parents=True, exist_ok=True)
     fields = {"image": f"volume_{small}", "image_large": f"volume_{big}"}
     done = 0
-    batches = common.host_batches(source, np.arange(len(source.index)), config.train.eval_batch_size,
+    batches = inputs.host_batches(source, np.arange(len(source.index)), config.train.eval_batch_size,
                                   fields, config)
     for batch in tqdm(batches, desc=f"pseudo-labels {dataset}", unit="batch"):
       if p.mode == "sliding":
@@ -101,13 +102,13 @@ def run(config, workdir):
         buffer = io.BytesIO()
         np.savez_compressed(buffer, **{f"mask_{small}": np.asarray(little[row, ..., 0] > 0.5, np.uint8),
                                        f"mask_{big}": np.asarray(large[row, ..., 0] > 0.5, np.uint8)})
-        (mask_dir / f"{common.file_stem(sid)}.npz").write_bytes(buffer.getvalue())
+        (mask_dir / f"{inputs.file_stem(sid)}.npz").write_bytes(buffer.getvalue())
         if p.write_nifti:
           _write_nifti(by_id[sid], large[row], nifti_dir, config)
         done += 1
     counts[dataset] = done
     logging.info("pseudo-labelled %d %s scans into %s", done, dataset, mask_dir)
-  common.mark_done(workdir, {"scans": counts})
+  handoff.mark_done(workdir, {"scans": counts})
   return counts
 
 
@@ -122,7 +123,7 @@ def _write_nifti(ref, prob_large, nifti_dir, config):
   prob_large = np.asarray(prob_large[..., 0], np.float32)
   prob = ndimage.zoom(prob_large, np.divide(scan.volume.shape, prob_large.shape), order=1,
                       grid_mode=False)
-  name = f"{common.file_stem(ref.scan_id)}_pseudo.nii.gz"
+  name = f"{inputs.file_stem(ref.scan_id)}_pseudo.nii.gz"
   with tempfile.TemporaryDirectory() as tmp:  # nibabel writes local files; the workdir may be gs://
     readers.write_mask_like(np.asarray(prob > 0.5, np.uint8), scan, os.path.join(tmp, name))
     (nifti_dir / name).write_bytes(epath.Path(tmp, name).read_bytes())

@@ -3,13 +3,13 @@
 Initialised from the inflated ImageNet (pretrain2d) weights, not from the
 teacher, as in the paper.
 """
-from covid3d.stages import common
+from covid3d.stages import inputs
 from covid3d.stages.segmentation import train_segmentation
 
 PARTITIONS = ("train", "validation", "test")
 
 
 def run(config, workdir):
-  source = common.records(config, workdir, "cov19ctdb", PARTITIONS)
-  source = common.with_pseudo_labels(source, config.pseudo_labels, "cov19ctdb")
+  source = inputs.record_source(config, workdir, "cov19ctdb", PARTITIONS)
+  source = inputs.with_pseudo_labels(source, config.pseudo_labels, "cov19ctdb")
   return train_segmentation(config, workdir, source)

@@ -5,11 +5,12 @@ whole ``TrainState`` (saved asynchronously), ``data`` one JSON file per process
 with that process's iterator state (``iterator.get_state()``), ``config`` the
 resolved config as JSON. The latest ``keep`` checkpoints are kept, plus the one
 with the highest evaluation metric (checkpoints saved at an evaluation carry
-the metrics). Paths may be local or ``gs://``.
+the metrics); ``<workdir>/checkpoints/checkpointer.json`` records that metric's
+name, so a later reader (the next stage) picks the same best checkpoint.
+Paths may be local or ``gs://``.
 """
 import dataclasses
 import json
-import logging
 import os
 from typing import Any
 
@@ -19,15 +20,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint import checkpoint_managers as policies
 
-
-class _DropUntrackedMetricWarning(logging.Filter):
-  """Hides Orbax's warning for checkpoints saved between evaluations (no metrics)."""
-
-  def filter(self, record):
-    return 'did not provide metrics' not in record.getMessage()
-
-
-logging.getLogger('absl').addFilter(_DropUntrackedMetricWarning())
+RECORD = 'checkpointer.json'
 
 
 class IteratorStateHandler(ocp.CheckpointHandler):
@@ -72,30 +65,46 @@ class Checkpointer:
     directory: str, local or gs:// path (created if missing).
     keep: int >= 1, latest checkpoints kept.
     best_metric: name of the metric (higher is better) whose best checkpoint
-      is kept besides the latest ones.
+      is kept besides the latest ones; recorded in the directory. None: read
+      it from the directory (a run's checkpoints opened for reading; see
+      ``open``).
   """
 
-  def __init__(self, directory: str, keep: int, best_metric: str):
+  def __init__(self, directory: str, keep: int, best_metric: str | None):
     if keep < 1:
       raise ValueError(f'train.keep_checkpoints must be >= 1, got {keep}')
+    directory = absolute(directory)
+    record = directory / RECORD
+    if best_metric is None and record.exists():
+      best_metric = json.loads(record.read_text())['best_metric']
     self.best_metric = best_metric
-    metric = lambda metrics: metrics[best_metric]
-    policy = policies.AnyPreservationPolicy([
-        policies.LatestN(n=keep),
-        policies.BestN(get_metric_fn=metric, n=1, keep_checkpoints_without_metrics=False)])
-    # best_fn makes the manager store the metrics and answer best_step().
-    options = ocp.CheckpointManagerOptions(preservation_policy=policy, best_fn=metric,
-                                           best_mode='max', create=True,
-                                           enable_async_checkpointing=True)
-    self.manager = ocp.CheckpointManager(
-        absolute(directory), options=options, item_names=('state', 'data', 'config'))
+    if best_metric is None:
+      options = ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=True)
+    else:
+      metric = lambda metrics: metrics[best_metric]
+      policy = policies.AnyPreservationPolicy([
+          policies.LatestN(n=keep),
+          policies.BestN(get_metric_fn=metric, n=1, keep_checkpoints_without_metrics=False)])
+      # best_fn makes the manager store the metrics and answer best_step().
+      options = ocp.CheckpointManagerOptions(preservation_policy=policy, best_fn=metric,
+                                             best_mode='max', create=True,
+                                             enable_async_checkpointing=True)
+    self.manager = ocp.CheckpointManager(directory, options=options,
+                                         item_names=('state', 'data', 'config'))
+    if best_metric is not None and jax.process_index() == 0:
+      record.write_text(json.dumps({'best_metric': best_metric}))
+
+  @classmethod
+  def open(cls, directory: str) -> 'Checkpointer':
+    """The checkpoints of a run, for reading, with the best metric that run recorded."""
+    return cls(directory, keep=1, best_metric=None)
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
   def best_step(self) -> int | None:
     """The kept step with the highest ``best_metric`` (None if none was evaluated)."""
-    return self.manager.best_step()
+    return self.manager.best_step() if self.best_metric is not None else None
 
   def save(self, step: int, state, iterator_state, config: ml_collections.ConfigDict,
            metrics: dict | None = None):

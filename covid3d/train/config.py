@@ -1,5 +1,15 @@
 """The ``train`` block of a stage config: every field of the training engine."""
+import jax.numpy as jnp
 import ml_collections
+
+COMPUTE_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+
+
+def compute_dtype(name: str):
+  """The jnp dtype of ``train.compute_dtype`` (float32 or bfloat16)."""
+  if name not in COMPUTE_DTYPES:
+    raise ValueError(f'train.compute_dtype must be one of {sorted(COMPUTE_DTYPES)}, got {name!r}')
+  return COMPUTE_DTYPES[name]
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -28,7 +38,6 @@ def default_config() -> ml_collections.ConfigDict:
       for 4 classes and 0.995 for 2 (``optim.resolve_ema_decay``).
     compute_dtype: 'float32' or 'bfloat16': dtype of the forward/backward pass;
       master parameters, optimiser state and EMA stay float32.
-    augment: bool, run the augmentation function inside the train step.
     log_every: int, steps between metric records (JSON lines, TensorBoard).
     eval_every: int, steps between evaluations with the EMA parameters
       (0: only at the end).
@@ -36,8 +45,9 @@ def default_config() -> ml_collections.ConfigDict:
       evaluation and at the end).
     keep_checkpoints: int, latest checkpoints kept (the best one is kept too).
     best_metric: str, the evaluation metric (higher is better) that chooses
-      the best checkpoint: 'macro_f1' for classification, 'dice' for
-      segmentation.
+      the best checkpoint, the one handed to the next stage: 'macro_f1' for
+      classification, 'dice' for segmentation; any metric the task's
+      evaluation reports. The checkpoint directory records it.
     max_nonfinite_in_a_row: int, stop after this many consecutive steps with a
       non-finite loss or gradient (each leaves the state unchanged).
     progress_bar: bool, show a tqdm bar on process 0.
@@ -64,7 +74,6 @@ def default_config() -> ml_collections.ConfigDict:
   c.clip_norm = 0.0
   c.ema_decay = ml_collections.config_dict.placeholder(float)
   c.compute_dtype = 'float32'
-  c.augment = True
   c.log_every = 10
   c.eval_every = 100
   c.checkpoint_every = 100

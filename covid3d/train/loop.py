@@ -13,10 +13,9 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from covid3d.train import checkpoint, log, optim, steps
+from covid3d.train.config import compute_dtype
 from covid3d.train.state import create_state
 from covid3d.train.tasks import Task
-
-COMPUTE_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
 class NonFiniteError(RuntimeError):
@@ -42,13 +41,6 @@ def init_distributed(config: ml_collections.ConfigDict):
   d = config.distributed
   if d.initialize:
     jax.distributed.initialize(d.coordinator_address, d.num_processes, d.process_id)
-
-
-def flax_apply_fn(model) -> steps.ApplyFn:
-  """``apply_fn`` of a flax module whose only collection is 'params'."""
-  def apply_fn(params, x, deterministic, rngs):
-    return model.apply({'params': params}, x, deterministic=deterministic, rngs=rngs)
-  return apply_fn
 
 
 class _StopSignal:
@@ -104,6 +96,15 @@ def evaluate(eval_step, params, batches: Iterable[dict], task: Task, host_batch:
   return task.summarize(jax.device_get(totals))
 
 
+def itstime(step: int, every: int, total: int) -> bool:
+  """Whether a periodic action (log, evaluate, checkpoint) is due after ``step``.
+
+  Every ``every`` steps and always at the last step ``total``; ``every`` 0 means
+  only at the last step.
+  """
+  return step == total or (every > 0 and step % every == 0)
+
+
 def _per_host(global_size: int, name: str, mesh) -> int:
   per_host, rem = divmod(global_size, jax.process_count())
   if rem or per_host % mesh.local_mesh.size:
@@ -126,8 +127,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, model, p
 
   Args:
     config: the ``train`` block (``covid3d.train.config.default_config``).
-    workdir: str, local or gs:// directory for checkpoints, ``metrics.jsonl``,
-      ``tensorboard/`` and ``config.json``.
+    workdir: str, local or gs:// directory for checkpoints, ``metrics.jsonl``
+      and ``tensorboard/``.
     model: a flax module called as ``model.apply({'params': p}, x,
       deterministic=..., rngs=...)``; ignored if ``apply_fn`` is given.
     params: float32 initial parameter tree (used when nothing is resumed).
@@ -138,10 +139,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, model, p
     eval_batches: returns a fresh iterable over the validation set's host
       batches (at most ``eval_batch_size / process_count`` examples each; the
       same number of batches on every process). None: no evaluation.
-    augment_fn: per-example augmentation run in the step when
-      ``config.augment``.
+    augment_fn: per-example augmentation run in the step (None: none).
     apply_fn: overrides ``model`` (see ``steps``).
-    stage_config: the whole resolved config to save (default ``config``).
+    stage_config: the whole resolved config, saved with each checkpoint
+      (default ``config``).
 
   Returns:
     Dict: 'state' (the final TrainState), 'step', 'best_step' (None without
@@ -161,29 +162,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, model, p
     raise ValueError(f'train.batch_size / devices = {config.batch_size // mesh.size} does not '
                      f'split into train.micro_batches={config.micro_batches}')
   host_eval_batch = _per_host(config.eval_batch_size, 'eval_batch_size', mesh)
-  if config.compute_dtype not in COMPUTE_DTYPES:
-    raise ValueError(f'train.compute_dtype must be one of {sorted(COMPUTE_DTYPES)}, '
-                     f'got {config.compute_dtype!r}')
-  dtype = COMPUTE_DTYPES[config.compute_dtype]
-  apply_fn = apply_fn or flax_apply_fn(model)
+  dtype = compute_dtype(config.compute_dtype)
+  apply_fn = apply_fn or steps.flax_apply_fn(model)
   saved_config = stage_config if stage_config is not None else config
 
   tx = optim.make_optimizer(config)
   state = steps.replicate(create_state(params, tx, config.seed), mesh)
   ckpt = checkpoint.Checkpointer(str(epath.Path(workdir) / 'checkpoints'),
-                                 config.keep_checkpoints, task.best_metric)
+                                 config.keep_checkpoints, config.best_metric)
   latest = ckpt.latest_step()
   if latest is not None:
     state, iterator_state = ckpt.restore(latest, state)
     train_iter.set_state(iterator_state)
     logging.info('resumed from step %d in %s', latest, workdir)
-  if process0:
-    (epath.Path(workdir) / 'config.json').write_text(saved_config.to_json_best_effort(indent=2))
 
   train_step = steps.make_train_step(
       apply_fn, task.loss_fn, tx, mesh,
       ema_decay=optim.resolve_ema_decay(config.ema_decay, task.num_classes),
-      micro_batches=config.micro_batches, augment_fn=augment_fn if config.augment else None,
+      micro_batches=config.micro_batches, augment_fn=augment_fn,
       compute_dtype=dtype, schedule=optim.make_schedule(config))
   eval_step = steps.make_eval_step(apply_fn, task.eval_fn, mesh, compute_dtype=dtype)
   logger = log.MetricLogger(workdir, enabled=process0)
@@ -218,7 +214,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, model, p
       else:
         window.append(metrics)
         bar.update(1)
-        if step % config.log_every == 0 or step == config.num_steps:
+        if itstime(step, config.log_every, config.num_steps):
           seconds = time.perf_counter() - window_start
           summary = {k: float(np.mean([m[k] for m in window]))
                      for k in ('loss', 'grad_norm', 'learning_rate')}
@@ -229,14 +225,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, model, p
                           vol_s=f"{summary['volumes_per_second']:.2f}")
           window, window_start = [], time.perf_counter()
         evaluated = None
-        if eval_batches is not None and (
-            (config.eval_every and step % config.eval_every == 0) or step == config.num_steps):
+        if eval_batches is not None and itstime(step, config.eval_every, config.num_steps):
           evaluated = last_eval = evaluate(eval_step, state.ema_params, eval_batches(), task,
                                            host_eval_batch, mesh)
+          if config.best_metric not in evaluated:
+            raise ValueError(f'train.best_metric={config.best_metric!r} is not one of the '
+                             f'evaluation metrics {sorted(evaluated)}')
           logger.write(step, 'eval', evaluated)
           logging.info('step %d eval (EMA): %s', step, evaluated)
-        if (step % config.checkpoint_every == 0 or evaluated is not None
-            or step == config.num_steps):
+        if evaluated is not None or itstime(step, config.checkpoint_every, config.num_steps):
           ckpt.save(step, state, train_iter.get_state(), saved_config, evaluated)
           last_saved = step
       if stop.requested():

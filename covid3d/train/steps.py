@@ -88,6 +88,18 @@ def shard_batch(batch: dict, mesh: Mesh) -> dict:
       lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch)
 
 
+def flax_apply_fn(model, mean: float = 0.0, std: float = 1.0) -> ApplyFn:
+  """``apply_fn`` of a flax module whose only collection is 'params'.
+
+  Inputs are normalised on device as ``(x - mean) / std`` first (the data's
+  intensity statistics; the defaults leave them as they are).
+  """
+  def apply_fn(params, x, deterministic, rngs):
+    return model.apply({'params': params}, (x - mean) / std, deterministic=deterministic,
+                       rngs=rngs)
+  return apply_fn
+
+
 def _model_forward(apply_fn: ApplyFn, params, x, keys):
   """Training forward pass, vmapped over single examples with their own keys."""
   def one(xi, key):
@@ -232,27 +244,3 @@ def make_eval_step(apply_fn: ApplyFn, eval_fn: EvalFn, mesh: Mesh, *,
 
   sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=P())
   return jax.jit(sharded)
-
-
-def volume_augment_fn(augment_config, image_key: str = 'image',
-                      mask_key: str | None = None) -> AugmentFn:
-  """``augment_fn`` running ``covid3d.augment.augment`` on one example.
-
-  Args:
-    augment_config: the ``augment`` block (``covid3d.augment.default_config``).
-    image_key: example entry ``(D, H, W, 1)`` float32.
-    mask_key: optional example entry ``(D, H, W)`` int mask, transformed
-      with the same geometry.
-  """
-  from covid3d import augment  # pylint: disable=import-outside-toplevel
-
-  def augment_fn(key, example):
-    mask = example[mask_key] if mask_key else None
-    volume, mask = augment.augment(key, example[image_key][..., 0], mask, augment_config)
-    out = dict(example)
-    out[image_key] = volume[..., None]
-    if mask_key:
-      out[mask_key] = mask
-    return out
-
-  return augment_fn

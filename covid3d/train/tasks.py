@@ -21,14 +21,13 @@ class Task:
   Attributes:
     loss_fn: ``(outputs, batch) -> (loss, weight)`` (see ``steps``).
     eval_fn: ``(outputs, batch) -> dict of sums`` (see ``steps``).
-    summarize: dict of summed numpy arrays -> dict of float metrics.
-    best_metric: key of ``summarize``'s output; higher is better.
+    summarize: dict of summed numpy arrays -> dict of float metrics (higher is
+      better; ``train.best_metric`` names the one that picks checkpoints).
     num_classes: int or None (chooses the default EMA decay).
   """
   loss_fn: Callable
   eval_fn: Callable
   summarize: Callable[[dict], dict]
-  best_metric: str
   num_classes: int | None = None
 
 
@@ -50,7 +49,7 @@ def classification_task(num_classes: int, class_counts=None, label_key: str = 'l
       constant of the program, so runs that differ only in their class counts
       (the folds of a cross-validation) share one compiled step.
 
-  Metrics (EMA model): 'macro_f1' (the best-checkpoint metric), 'accuracy',
+  Metrics (EMA model): 'macro_f1' (the usual ``train.best_metric``), 'accuracy',
   'loss' (unweighted mean cross entropy), 'f1_<k>' per class.
   """
   weights = None if class_counts is None else losses.class_weights(class_counts)
@@ -80,7 +79,7 @@ def classification_task(num_classes: int, class_counts=None, label_key: str = 'l
     out.update({f'f1_{k}': float(f) for k, f in enumerate(np.asarray(metrics.f1_per_class(cm)))})
     return out
 
-  return Task(loss_fn, eval_fn, summarize, 'macro_f1', num_classes)
+  return Task(loss_fn, eval_fn, summarize, num_classes)
 
 
 def segmentation_task(mask_key: str = 'mask') -> Task:
@@ -109,4 +108,4 @@ def segmentation_task(mask_key: str = 'mask') -> Task:
   def summarize(sums):
     return {'dice': float(metrics.dice_from_terms(sums['intersection'], sums['total']))}
 
-  return Task(loss_fn, eval_fn, summarize, 'dice', None)
+  return Task(loss_fn, eval_fn, summarize)

@@ -1,0 +1,254 @@
+"""The stage chain: which stages run, in what order, and what each hands to the next.
+
+A run of the pipeline is a chain of ``python -m covid3d.main`` stages, each in
+its own workdir under a root R, and the report at the end. A stage starts from
+an earlier one's workdir (``--config.init_from``) and may train on another's
+masks (``--config.pseudo_labels``):
+
+  pretrain2d -> segmentation -> pseudolabel -> segmia, multitask
+  -> per fine-tuning target (severity, detection) one run from each of segmia,
+     multitask and random (workdirs <target>_<init>) -> report
+
+Given a 2-D checkpoint (``init2d``), the checkpoint stands in for R/pretrain2d
+and pretraining does not run. ``STAGES`` is this chain as data, one entry per
+stage (plus ``predict``, which is run by hand, not chained); ``steps()`` turns
+it into the commands of one run, which launch/common.sh runs, and
+``markdown_table()`` into the README's pipeline table.
+
+The CLI uses the standard library only, so that the launchers start it fast;
+they run this file by path, which skips the package's imports:
+
+  python -m covid3d.stages.chain [--root R] [--targets severity,detection]
+      [--init2d CHECKPOINT] [--inflation full|1g|2g] [--configs DIR]
+      [--suffix :demo] [--flag=FLAG ...] [--flag-3d=FLAG ...]
+
+prints the steps of one run, one per line, fields separated by tabs:
+
+  KIND  NAME  OUTPUT  HEADLINE  ARG  ARG ...
+
+KIND is "stage" (a covid3d.main run on every host, skipped when OUTPUT/DONE
+exists; OUTPUT is its workdir) or "report" (run once, always; OUTPUT is the
+report's file); NAME is the stage's config (configs/NAME.py) or "report";
+HEADLINE says in words what the step does; the ARGs are python's arguments
+(``-m covid3d.main --config=... --workdir=... ...``). No field is empty or
+holds a tab or a newline: a value that would make one is an error. An error is
+one line on stderr ("covid3d.stages.chain: MESSAGE"), exit status 2.
+
+  python -m covid3d.stages.chain --markdown
+
+prints the README's pipeline table (``# | config | does | reads | writes``).
+"""
+import argparse
+import dataclasses
+import sys
+
+PROG = "covid3d.stages.chain"
+# The fine-tuning targets: one config each (configs/<target>.py).
+TARGETS = ("severity", "detection")
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+  """One stage of the pipeline: its configs, its hand-offs and its row of the table.
+
+  ``init_from`` names the earlier stages (or "random") it starts from, one run
+  each (in workdir <config>_<init>) when there are several; ``pseudo_labels``
+  the stage whose masks it trains on. The table's ``reads`` and ``writes`` may
+  hold ``{init_from}`` and ``{pseudo_labels}``, written out with those stages'
+  numbers, and ``{number[NAME]}``, another stage's number. ``headline``, the
+  launchers' line before each run, may hold ``{init_from}`` (the workdir or
+  checkpoint the run starts from), ``{init}`` (its stage's name) and
+  ``{inflation}``.
+  """
+  name: str
+  configs: tuple
+  does: str
+  reads: str
+  writes: str
+  headline: str = ""
+  init_from: tuple = ()
+  pseudo_labels: str = ""
+  inflates: bool = False            # 2-D weights are inflated: --config.inflation.mode
+  is_3d: bool = True                # takes the 3-D stages' flags (batch size)
+  per_target: bool = False          # runs the chosen targets of ``configs``
+  kind: str = "stage"               # "stage": covid3d.main; "report": covid3d.report
+  chained: bool = True              # run by the launchers
+
+
+STAGES = (
+    Stage("pretrain2d", ("pretrain2d",), is_3d=False,
+          does="2-D one-channel ConvNeXt: grayscale ImageNet (TFDS `imagenet2012`, "
+          "`--config.data.imagenet_dir`), or import of a PyTorch checkpoint "
+          "(`--config.init_from=x.pth`), or (demo) phantom axial slices; the launchers' "
+          "`--init2d CHECKPOINT` skips it, the checkpoint standing in for its workdir",
+          reads="ImageNet / checkpoint", writes="`checkpoints/` (2-D)",
+          headline="2-D grayscale ConvNeXt pretraining"),
+    Stage("segmentation", ("segmentation",), init_from=("pretrain2d",), inflates=True,
+          does="lesion segmentation (soft Dice + BCE), best by EMA Dice",
+          reads="COVID-19-20 lesions; {init_from} (inflated)", writes="`checkpoints/`",
+          headline="lesion segmentation, weights inflated ({inflation}) from {init_from}"),
+    Stage("pseudolabel", ("pseudolabel",), init_from=("segmentation",),
+          does="the EMA teacher labels COV19-CT-DB and STOIC (hard masks; `upsample` as the "
+          "authors, or `sliding` window)",
+          reads="{init_from}",
+          writes="`masks/<dataset>/*.npz`, `nifti/<dataset>/*_pseudo.nii.gz` in each scan's own "
+          "geometry",
+          headline="the segmentation model writes lesion masks of COV19-CT-DB and STOIC"),
+    Stage("segmia", ("segmia",), init_from=("pretrain2d",), pseudo_labels="pseudolabel",
+          inflates=True,
+          does="segmentation on COV19-CT-DB pseudo-labels",
+          reads="{init_from} (inflated), {pseudo_labels}", writes="`checkpoints/`",
+          headline="segmentation of the pseudo-labels, from {init_from}"),
+    Stage("multitask", ("multitask",), init_from=("pretrain2d",), pseudo_labels="pseudolabel",
+          inflates=True,
+          does="STOIC probSevere (COVID-positive cases) + pseudo-label segmentation, losses 1:1",
+          reads="{init_from} (inflated), {pseudo_labels}", writes="`checkpoints/`",
+          headline="STOIC severity + pseudo-label segmentation, from {init_from}"),
+    Stage("finetune", TARGETS, init_from=("segmia", "multitask", "random"), per_target=True,
+          does="4- or 2-class fine-tuning with stratified 5-fold CV (balanced CE, EMA), then the "
+          "fold-ensemble prediction; workdir `<target>_<init>`",
+          reads="{init_from}, a run each (by hand: any other workdir or checkpoint)",
+          writes="`folds.csv`, `fold<k>/`, `cv.json`, `predictions_<partition>.csv`, "
+          "`submission_<partition>/<class>.csv`, `metrics_validation.json`, "
+          "`confusion_validation.png`",
+          headline="5-fold CV fine-tuning from {init}, then the fold ensemble predicts"),
+    Stage("report", (), kind="report",
+          does="`python -m covid3d.report R`: the CV macro F1 table of every fine-tuning run",
+          reads="`R/*/cv.json` (stage {number[finetune]})", writes="`R/report.md`, `R/report.png`",
+          headline="CV macro F1 of the fine-tuning runs"),
+    Stage("predict", ("predict",), init_from=("finetune",), chained=False,
+          does="by hand, not chained: the ensemble of a finished fine-tuning run on the "
+          "validation/test partitions (`--config.predict.folds=4,` = the authors' fifth-fold-only "
+          "submissions)",
+          reads="{init_from}", writes="as stage {number[finetune]}"),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+  """One command of a run: a stage's covid3d.main in its workdir, or the report.
+
+  ``output`` is the stage's workdir (the report's file for the report);
+  ``init_from`` and ``pseudo_labels`` are the workdirs (or checkpoint, or
+  "random") it was handed, also in ``args``, python's arguments.
+  """
+  kind: str
+  name: str
+  output: str
+  headline: str
+  args: tuple
+  init_from: str = ""
+  pseudo_labels: str = ""
+
+
+def steps(root, targets=TARGETS, init2d="", inflation="full", configs="configs", suffix="",
+          flags=(), flags_3d=()):
+  """The steps of one run under ``root``, in order; the report is the last.
+
+  ``targets`` are the fine-tuning targets, in the order they run; a 2-D
+  checkpoint ``init2d`` replaces pretraining. A stage runs
+  ``configs/<config>.py<suffix>``; ``flags_3d`` go to the 3-D stages, then
+  ``flags`` to every stage (so a later flag wins, as in absl).
+  """
+  if not targets:
+    raise ValueError("no fine-tuning target")
+  for target in targets:
+    if target not in TARGETS:
+      raise ValueError(f"target {target!r} is not {' or '.join(TARGETS)}")
+  # What a stage hands on: its workdir, by stage name; a given checkpoint is
+  # pretrain2d's, which then does not run.
+  workdirs = {"random": "random"}
+  if init2d:
+    workdirs["pretrain2d"] = init2d
+  out = []
+  for stage in STAGES:
+    if not stage.chained or stage.name in workdirs:
+      continue
+    if stage.kind == "report":
+      out.append(Step("report", "report", f"{root}/report.md", stage.headline,
+                      ("-m", "covid3d.report", root)))
+      continue
+    for config in targets if stage.per_target else stage.configs:
+      for init in stage.init_from or ("",):
+        name = f"{config}_{init}" if len(stage.init_from) > 1 else config
+        workdir = f"{root}/{name}"
+        start = workdirs[init] if init else ""
+        labels = workdirs[stage.pseudo_labels] if stage.pseudo_labels else ""
+        args = ["-m", "covid3d.main", f"--config={configs}/{config}.py{suffix}",
+                f"--workdir={workdir}"]
+        args += [f"--config.init_from={start}"] if start else []
+        args += [f"--config.pseudo_labels={labels}"] if labels else []
+        args += [f"--config.inflation.mode={inflation}"] if stage.inflates else []
+        args += [*flags_3d] if stage.is_3d else []
+        args += flags
+        headline = stage.headline.format(init_from=start, init=init, inflation=inflation)
+        out.append(Step("stage", config, workdir, headline, tuple(args), start, labels))
+        workdirs[stage.name] = workdir
+  return tuple(out)
+
+
+def markdown_table():
+  """The README's pipeline table: one row per stage, chained ones numbered in order."""
+  chained = [s.name for s in STAGES if s.chained]
+  number = {name: str(i) for i, name in enumerate(chained, 1)}
+
+  def hand_off(field, names):
+    words = ["`random`" if n == "random" else number[n] for n in names]
+    listed = " or ".join([", ".join(words[:-1]), words[-1]] if len(words) > 1 else words)
+    return f"`{field}` = stage {listed}"
+
+  rows = ["| # | config | does | reads | writes |", "|---|---|---|---|---|"]
+  for s in STAGES:
+    fields = {"number": number}
+    if s.init_from:
+      fields["init_from"] = hand_off("init_from", s.init_from)
+    if s.pseudo_labels:
+      fields["pseudo_labels"] = hand_off("pseudo_labels", (s.pseudo_labels,))
+    config = " / ".join(f"`{c}.py`" for c in s.configs) or "-"
+    rows.append(f"| {number.get(s.name, '-')} | {config} | {s.does} | {s.reads.format(**fields)} "
+                f"| {s.writes.format(**fields)} |")
+  return "\n".join(rows) + "\n"
+
+
+def step_line(step):
+  """``step`` as one tab-separated line (see the module docstring)."""
+  fields = (step.kind, step.name, step.output, step.headline, *step.args)
+  for field in fields:
+    if not field or "\t" in field or "\n" in field:
+      raise ValueError(f"{field!r} in the chain: a word cannot be empty or hold a tab or newline")
+  return "\t".join(fields) + "\n"
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(prog=PROG, allow_abbrev=False,
+                                   description="Prints the stage chain of one run (see the "
+                                   "module docstring for the format).")
+  parser.add_argument("--root", default="R", help="workdir root (default R)")
+  parser.add_argument("--targets", default=",".join(TARGETS),
+                      help="comma-separated fine-tuning targets (default %(default)s)")
+  parser.add_argument("--init2d", default="", help="2-D checkpoint that replaces pretraining")
+  parser.add_argument("--inflation", default="full", help="inflation mode (default full)")
+  parser.add_argument("--configs", default="configs", help="folder of the stage configs")
+  parser.add_argument("--suffix", default="", help="config argument, e.g. ':demo'")
+  parser.add_argument("--flag", action="append", default=[],
+                      help="flag of every stage, last (give as --flag=FLAG; repeatable)")
+  parser.add_argument("--flag-3d", action="append", default=[],
+                      help="flag of the 3-D stages (give as --flag-3d=FLAG; repeatable)")
+  parser.add_argument("--markdown", action="store_true", help="print the README's table")
+  args = parser.parse_args(argv)
+  if args.markdown:
+    sys.stdout.write(markdown_table())
+    return 0
+  try:
+    lines = [step_line(s) for s in steps(
+        args.root, tuple(args.targets.split(",")), args.init2d, args.inflation, args.configs,
+        args.suffix, tuple(args.flag), tuple(args.flag_3d))]
+  except ValueError as error:
+    print(f"{PROG}: {error}", file=sys.stderr)
+    return 2
+  sys.stdout.write("".join(lines))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,161 @@
+"""A stage's data: dataset folders, preprocessed records, pseudo-labels, splits and batches.
+
+A stage reads preprocessed records (``covid3d.data.preprocess``, cached under
+the cache root's ``records/<dataset>``) as a ``pipeline.RecordSource``, picks
+training and validation records, and reads them as this process's numpy
+batches (``pipeline.host_dataset``). Batch keys: ``image`` (the model input,
+``(b, S, S, S, 1)`` float32 in [0, 1]), ``image_large`` (the crop source, when
+cropping), ``mask``/``mask_large`` (uint8), labels by name, ``valid`` and
+``record_index``.
+"""
+import dataclasses
+import logging
+import os
+from collections.abc import Mapping, Sequence
+
+import jax
+import ml_collections
+import numpy as np
+from etils import epath
+
+from covid3d import cachedir
+from covid3d.data import phantom_writers, pipeline, preprocess, readers
+from covid3d.data.skips import SkipLog
+from covid3d.stages.handoff import HandOffError
+
+
+def dataset_dirs(config: ml_collections.ConfigDict) -> dict:
+  """dataset name -> root folder; generates the phantom first when asked."""
+  d = config.data
+  if d.phantom:
+    root = epath.Path(d.phantom_dir)
+    if not (root / phantom_writers.MANIFEST).exists():
+      logging.info("writing the synthetic phantom (%d scans per dataset) to %s", d.phantom_scans, root)
+      n = d.phantom_scans
+      phantom_writers.write_all(root, config.seed, {"cov19ctdb": 5 * n, "lesions": n, "stoic": n},
+                                workers=max(1, d.workers), sizes=(48, 64), slices=(32, 48))
+    return {name: str(root / sub) for name, sub in phantom_writers.DATASET_DIRS.items()}
+  return {"cov19ctdb": d.cov19ctdb_dir, "lesions": d.lesions_dir, "stoic": d.stoic_dir}
+
+
+def list_refs(config, dataset: str, partitions: Sequence[str] = ("train",),
+              skips: SkipLog | None = None) -> list:
+  """The ScanRefs of ``dataset``'s partitions.
+
+  Raises:
+    HandOffError: when the dataset folder is not set or does not exist.
+  """
+  root = dataset_dirs(config)[dataset]
+  if not root or not os.path.isdir(root):
+    raise HandOffError(
+        f"the {dataset} data folder {root!r} does not exist: set --config.data.{dataset}_dir=DIR "
+        f"(README: 'Getting the real data'), or run a ':demo' config for the phantom")
+  refs = []
+  for part in partitions:
+    refs += readers.DATASETS[dataset](root, part, strict=config.data.strict, skips=skips)
+  return refs
+
+
+def record_source(config, workdir, dataset: str, partitions: Sequence[str] = ("train",),
+                  refs=None) -> pipeline.RecordSource:
+  """Preprocessed records of ``dataset`` (cached; built on first use); skips go to the workdir."""
+  skips = SkipLog()
+  refs = list_refs(config, dataset, partitions, skips) if refs is None else refs
+  paths = preprocess.build_cache(refs, cachedir.path("records", dataset),
+                                 tuple(config.data.sizes), workers=config.data.workers or None,
+                                 strict=config.data.strict, skips=skips, workdir=workdir)
+  if not paths:
+    raise HandOffError(f"no readable {dataset} scan in {dataset_dirs(config)[dataset]} "
+                       f"(see {workdir}/skips.json)")
+  return pipeline.file_source(paths)
+
+
+@dataclasses.dataclass(frozen=True)
+class WithMasks(Sequence):
+  """Records with their mask fields replaced by pseudo-label files (by scan id)."""
+  base: Sequence[Mapping]
+  scan_ids: tuple
+  mask_files: Mapping[str, str]
+
+  def __len__(self):
+    return len(self.base)
+
+  def __getitem__(self, i):
+    record = dict(self.base[i])
+    with epath.Path(self.mask_files[self.scan_ids[i]]).open("rb") as f, np.load(f) as masks:
+      record.update({k: masks[k] for k in masks.files})
+    record["has_mask"] = np.int32(1)
+    return record
+
+
+def file_stem(scan_id: str) -> str:
+  """A file name for a scan id (COV19-CT-DB ids hold a '/': ``covid/ct_scan_3``)."""
+  return scan_id.replace("/", "__")
+
+
+def with_pseudo_labels(source: pipeline.RecordSource, pseudo_dir: str, dataset: str):
+  """``source`` whose masks come from the pseudolabel stage's workdir."""
+  folder = epath.Path(pseudo_dir) / "masks" / dataset
+  if not folder.is_dir():
+    raise HandOffError(
+        f"no pseudo-labels for {dataset} in {folder}: run the pseudolabel stage first, e.g. "
+        f"python -m covid3d.main --config=configs/pseudolabel.py --workdir={pseudo_dir}")
+  ids = tuple(e["scan_id"] for e in source.index)
+  present = {p.name for p in folder.iterdir()}
+  files = {sid: str(folder / f"{file_stem(sid)}.npz") for sid in ids}
+  missing = [sid for sid in ids if f"{file_stem(sid)}.npz" not in present]
+  if missing:
+    raise HandOffError(f"{len(missing)} scans have no pseudo-label in {folder} (e.g. {missing[0]}); "
+                       "rerun the pseudolabel stage on the same data")
+  index = tuple(dict(e, has_mask=1) for e in source.index)
+  return pipeline.RecordSource(WithMasks(source.records, ids, files), index,
+                               f"{source.name} + pseudo-labels {folder}")
+
+
+def holdout_split(n: int, fraction: float, seed: int):
+  """(train indices, validation indices) of ``n`` examples: a seeded random hold-out, sorted."""
+  order = np.random.default_rng(seed).permutation(n)
+  n_val = max(1, int(round(n * fraction))) if n > 1 else 0
+  return np.sort(order[n_val:]), np.sort(order[:n_val])
+
+
+def batch_fields(config, image_only=False, **labels) -> dict:
+  """Batch key -> record field: 'image' (input size), 'image_large' (crop source), labels."""
+  big, small = max(config.data.sizes), min(config.data.sizes)
+  fields = {"image": f"volume_{small}"}
+  if big != small and config.augment.crop.p > 0 and not image_only:
+    fields["image_large"] = f"volume_{big}"
+  fields.update(labels)
+  return fields
+
+
+def mask_fields(config, image_only=False) -> dict:
+  """Batch key -> record field of the masks, matching ``batch_fields``."""
+  big, small = max(config.data.sizes), min(config.data.sizes)
+  fields = {"mask": f"mask_{small}"}
+  if "image_large" in batch_fields(config, image_only):
+    fields["mask_large"] = f"mask_{big}"
+  return fields
+
+
+def iterators(config, source, train_idx, val_idx, fields, eval_fields=None):
+  """(training iterator of host batches, eval-batches factory) over the selected records."""
+  t = config.train
+  train_iter = iter(pipeline.host_dataset(
+      source, train_idx, global_batch_size=t.batch_size, fields=fields, train=True,
+      seed=t.seed, process_index=jax.process_index(), process_count=jax.process_count(),
+      threads=config.data.loader_threads))
+  eval_fields = eval_fields or fields
+
+  def eval_batches():
+    return host_batches(source, val_idx, t.eval_batch_size, eval_fields, config)
+
+  return train_iter, (eval_batches if len(val_idx) else None)
+
+
+def host_batches(source, indices, global_batch, fields, config):
+  """This process's padded evaluation batches (numpy), every record once."""
+  return iter(pipeline.host_dataset(
+      source, indices, global_batch_size=global_batch, fields=fields, train=False,
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      threads=config.data.loader_threads))
