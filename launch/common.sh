@@ -2,9 +2,10 @@
 #
 # Every command goes through `run`, which prints it as one shell-quoted line
 # prefixed with "+ " and runs it unless dry-run mode is on (DRY_RUN=1 in the
-# environment or --dry-run on a script's command line). The stage chain
-# (run_chain) is written once here; where a stage's python runs is the hook
-# `run_python`: here by default, on the TPU workers in tpu_pod.sh.
+# environment or --dry-run on a script's command line). The stage chain is
+# data in covid3d/stages/chain.py; run_chain runs its steps, and where a
+# stage's python runs is the hook `run_python`: here by default, on the TPU
+# workers in tpu_pod.sh.
 # shellcheck shell=bash
 # shellcheck disable=SC2034  # OPT_* and CHAIN_* are read by the scripts
 
@@ -13,6 +14,9 @@ REPO_DIR=$(dirname "$LAUNCH_DIR")
 PROG=$(basename "$0")
 PYTHON=${PYTHON:-python}
 DRY_RUN=${DRY_RUN:-0}
+# The chain's steps (covid3d/stages/chain.py), run by path with $PYTHON: it
+# needs the standard library only, and so skips the package's imports.
+CHAIN_PY=$REPO_DIR/covid3d/stages/chain.py
 
 # ------------------------------------------------------------------ messages
 
@@ -114,7 +118,7 @@ OPT_INIT2D=
 OPT_CACHE=
 OPT_ROOT=
 OPT_INFLATION=full
-OPT_TASKS=severity,detection
+OPT_TARGETS=severity,detection
 OPT_BATCH_SIZE=
 OPT_EXTRA=()
 
@@ -128,9 +132,10 @@ PIPELINE_OPTIONS_HELP="Data (all three required):
                      inflate instead of pretraining
 Chain:
   --inflation MODE   full, 1g or 2g (default full)
-  --tasks LIST       comma-separated fine-tuning tasks (default severity,detection)
+  --targets LIST     comma-separated fine-tuning targets (default severity,detection;
+                     --tasks is its deprecated old name)
   --batch-size N     global batch of the 3-D stages (default: the configs')
-  --cache DIR        preprocessed-record cache (--config.data.cache_dir)"
+  --cache DIR        cache root: preprocessed records, XLA programs (--config.cache_dir)"
 RUN_OPTIONS_HELP="  --dry-run          print the commands, run nothing (or DRY_RUN=1)
   -- OVERRIDES...    --config.FIELD=VALUE flags passed to every stage, last"
 
@@ -147,7 +152,8 @@ parse_pipeline_option() {
     --cache) need_value "$@"; OPT_CACHE=$2 ;;
     --root) need_value "$@"; OPT_ROOT=$2 ;;
     --inflation) need_value "$@"; OPT_INFLATION=$2 ;;
-    --tasks) need_value "$@"; OPT_TASKS=$2 ;;
+    --targets) need_value "$@"; OPT_TARGETS=$2 ;;
+    --tasks) need_value "$@"; deprecated_option --tasks --targets; OPT_TARGETS=$2 ;;
     --batch-size) need_value "$@"; OPT_BATCH_SIZE=$2 ;;
     --dry-run) DRY_RUN=1; OPT_SHIFT=1 ;;
     --) shift; OPT_EXTRA=("$@"); OPT_SHIFT=$(($# + 1)) ;;
@@ -155,14 +161,21 @@ parse_pipeline_option() {
   esac
 }
 
-check_tasks() {
-  local task tasks
-  IFS=, read -ra tasks <<<"$1"
-  ((${#tasks[@]})) || usage_error "--tasks is empty"
-  for task in "${tasks[@]}"; do
-    [[ $task == severity || $task == detection ]] ||
-      usage_error "--tasks: '$task' is not severity or detection"
-  done
+# deprecated_option OLD NEW: one line on stderr; the option works as NEW.
+deprecated_option() {
+  echo "$PROG: $1 is deprecated, use $2" >&2
+}
+
+# check_targets LIST: a usage error unless covid3d/stages/chain.py takes LIST
+# as --targets (it says why on stderr, exit status 2).
+check_targets() {
+  local error status=0
+  error=$("$PYTHON" "$CHAIN_PY" --targets="$1" 2>&1 >/dev/null) || status=$?
+  case $status in
+    0) ;;
+    2) usage_error "--targets: ${error#*: }" ;;
+    *) fail "$PYTHON $CHAIN_PY failed (exit status $status): $error" ;;
+  esac
 }
 
 # Checks the parsed pipeline options (not the folders: where they live
@@ -181,7 +194,7 @@ check_pipeline_options() {
   fi
   [[ $OPT_INFLATION =~ ^(full|1g|2g)$ ]] ||
     usage_error "--inflation: '$OPT_INFLATION' is not full, 1g or 2g"
-  check_tasks "$OPT_TASKS"
+  check_targets "$OPT_TARGETS"
   if [[ -n $OPT_BATCH_SIZE && ! $OPT_BATCH_SIZE =~ ^[1-9][0-9]*$ ]]; then
     usage_error "--batch-size: '$OPT_BATCH_SIZE' is not a positive integer"
   fi
@@ -210,13 +223,13 @@ check_overrides() {
 
 # ------------------------------------------------------------------ chain
 
-# Set by the scripts before run_chain:
+# Set by the scripts before run_chain (the options of covid3d/stages/chain.py):
 CHAIN_ROOT=           # workdir root R
 CHAIN_CONFIGS=        # folder of the stage configs
 CHAIN_SUFFIX=         # ':demo' or ''
 CHAIN_INIT2D=         # 2-D checkpoint to inflate; empty: run pretrain2d
 CHAIN_INFLATION=full
-CHAIN_TASKS=severity
+CHAIN_TARGETS=severity
 CHAIN_FLAGS=()        # flags of every stage (data folders, distributed, ...)
 CHAIN_FLAGS_3D=()     # flags of the 3-D stages only (batch size)
 
@@ -236,73 +249,54 @@ chain_flags_from_options() {
   CHAIN_FLAGS=(--config.data.cov19ctdb_dir="$1" --config.data.lesions_dir="$2"
     --config.data.stoic_dir="$3")
   [[ -z $4 ]] || CHAIN_FLAGS+=(--config.data.imagenet_dir="$4")
-  [[ -z $5 ]] || CHAIN_FLAGS+=(--config.data.cache_dir="$5")
+  [[ -z $5 ]] || CHAIN_FLAGS+=(--config.cache_dir="$5")
   CHAIN_FLAGS_3D=()
   if [[ -n $OPT_BATCH_SIZE ]]; then
     CHAIN_FLAGS_3D=(--config.train.batch_size="$OPT_BATCH_SIZE"
       --config.train.eval_batch_size="$OPT_BATCH_SIZE")
   fi
   CHAIN_INFLATION=$OPT_INFLATION
-  CHAIN_TASKS=$OPT_TASKS
+  CHAIN_TARGETS=$OPT_TARGETS
 }
 
-STAGE_NO=0
-STAGE_COUNT=0
-
-# stage CONFIG WORKDIR WHAT [FLAGS...]: one `python -m covid3d.main` stage,
-# skipped when WORKDIR/DONE exists.
-stage() {
-  local config=$1 workdir=$2 what=$3
-  shift 3
-  STAGE_NO=$((STAGE_NO + 1))
-  local head="== [$STAGE_NO/$STAGE_COUNT] $config: $what -> $workdir"
-  if stage_done "$workdir"; then
-    echo "$head: skipped, $workdir/DONE exists"
-    return
-  fi
-  echo "$head"
-  local start=$SECONDS
-  run_python all -m covid3d.main --config="$CHAIN_CONFIGS/$config.py$CHAIN_SUFFIX" \
-    --workdir="$workdir" "$@" "${CHAIN_FLAGS[@]}" "${OPT_EXTRA[@]}"
-  is_dry_run || echo "   $config took $(duration $((SECONDS - start)))"
-}
-
-# The whole chain (docs/launch.md) under CHAIN_ROOT, then the report.
+# The whole chain (docs/launch.md) under CHAIN_ROOT, then the report: the
+# steps covid3d/stages/chain.py prints, one a line, tab-separated fields
+# KIND NAME OUTPUT HEADLINE PYTHON-ARGS... A "stage" step runs on every host
+# unless OUTPUT/DONE exists; the "report" step runs on one host, always. (The
+# locals are step_*: run_python, redefined by a script, sees them.)
 run_chain() {
-  local root=$CHAIN_ROOT init2d=$CHAIN_INIT2D task init tasks
-  local inflate=(--config.inflation.mode="$CHAIN_INFLATION")
-  IFS=, read -ra tasks <<<"$CHAIN_TASKS"
-  STAGE_COUNT=$((5 + 3 * ${#tasks[@]}))
-  if [[ -z $init2d ]]; then
-    STAGE_COUNT=$((STAGE_COUNT + 1))
-    init2d=$root/pretrain2d
-    stage pretrain2d "$init2d" "2-D grayscale ConvNeXt pretraining"
-  fi
-  stage segmentation "$root/segmentation" \
-    "lesion segmentation, weights inflated ($CHAIN_INFLATION) from $init2d" \
-    --config.init_from="$init2d" "${inflate[@]}" "${CHAIN_FLAGS_3D[@]}"
-  stage pseudolabel "$root/pseudolabel" \
-    "the segmentation model writes lesion masks of COV19-CT-DB and STOIC" \
-    --config.init_from="$root/segmentation" "${CHAIN_FLAGS_3D[@]}"
-  stage segmia "$root/segmia" "segmentation of the pseudo-labels, from $init2d" \
-    --config.init_from="$init2d" --config.pseudo_labels="$root/pseudolabel" \
-    "${inflate[@]}" "${CHAIN_FLAGS_3D[@]}"
-  stage multitask "$root/multitask" \
-    "STOIC severity + pseudo-label segmentation, from $init2d" \
-    --config.init_from="$init2d" --config.pseudo_labels="$root/pseudolabel" \
-    "${inflate[@]}" "${CHAIN_FLAGS_3D[@]}"
-  for task in "${tasks[@]}"; do
-    for init in segmia multitask random; do
-      local from=$root/$init
-      [[ $init != random ]] || from=random
-      stage "$task" "$root/${task}_$init" \
-        "5-fold CV fine-tuning from $init, then the fold ensemble predicts" \
-        --config.init_from="$from" "${CHAIN_FLAGS_3D[@]}"
-    done
+  local step_list step_line step_head step_start step_no=0
+  local -a step_lines step_fields step_args
+  step_list=$("$PYTHON" "$CHAIN_PY" --root="$CHAIN_ROOT" --targets="$CHAIN_TARGETS" \
+    --init2d="$CHAIN_INIT2D" --inflation="$CHAIN_INFLATION" --configs="$CHAIN_CONFIGS" \
+    --suffix="$CHAIN_SUFFIX" "${CHAIN_FLAGS_3D[@]/#/--flag-3d=}" \
+    "${CHAIN_FLAGS[@]/#/--flag=}" "${OPT_EXTRA[@]/#/--flag=}") ||
+    fail "$PYTHON $CHAIN_PY could not list the chain"
+  mapfile -t step_lines <<<"$step_list"
+  for step_line in "${step_lines[@]}"; do
+    IFS=$'\t' read -r -a step_fields <<<"$step_line"
+    step_args=("${step_fields[@]:4}")
+    step_no=$((step_no + 1))
+    step_head="== [$step_no/${#step_lines[@]}] ${step_fields[1]}: ${step_fields[3]} -> ${step_fields[2]}"
+    case ${step_fields[0]} in
+      stage)
+        if stage_done "${step_fields[2]}"; then
+          echo "$step_head: skipped, ${step_fields[2]}/DONE exists"
+          continue
+        fi
+        echo "$step_head"
+        step_start=$SECONDS
+        run_python all "${step_args[@]}"
+        is_dry_run || echo "   ${step_fields[1]} took $(duration $((SECONDS - step_start)))"
+        ;;
+      report)
+        echo "$step_head"
+        # It prints the report too.
+        run_python 0 "${step_args[@]}"
+        ;;
+      *) fail "$CHAIN_PY: unknown step kind '${step_fields[0]}'" ;;
+    esac
   done
-  echo "== [$STAGE_COUNT/$STAGE_COUNT] report: CV macro F1 of the fine-tuning runs -> $root/report.md"
-  # It prints the report too.
-  run_python 0 -m covid3d.report "$root"
 }
 
 # The last line of a script (covid3d.report has printed the report).

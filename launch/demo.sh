@@ -9,15 +9,15 @@ set -euo pipefail
 
 usage() {
   cat <<EOF
-Usage: bash launch/$PROG [--dry-run] [--tasks LIST] [ROOT] [--config.FIELD=VALUE ...]
+Usage: bash launch/$PROG [--dry-run] [--targets LIST] [ROOT] [--config.FIELD=VALUE ...]
 
 Runs every stage on the phantom (generated on first use under ROOT/data);
 workdirs ROOT/<stage>, report ROOT/report.md. A stage whose workdir holds a
 DONE file is skipped (delete the workdir to rerun it).
 
   ROOT               workdir root (default ./covid3d_demo)
-  --tasks LIST       comma-separated fine-tuning tasks (default severity;
-                     severity,detection runs both)
+  --targets LIST     comma-separated fine-tuning targets (default severity;
+                     severity,detection runs both; --tasks is its deprecated old name)
   --config.F=V       override passed to every stage, e.g. --config.train.num_steps=20
   --dry-run          print the commands, run nothing (or DRY_RUN=1)
 Python: \$PYTHON if set, else 'python' on PATH.
@@ -25,14 +25,15 @@ EOF
 }
 
 root=
-demo_tasks=severity
+demo_targets=severity
 split_option_values "$@"
 set -- "${ARGS[@]}"
 while (($#)); do
   case $1 in
     -h | --help) usage; exit 0 ;;
     --dry-run) DRY_RUN=1; shift ;;
-    --tasks) need_value "$@"; demo_tasks=$2; shift 2 ;;
+    --targets) need_value "$@"; demo_targets=$2; shift 2 ;;
+    --tasks) need_value "$@"; deprecated_option --tasks --targets; demo_targets=$2; shift 2 ;;
     --config.*) OPT_EXTRA+=("$1"); shift ;;
     -*) usage_error "unknown option $1" ;;
     *)
@@ -42,14 +43,14 @@ while (($#)); do
       ;;
   esac
 done
-check_tasks "$demo_tasks"
+check_targets "$demo_targets"
 check_overrides "${OPT_EXTRA[@]}"
 
 CHAIN_ROOT=${root:-./covid3d_demo}
 CHAIN_CONFIGS=$(local_configs)
 CHAIN_SUFFIX=:demo
-CHAIN_TASKS=$demo_tasks
-CHAIN_FLAGS=(--config.data.phantom_dir="$CHAIN_ROOT/data")
+CHAIN_TARGETS=$demo_targets
+CHAIN_FLAGS=(--config.data.phantom_dir="$CHAIN_ROOT/data" --config.cache_dir="$CHAIN_ROOT/cache")
 echo "== covid3d demo under $CHAIN_ROOT (python: $PYTHON)"
 run_chain
 print_total_time

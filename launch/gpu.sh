@@ -48,6 +48,8 @@ while (($#)); do
     *)
       parse_pipeline_option "$@"
       ((OPT_SHIFT)) || usage_error "unknown option '$1'"
+      # the deprecated --tasks goes on as --targets: warned about once, here
+      [[ $1 != --tasks ]] || set -- --targets "${@:2}"
       forward+=("${@:1:OPT_SHIFT}")
       shift "$OPT_SHIFT"
       ;;

@@ -2,7 +2,7 @@
 # The whole pipeline on the real datasets, on this machine (all its local
 # devices): 2-D pretraining on ImageNet (or a given 2-D checkpoint),
 # inflation, segmentation, pseudo-labels, segmia and multitask, 5-fold
-# fine-tuning with fold-ensemble prediction per task, the report.
+# fine-tuning with fold-ensemble prediction per target, the report.
 set -euo pipefail
 # shellcheck source=launch/common.sh
 . "$(dirname "$0")/common.sh"

@@ -17,7 +17,8 @@ Workdirs are gs://BUCKET[/PREFIX]/<stage>, the report .../report.md; a stage
 whose workdir holds a DONE file is skipped, so a rerun resumes. Data folders
 and --init2d may be gs:// paths (copied to --worker-data on every worker) or
 paths that exist on every worker (e.g. a disk attached to all of them).
-Needs gcloud, logged in, with TPU quota in the zone.
+Needs gcloud, logged in, with TPU quota in the zone, and python here (\$PYTHON if
+set, else 'python' on PATH; the standard library is enough) to list the stages.
 
 TPU slice:
   --bucket gs://B[/P]     workdir root (required); the TPU service account must

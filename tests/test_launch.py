@@ -1,29 +1,53 @@
-"""The launch scripts: syntax, dry-run command lines, stage chaining, usage errors.
+"""The launch scripts and the stage chain they run: syntax, dry-run command lines,
+stage chaining, usage errors, the README's table of the chain.
 
 The scripts print every command as '+ WORDS' (shell-quoted); the tests parse
-those lines back into argument lists. Real runs are checked with stand-ins
-for python and gcloud that record their arguments.
+those lines back into argument lists and compare them with the steps of
+covid3d.stages.chain, where the chain is written. Real runs are checked with
+stand-ins for python and gcloud that record their arguments.
 """
+import ast
 import os
 import pathlib
+import re
 import shlex
 import shutil
 import subprocess
+import sys
 
 import pytest
+
+from covid3d.stages import chain
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch"
 SCRIPTS = ("common.sh", "demo.sh", "pipeline.sh", "tpu_pod.sh", "gpu.sh")
-CHAIN_3D = ("segmentation", "pseudolabel", "segmia", "multitask")
-INITS = ("segmia", "multitask", "random")
 SSH = ["gcloud", "compute", "tpus", "tpu-vm", "ssh"]
 
 
+def search_path(*dirs):
+  """PATH with ``dirs`` first, then this interpreter's folder (its `python`), then the rest."""
+  return os.pathsep.join([*map(str, dirs), str(pathlib.Path(sys.executable).parent),
+                          os.environ["PATH"]])
+
+
+def python_stand_in(path, body=""):
+  """An executable at ``path`` that runs ``body`` (bash), but hands the chain's CLI
+  (the launchers read the chain from it with $PYTHON) to this interpreter."""
+  path.write_text(f"""#!/usr/bin/env bash
+[[ $1 != */chain.py ]] || exec {shlex.quote(sys.executable)} "$@"
+{body or f'exec {shlex.quote(sys.executable)} "$@"'}
+""")
+  path.chmod(0o755)
+  return path
+
+
 def launch(script, *args, env=None, cwd=REPO):
-  """Runs launch/<script> ARGS with a clean DRY_RUN/PYTHON/CUDA_VISIBLE_DEVICES."""
+  """Runs launch/<script> ARGS with a clean DRY_RUN/PYTHON/CUDA_VISIBLE_DEVICES and this
+  interpreter as `python` (the scripts run the chain's CLI even in dry-run mode)."""
   clean = {k: v for k, v in os.environ.items()
            if k not in ("DRY_RUN", "PYTHON", "CUDA_VISIBLE_DEVICES")}
+  clean["PATH"] = search_path()
   clean.update(env or {})
   return subprocess.run(["bash", str(LAUNCH / script), *map(str, args)], cwd=cwd, env=clean,
                         capture_output=True, text=True, timeout=60, check=False)
@@ -67,20 +91,15 @@ def stages(stdout, unwrap=lambda argv: argv):
   return [parse_stage(unwrap(c)) for c in commands(stdout) if "covid3d.main" in unwrap(c)]
 
 
-def expected_chain(root, init2d=None, tasks=("severity",)):
-  """(config, workdir, init_from, pseudo_labels) of every stage, in order (STAGES.md)."""
-  chain = []
-  if init2d is None:
-    init2d = f"{root}/pretrain2d"
-    chain.append(("pretrain2d", init2d, None, None))
-  chain += [("segmentation", f"{root}/segmentation", init2d, None),
-            ("pseudolabel", f"{root}/pseudolabel", f"{root}/segmentation", None),
-            ("segmia", f"{root}/segmia", init2d, f"{root}/pseudolabel"),
-            ("multitask", f"{root}/multitask", init2d, f"{root}/pseudolabel")]
-  for task in tasks:
-    chain += [(task, f"{root}/{task}_{i}", "random" if i == "random" else f"{root}/{i}", None)
-              for i in INITS]
-  return chain
+def chain_steps(root, init2d=None, targets=("severity",), **kwargs):
+  """The stage steps (not the report) of covid3d.stages.chain for one run."""
+  return [s for s in chain.steps(str(root), targets, init2d or "", **kwargs) if s.kind == "stage"]
+
+
+def expected_chain(root, init2d=None, targets=("severity",)):
+  """(config, workdir, init_from, pseudo_labels) of every stage, in order."""
+  return [(s.name, s.output, s.init_from or None, s.pseudo_labels or None)
+          for s in chain_steps(root, init2d, targets)]
 
 
 def chain_of(parsed):
@@ -136,17 +155,28 @@ def test_help(script):
 
 def test_demo_dry_run_chain(tmp_path):
   root = tmp_path / "demo"
-  out = dry("demo.sh", root, "--config.train.num_steps=2", env={"PYTHON": "my-python"})
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  python_stand_in(bin_dir / "my-python")
+  out = dry("demo.sh", root, "--config.train.num_steps=2",
+            env={"PYTHON": "my-python", "PATH": search_path(bin_dir)})
   parsed = stages(out)
   assert chain_of(parsed) == expected_chain(root)
+  flags = (f"--config.data.phantom_dir={root}/data", f"--config.cache_dir={root}/cache",
+           "--config.train.num_steps=2")
+  assert [s["argv"][1:] for s in parsed] == [
+      list(s.args) for s in chain_steps(root, suffix=":demo", flags=flags)]
   for s in parsed:
     assert s["argv"][:3] == ["my-python", "-m", "covid3d.main"]
     assert s["config"] == f"configs/{s['stage']}.py" and s["suffix"] == "demo"
     assert s["flags"]["--config.data.phantom_dir"] == f"{root}/data"
+    assert s["flags"]["--config.cache_dir"] == f"{root}/cache"   # everything under ROOT
     assert s["args"][-1] == "--config.train.num_steps=2"      # user overrides come last
-  inflated = {s["stage"]: s["flags"].get("--config.inflation.mode") for s in parsed}
-  assert inflated == {"pretrain2d": None, "segmentation": "full", "pseudolabel": None,
-                      "segmia": "full", "multitask": "full", "severity": None}
+    # the stages that start from the 2-D weights inflate them, the others do not
+    inflates = s["flags"].get("--config.init_from") == f"{root}/pretrain2d"
+    assert s["flags"].get("--config.inflation.mode") == ("full" if inflates else None)
+  assert {s["stage"] for s in parsed if "--config.inflation.mode" in s["flags"]} == {
+      "segmentation", "segmia", "multitask"}
   cmds = commands(out)
   assert cmds[-1] == ["my-python", "-m", "covid3d.report", str(root)]
   assert sum(line.startswith("== [") for line in out.splitlines()) == len(parsed) + 1
@@ -156,10 +186,11 @@ def test_demo_dry_run_chain(tmp_path):
 
 def test_demo_defaults_and_flag_form(tmp_path):
   """--dry-run equals DRY_RUN=1; default root; absolute configs outside the repo."""
-  out = launch("demo.sh", "--dry-run", "--tasks", "severity,detection", cwd=tmp_path)
+  out = launch("demo.sh", "--dry-run", "--targets", "severity,detection", cwd=tmp_path)
   assert out.returncode == 0, out.stderr
+  assert out.stderr == ""
   parsed = stages(out.stdout)
-  assert chain_of(parsed) == expected_chain("./covid3d_demo", tasks=("severity", "detection"))
+  assert chain_of(parsed) == expected_chain("./covid3d_demo", targets=("severity", "detection"))
   assert {pathlib.Path(s["config"]).parent for s in parsed} == {REPO / "configs"}
   assert commands(out.stdout)[0][0] == "python"
   assert not (tmp_path / "covid3d_demo").exists()
@@ -182,18 +213,22 @@ def test_demo_skips_finished_stages(tmp_path):
 def test_pipeline_imagenet_chain(tmp_path, data):
   root = tmp_path / "runs"
   out = dry("pipeline.sh", *data_args(data, "cov19ctdb", "lesions", "stoic", "imagenet"),
-            "--root", root, "--inflation", "2g", "--tasks", "severity,detection",
+            "--root", root, "--inflation", "2g", "--targets", "severity,detection",
             "--batch-size", "8", "--", "--config.train.learning_rate=1e-4")
   parsed = stages(out)
-  assert chain_of(parsed) == expected_chain(root, tasks=("severity", "detection"))
+  assert chain_of(parsed) == expected_chain(root, targets=("severity", "detection"))
   flags = data_flags(data, "cov19ctdb", "lesions", "stoic", "imagenet")
+  assert [s["argv"][1:] for s in parsed] == [list(s.args) for s in chain_steps(
+      root, targets=("severity", "detection"), inflation="2g",
+      flags=(*(f"{k}={v}" for k, v in flags.items()), "--config.train.learning_rate=1e-4"),
+      flags_3d=("--config.train.batch_size=8", "--config.train.eval_batch_size=8"))]
   for s in parsed:
     assert s["suffix"] == "" and s["argv"][0] == "python"
     assert {k: s["flags"].get(k) for k in flags} == flags
     assert s["args"][-1] == "--config.train.learning_rate=1e-4"
     is_3d = s["stage"] != "pretrain2d"
     assert s["flags"].get("--config.train.batch_size") == ("8" if is_3d else None)
-    inflates = s["stage"] in ("segmentation", "segmia", "multitask")
+    inflates = s["flags"].get("--config.init_from") == f"{root}/pretrain2d"
     assert s["flags"].get("--config.inflation.mode") == ("2g" if inflates else None)
   assert commands(out)[-1] == ["python", "-m", "covid3d.report", str(root)]
 
@@ -203,28 +238,26 @@ def test_pipeline_init2d_skips_pretraining(tmp_path, data):
             *data_args(data, "cov19ctdb", "lesions", "stoic"), "--root=" + str(tmp_path))
   parsed = stages(out)
   assert chain_of(parsed) == expected_chain(tmp_path, init2d=data["init2d"],
-                                            tasks=("severity", "detection"))
+                                            targets=("severity", "detection"))
   for s in parsed:
     assert "--config.data.imagenet_dir" not in s["flags"]
-    assert s["flags"]["--config.data.cache_dir"] == str(tmp_path / "cache")
+    assert s["flags"]["--config.cache_dir"] == str(tmp_path / "cache")
     assert s["flags"]["--config.data.stoic_dir"] == data["stoic"]
 
 
 def test_pipeline_runs_and_resumes(tmp_path, data):
   """A real run with a stand-in python: order, DONE skipping, failure stops the chain."""
   log = tmp_path / "calls.log"
-  fake = tmp_path / "fake-python"
-  fake.write_text(f"""#!/usr/bin/env bash
+  fake = python_stand_in(tmp_path / "fake-python", f"""
 echo "$*" >> {log}
 for a in "$@"; do case $a in --workdir=*) w=${{a#--workdir=}} ;; esac; done
 if [[ $2 == covid3d.report ]]; then echo "| table of $3 |"; exit 0; fi
 [[ $w != *"${{FAIL_AT:-none}}" ]] || exit 3
 mkdir -p "$w" && touch "$w/DONE"
 """)
-  fake.chmod(0o755)
   root = tmp_path / "runs"
   args = (*data_args(data, "cov19ctdb", "lesions", "stoic"), "--init2d", data["init2d"],
-          "--root", root, "--tasks", "detection")
+          "--root", root, "--targets", "detection")
 
   failed = launch("pipeline.sh", *args, env={"PYTHON": str(fake), "FAIL_AT": "segmia"})
   assert failed.returncode == 3
@@ -253,7 +286,7 @@ def tpu_args(data, *extra):
 def test_tpu_pod_dry_run(data):
   out = dry("tpu_pod.sh", *tpu_args(data, "--init2d", "gs://bucket/ckpt/convnext.pth",
                                     "--zone", "us-central2-b", "--project", "proj", "--delete",
-                                    "--tasks", "severity", "--", "--config.train.num_steps=5"))
+                                    "--targets", "severity", "--", "--config.train.num_steps=5"))
   cmds = commands(out)
   create = cmds[0]
   assert create[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "create", "covid3d"]
@@ -274,7 +307,7 @@ def test_tpu_pod_dry_run(data):
     assert s["config"] == f"configs/{s['stage']}.py"
     assert s["flags"]["--config.data.cov19ctdb_dir"] == f"{local}/cov19ctdb"  # copied from gs://
     assert s["flags"]["--config.data.lesions_dir"] == "/mnt/disks/data/lesions"  # as given
-    assert s["flags"]["--config.data.cache_dir"] == f"{local}/cache"
+    assert s["flags"]["--config.cache_dir"] == f"{local}/cache"
     assert s["args"][-1] == "--config.train.num_steps=5"
   stage_ssh = [c for c in ssh if "covid3d.main" in remote(c)]
   assert all("--worker=all" in c for c in stage_ssh) and len(stage_ssh) == len(parsed)
@@ -321,8 +354,8 @@ echo "$*" >> {log}
 """)
   (bin_dir / "gcloud").chmod(0o755)
   result = launch("tpu_pod.sh", *tpu_args(data, "--init2d", "/ckpt.pth", "--skip-install",
-                                          "--delete", "--tasks", "severity"),
-                  env={"PATH": f"{bin_dir}:{os.environ['PATH']}"})
+                                          "--delete", "--targets", "severity"),
+                  env={"PATH": search_path(bin_dir)})
   assert result.returncode == 4
   calls = log.read_text().splitlines()
   assert "severity_multitask" in calls[-2] and "severity_random" not in log.read_text()
@@ -336,12 +369,12 @@ echo "$*" >> {log}
 
 def test_gpu_dry_run(data):
   out = dry("gpu.sh", "--per-gpu-batch", "2", "--bf16",
-            *data_args(data, "cov19ctdb", "lesions", "stoic", "imagenet"), "--tasks", "detection",
+            *data_args(data, "cov19ctdb", "lesions", "stoic", "imagenet"), "--targets", "detection",
             "--", "--config.train.learning_rate=1e-4", env={"CUDA_VISIBLE_DEVICES": "0,2,3"})
   check = commands(out)[0]
   assert check[:2] == ["python", "-c"] and "n != 3" in check[2]
   parsed = stages(out)
-  assert chain_of(parsed) == expected_chain("./covid3d_runs", tasks=("detection",))
+  assert chain_of(parsed) == expected_chain("./covid3d_runs", targets=("detection",))
   for s in parsed:
     assert s["flags"]["--config.model.variant"] == "tiny"
     assert s["flags"]["--config.train.compute_dtype"] == "bfloat16"
@@ -364,6 +397,89 @@ def test_gpu_explicit_count_and_batch(data):
   assert not any("--config.train.compute_dtype" in s["flags"] for s in parsed)
 
 
+# ----------------------------------------------------------------------------- the chain
+
+
+def test_chain_hand_offs():
+  """Each stage starts from an earlier one's workdir, the 2-D checkpoint or random; those
+  that start from the 2-D weights inflate them; the report comes last."""
+  for init2d in ("", "/ckpt.pth"):
+    steps = chain.steps("R", chain.TARGETS, init2d)
+    weights_2d = init2d or "R/pretrain2d"
+    made = {"random", init2d} - {""}
+    for step in steps[:-1]:
+      assert step.kind == "stage" and (REPO / "configs" / f"{step.name}.py").is_file()
+      assert step.output.startswith("R/") and step.output not in made
+      assert step.init_from in made or (step.name == "pretrain2d" and not step.init_from)
+      assert step.pseudo_labels in made | {""}
+      assert ("--config.inflation.mode=full" in step.args) == (step.init_from == weights_2d)
+      made.add(step.output)
+    assert ("R/pretrain2d" in made) == (not init2d)
+    assert {s.pseudo_labels for s in steps if s.pseudo_labels} == {"R/pseudolabel"}
+    # every target is fine-tuned from each stage that trained on pseudo-labels, and from random
+    runs = {(s.name, s.init_from) for s in steps if s.name in chain.TARGETS}
+    starts = {s.output for s in steps if s.pseudo_labels} | {"random"}
+    assert runs == {(t, i) for t in chain.TARGETS for i in starts} and len(starts) == 3
+    assert steps[-1] == chain.Step("report", "report", "R/report.md", steps[-1].headline,
+                                   ("-m", "covid3d.report", "R"))
+
+
+def test_chain_cli():
+  """One step a line, tab-separated KIND NAME OUTPUT HEADLINE ARGS...: chain.steps()."""
+  options = ["--root=/r oot", "--targets=detection,severity", "--init2d=/k.pth",
+             "--inflation=1g", "--configs=/c", "--suffix=:demo", "--flag=--config.a=it's",
+             "--flag-3d=--config.b=2", "--flag=--config.c=3"]
+  expected = chain.steps("/r oot", ("detection", "severity"), "/k.pth", "1g", "/c", ":demo",
+                         ("--config.a=it's", "--config.c=3"), ("--config.b=2",))
+  cli = [sys.executable, str(REPO / "covid3d" / "stages" / "chain.py")]    # as the launchers
+  out = subprocess.run([*cli, *options], capture_output=True, text=True, check=True).stdout
+  assert [line.split("\t") for line in out.splitlines()] == [
+      [s.kind, s.name, s.output, s.headline, *s.args] for s in expected]
+  for bad, message in (("--targets=severity,covid", "target 'covid' is not severity or detection"),
+                       ("--flag=--config.a=x\ty", "cannot be empty or hold a tab or newline")):
+    result = subprocess.run([*cli, bad], capture_output=True, text=True, check=False)
+    assert result.returncode == 2 and not result.stdout
+    assert result.stderr.startswith("covid3d.stages.chain: ") and message in result.stderr
+
+
+def test_chain_needs_the_standard_library_only():
+  """The launchers run chain.py by path before every run: no package, nothing heavy."""
+  tree = ast.parse((REPO / "covid3d" / "stages" / "chain.py").read_text())
+  imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import)
+              for a in n.names}
+  imported |= {(n.module or "").split(".")[0] for n in ast.walk(tree)
+               if isinstance(n, ast.ImportFrom)}
+  assert imported and imported <= sys.stdlib_module_names
+
+
+def test_readme_table_is_the_chain():
+  """The README's pipeline table is chain.py's, its numbered rows in the order of the chain."""
+  section = (REPO / "README.md").read_text().split("\n## The pipeline\n", 1)[1].split("\n## ")[0]
+  start = section.index("| # | config |")
+  table = section[start:section.index("\n\n", start) + 1]
+  printed = subprocess.run([sys.executable, "-m", "covid3d.stages.chain", "--markdown"], cwd=REPO,
+                           capture_output=True, text=True, check=True).stdout
+  assert table == printed == chain.markdown_table(), (
+      "README.md: paste `python -m covid3d.stages.chain --markdown` as the pipeline table")
+  cells = [row.split(" | ") for row in table.splitlines()[2:]]
+  numbered = [c for c in cells if c[0] != "| -"]
+  assert [c[0] for c in numbered] == [f"| {i}" for i in range(1, len(numbered) + 1)]
+  order = [name for c in numbered for name in re.findall(r"`(\w+)\.py`", c[1]) or ["report"]]
+  assert order == list(dict.fromkeys(s.name for s in chain.steps("R")))
+
+
+def test_tasks_is_a_deprecated_alias_of_targets(data):
+  """--tasks still works, with one warning line (gpu.sh hands it on as --targets)."""
+  pipeline = (*data_args(data, "cov19ctdb", "lesions", "stoic", "imagenet"),)
+  for script, args in (("demo.sh", ()), ("pipeline.sh", pipeline),
+                       ("gpu.sh", ("--gpus", "1", *pipeline))):
+    result = launch(script, *args, "--tasks", "detection", env={"DRY_RUN": "1"})
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == f"{script}: --tasks is deprecated, use --targets\n"
+    finetuned = {s["stage"] for s in stages(result.stdout)} & set(chain.TARGETS)
+    assert finetuned == {"detection"}
+
+
 # ----------------------------------------------------------------------------- usage errors
 
 
@@ -374,8 +490,8 @@ def test_gpu_explicit_count_and_batch(data):
      "missing --imagenet DIR (to pretrain) or --init2d"),
     ("pipeline.sh", ["@all", "--imagenet", "I", "--init2d", "K"], "not both"),
     ("pipeline.sh", ["@all", "--imagenet", "I", "--inflation", "3g"], "'3g' is not full, 1g or 2g"),
-    ("pipeline.sh", ["@all", "--imagenet", "I", "--tasks", "severity,covid"],
-     "'covid' is not severity or detection"),
+    ("pipeline.sh", ["@all", "--imagenet", "I", "--targets", "severity,covid"],
+     "--targets: target 'covid' is not severity or detection"),
     ("pipeline.sh", ["@all", "--imagenet", "I", "--batch-size", "0"], "not a positive integer"),
     ("pipeline.sh", ["@all", "--imagenet", "I", "--", "--tasks=x"], "not a --config.FIELD=VALUE"),
     ("pipeline.sh", ["@all", "--imagenet", "I", "--bogus"], "unknown option '--bogus'"),
@@ -386,7 +502,9 @@ def test_gpu_explicit_count_and_batch(data):
     ("tpu_pod.sh", ["--bucket", "gs://b", "--imagenet", "I"], "missing --cov19ctdb"),
     ("gpu.sh", ["@all", "--init2d", "@init2d"], "no GPU to use: --gpus is '0'"),
     ("gpu.sh", ["--gpus", "2", "--stoic", "S"], "missing --cov19ctdb"),
-    ("demo.sh", ["--tasks", "grading"], "'grading' is not severity or detection"),
+    ("demo.sh", ["--targets", "grading"],
+     "--targets: target 'grading' is not severity or detection"),
+    ("demo.sh", ["--targets"], "--targets needs a value"),
     ("demo.sh", ["root1", "root2"], "one ROOT only"),
     ("demo.sh", ["root", "--config.train.num_steps"], "not a --config.FIELD=VALUE"),
 ])
