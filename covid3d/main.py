@@ -6,6 +6,7 @@ stage it names (``covid3d.stages.registry``). Any field can be overridden:
 """
 import logging as pylogging
 import os
+import sys
 
 from absl import app, flags, logging
 import jax
@@ -38,6 +39,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   config, workdir = _CONFIG.value, _WORKDIR.value
   # pylint: disable=import-outside-toplevel  (after flag parsing: --help stays fast)
+  from covid3d.data.skips import DataError
   from covid3d.stages import registry
   from covid3d.stages.handoff import HandOffError
   from covid3d.train.loop import init_distributed
@@ -53,8 +55,10 @@ def main(argv):
                  jax.device_count(), jax.process_count(), config)
   try:
     registry.run(config, workdir)
-  except HandOffError as e:
-    raise app.UsageError(f"stage {config.stage}: {e}") from None
+  except (HandOffError, DataError) as e:
+    # A missing input or (strict mode) a bad file: one line naming it, no traceback.
+    print(f"covid3d.main: stage {config.stage}: {e}", file=sys.stderr)
+    sys.exit(2)
 
 
 if __name__ == "__main__":

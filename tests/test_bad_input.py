@@ -2,11 +2,13 @@
 import gzip
 import json
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from covid3d.data import preprocess, readers
+from covid3d.data.read_common import hu_to_unit
 from covid3d.data.skips import DataError, SkipLog
 from tests import data_fixtures as fx
 
@@ -191,3 +193,79 @@ def test_build_cache_strict_raises(tmp_path):
 def test_data_error_survives_pickling():  # worker processes send it to the parent
   err = pickle.loads(pickle.dumps(DataError('/x/1.jpg', 'bad')))
   assert (err.path, err.reason, str(err)) == ('/x/1.jpg', 'bad', '/x/1.jpg: bad')
+
+
+def test_upper_case_extensions_are_read(tmp_path):
+  hu = fx.hu_volume((4, 8, 8))
+  fx.write_stoic(tmp_path / 's', {'110': hu}, {'110': (1, 0)})
+  mha = tmp_path / 's' / 'data' / 'mha'
+  (mha / '110.mha').rename(mha / '110.MHA')
+  (tmp_path / 'l').mkdir()
+  fx.write_nifti(tmp_path / 'l' / 'b_CT.NII.GZ', hu.T, fx.lps_affine((1., 1., 1.)))
+  fx.write_slices(tmp_path / 'c' / 'test' / 'ct_scan_0', fx.ramp_scan(3),
+                  names=['0.JPG', '1.JPEG', '2.jpg'])
+  skips = SkipLog()
+  refs = (readers.list_stoic(tmp_path / 's', skips=skips)
+          + readers.list_lesions(tmp_path / 'l', skips=skips)
+          + readers.list_cov19ctdb(tmp_path / 'c', 'test', skips=skips))
+  assert [(r.dataset, r.scan_id) for r in refs] == [('stoic', '110'), ('lesions', 'b'),
+                                                    ('cov19ctdb', 'ct_scan_0')]
+  scans = [readers.load_scan(r, strict=True, skips=skips) for r in refs]
+  np.testing.assert_array_equal(scans[0].volume, hu_to_unit(hu))
+  np.testing.assert_array_equal(scans[1].volume, hu_to_unit(hu))
+  assert scans[2].volume.shape == (3, 32, 32)
+  assert len(skips) == 0, skips.summary()
+
+
+@pytest.mark.parametrize('bad', [None, '110.mha', '110.MHA'])
+def test_one_scan_in_two_cases_keeps_the_readable_one(tmp_path, bad):
+  hu = fx.hu_volume((4, 8, 8))
+  fx.write_stoic(tmp_path, {'110': hu}, {'110': (1, 0)})
+  mha = tmp_path / 'data' / 'mha'
+  (mha / '110.MHA').write_bytes((mha / '110.mha').read_bytes())
+  if bad:
+    (mha / bad).write_bytes(b'not an image at all')
+  good = '110.mha' if bad != '110.mha' else '110.MHA'
+  other = '110.MHA' if good == '110.mha' else '110.mha'
+  skips = SkipLog()
+  refs = readers.list_stoic(tmp_path, skips=skips)
+  assert [r.paths for r in refs] == [(str(mha / good),)]
+  np.testing.assert_array_equal(readers.load_scan(refs[0], strict=True).volume, hu_to_unit(hu))
+  assert [(e.path, e.what) for e in skips] == [(str(mha / other), 'scan')]
+  assert 'duplicate scan id' in skips.entries[0].reason and good in skips.entries[0].reason
+  assert ('image header is unreadable' in skips.entries[0].reason) == (bad is not None)
+  assert [(r.offered, r.used, r.skipped) for r in skips.ledger()] == [(2, 0, 1)]
+
+
+def test_scan_without_class_folder_is_reported(tmp_path):
+  fx.write_cov19ctdb(tmp_path)
+  fx.write_slices(tmp_path / 'train' / 'ct_scan_4', fx.ramp_scan(3))
+  for strict in (False, True):  # a note: never fatal
+    skips = SkipLog()
+    refs = {r.scan_id: r for r in readers.list_cov19ctdb(tmp_path, 'train', strict=strict,
+                                                          skips=skips)}
+    assert refs['ct_scan_4'].labels == {} and len(refs) == 5
+    assert [(e.path, e.what, e.dataset, e.partition) for e in skips] == [
+        (str(tmp_path / 'train' / 'ct_scan_4'), 'label', 'cov19ctdb', 'train')]
+    assert 'no class folder' in skips.entries[0].reason
+    assert 'no covid label' in skips.entries[0].reason
+  skips = SkipLog()
+  readers.list_cov19ctdb(tmp_path, 'test', skips=skips)  # unlabelled by design: no note
+  assert len(skips) == 0
+
+
+def test_two_files_of_one_slice_number(tmp_path):
+  folder = _jpeg_scan(tmp_path)  # 0.jpg .. 3.jpg, slice k = 10 k
+  fx.write_slices(folder, np.full((2, 32, 32), 200, np.uint8), names=['01.jpg', '002.jpg'])
+  scan = check_rejected(_load_test_scan(tmp_path), folder / '01.jpg', 'slice number 1 twice',
+                        'slice')
+  np.testing.assert_allclose(scan.volume[:, 0, 0] * 255, [0, 10, 20, 30], atol=1e-4)
+  assert scan.meta['slices'] == ['0.jpg', '1.jpg', '2.jpg', '3.jpg']
+  skips = SkipLog()
+  readers.list_cov19ctdb(tmp_path, 'test', skips=skips)
+  assert [Path(e.path).name for e in skips] == ['01.jpg', '002.jpg']
+  assert '1.jpg and 01.jpg' in skips.entries[0].reason
+  # Without the plain name, the first by file name is used.
+  (folder / '1.jpg').unlink()
+  refs = readers.list_cov19ctdb(tmp_path, 'test', skips=SkipLog())
+  assert [Path(p).name for p in refs[0].paths] == ['0.jpg', '01.jpg', '2.jpg', '3.jpg']

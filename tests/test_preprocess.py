@@ -121,3 +121,19 @@ def test_build_cache_parallel_equals_serial(tmp_path):
   for a, b in zip(serial, parallel):
     assert open(a, 'rb').read() == open(b, 'rb').read()
   assert len(skips) == 0
+
+
+@pytest.mark.parametrize('compressed', [False, True])
+def test_read_npz_equals_np_load(tmp_path, compressed):
+  """The thread-safe reader of record and mask files gives np.load's arrays."""
+  arrays = {'volume_8': np.random.default_rng(0).random((8, 8, 8)).astype(np.float16),
+            'mask_8': (np.arange(512).reshape(8, 8, 8) % 3 == 0).astype(np.uint8),
+            'fortran': np.asfortranarray(np.arange(12.0).reshape(3, 4)), 'scalar': np.int32(7)}
+  path = tmp_path / 'r.npz'
+  (np.savez_compressed if compressed else np.savez)(path, **arrays)
+  with open(path, 'rb') as f:
+    for got in (cache.read_npz(str(path)), cache.read_npz(f)):
+      assert set(got) == set(arrays)
+      for k, v in arrays.items():
+        assert got[k].dtype == np.asarray(v).dtype and got[k].flags.writeable
+        np.testing.assert_array_equal(got[k], v)

@@ -18,6 +18,8 @@ import csv
 import hashlib
 import json
 import os
+import threading
+import zipfile
 import re
 from pathlib import Path
 
@@ -68,10 +70,31 @@ def write_npz(path, arrays: dict) -> None:
       os.remove(tmp)
 
 
-def read_npz(path) -> dict:
-  """All arrays of an .npz file, loaded into memory."""
-  with np.load(path) as z:
-    return {k: z[k] for k in z.files}
+# numpy parses each .npy header with ast.literal_eval, and CPython 3.11's ast
+# constructor is not safe to run in several threads at once (python/cpython
+# gh-106905: "SystemError: AST constructor recursion depth mismatch"), which the
+# input pipeline's reader threads do. Headers are parsed under this lock; the
+# array bytes are read and decompressed outside it.
+_HEADER_LOCK = threading.Lock()
+
+
+def read_npz(source) -> dict:
+  """All arrays of an .npz file (a path or an open binary file), loaded into memory.
+
+  Safe to call from several threads at once (see ``_HEADER_LOCK``).
+  """
+  out = {}
+  with zipfile.ZipFile(source) as archive:
+    for member in archive.namelist():
+      with archive.open(member) as f:
+        version = np.lib.format.read_magic(f)
+        with _HEADER_LOCK:
+          shape, fortran_order, dtype = (np.lib.format.read_array_header_1_0(f)
+                                         if version == (1, 0) else
+                                         np.lib.format.read_array_header_2_0(f))
+        data = np.frombuffer(bytearray(f.read()), dtype=dtype)  # writable, like np.load's
+      out[member.removesuffix('.npy')] = data.reshape(shape, order='F' if fortran_order else 'C')
+  return out
 
 
 def read_index(cache_dir) -> list[dict]:

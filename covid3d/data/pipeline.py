@@ -38,7 +38,9 @@ class RecordSource:
 
   Attributes:
     records: sequence of record dicts (`len`, `[i]`).
-    index: one `schema.index_entry` dict per record, same order.
+    index: one `schema.index_entry` dict per record, same order, plus its
+      'partition' (train, validation, test): a scan is named by
+      (partition, scan_id), since ids repeat across partitions.
     name: where the records come from, for error messages.
   """
   records: Sequence[Mapping]
@@ -71,7 +73,7 @@ def tfds_source(name: str, split: str, data_dir: str | None = None
     raise ValueError(f'{where}: no record index in metadata.json (not built '
                      'by a covid3d.data.tfds_builders builder?)')
   return RecordSource(builder.as_data_source(split=split),
-                      tuple(index), where)
+                      tuple(dict(e, partition=split) for e in index), where)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,7 +106,7 @@ def file_source(paths: Sequence[str]) -> RecordSource:
   if missing:
     raise ValueError(f'{missing[0]} (and {len(missing) - 1} more) not listed '
                      f'in the {cache.INDEX_FILE} of its folder')
-  index = tuple({'scan_id': rows[p]['scan_id'],
+  index = tuple({'scan_id': rows[p]['scan_id'], 'partition': rows[p]['partition'],
                  **{k: rows[p][k] for k in schema.INT_FIELDS}}
                 for p in paths)
   return RecordSource(RecordFiles(paths), index, f'{len(paths)} record files')

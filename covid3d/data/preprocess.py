@@ -6,6 +6,10 @@ do: no spacing used) with a cubic spline (order 3), clipped back to [0, 1]
 after the spline's overshoot and stored as float16; the mask (if any) resampled
 with order 0. `build_cache` does that for many scans in parallel into a
 content-keyed cache (`covid3d.data.cache`), `read_record` reads one back.
+A scan that cannot be read is skipped (its reason in the `SkipLog`); the
+SkipLog also gets the ledger counts (refs received, records used, per dataset
+and partition), printed with the summary and written to skips.json. The
+command (`main`) ends a bad-input error with one line on stderr and status 2.
 
 Resampling. `resample` equals `scipy.ndimage.zoom(x, out/in, order=3,
 mode='mirror', grid_mode=False)` (corner voxels map onto corner voxels) but
@@ -16,6 +20,7 @@ instead of 4^3 per voxel (about 6 times faster at 160 x 512^2 -> 256^3,
 see docs/data.md).
 """
 import argparse
+import collections
 import concurrent.futures
 import functools
 import logging
@@ -31,7 +36,7 @@ from covid3d.data import cache
 from covid3d.data import readers
 from covid3d.data import schema
 from covid3d.data.read_common import unique_ids
-from covid3d.data.skips import SkipLog, reject
+from covid3d.data.skips import DataError, SkipLog, reject
 
 DEFAULT_SIZES = (256, 224)
 LABEL_KEYS = ('covid', 'severity', 'stoic_covid', 'stoic_severe')
@@ -151,18 +156,24 @@ def read_record(path) -> dict:
 def _cache_one(ref, cache_dir: str, sizes, strict: bool):
   """Worker: (record path or None, skip entries, 'built'|'cached'|'skipped')."""
   skips = SkipLog()
-  try:
-    key = cache.cache_key(ref, settings(sizes))
-  except OSError as e:
-    reject(e.filename or ref.paths[0], f'unreadable input file: {e.strerror or e}',
-           strict=strict, skips=skips)
-    return None, skips.entries, 'skipped'
-  path = os.path.join(cache_dir, cache.record_file(ref, key))
-  if os.path.exists(path):
-    return path, skips.entries, 'cached'
-  scan = readers.load_scan(ref, strict=strict, skips=skips)
-  if scan is None:
-    return None, skips.entries, 'skipped'
+  with skips.scope(ref.dataset, ref.partition):
+    try:
+      key = cache.cache_key(ref, settings(sizes))
+    except OSError as e:
+      reject(e.filename or ref.paths[0], f'unreadable input file: {e.strerror or e}',
+             strict=strict, skips=skips)
+      return None, skips.entries, 'skipped'
+    path = os.path.join(cache_dir, cache.record_file(ref, key))
+    if os.path.exists(path):
+      return path, skips.entries, 'cached'
+    try:
+      scan = readers.load_scan(ref, strict=strict, skips=skips)
+    except OSError as e:  # the readers catch their own; this is the backstop
+      reject(e.filename or ref.paths[0], f'unreadable input: {e.strerror or e}',
+             strict=strict, skips=skips)
+      return None, skips.entries, 'skipped'
+    if scan is None:
+      return None, skips.entries, 'skipped'
   record = preprocess_scan(scan, sizes)
   if not record['has_mask']:
     record = {k: v for k, v in record.items() if not k.startswith('mask_')}
@@ -181,19 +192,25 @@ def build_cache(refs, cache_dir, sizes=DEFAULT_SIZES, *, workers: int | None = N
     sizes: cube edge lengths.
     workers: processes (spawned; None: one per CPU; 0 or 1: this process).
     strict: raise DataError on the first bad input instead of skipping it.
-    skips: SkipLog to add to (e.g. holding the listing's skips); a new one if None.
+    skips: SkipLog to add to (e.g. holding the listing's skips and counts);
+      a new one if None. Its ledger counts get, per dataset/partition, the
+      refs received and the records used (`SkipLog.count_built`); skips are
+      tagged with the ref's dataset and partition.
     progress: show a tqdm progress bar.
     workdir: where skips.json goes (default cache_dir).
 
   Returns:
     Record file paths of the readable scans, in the order of `refs`.
 
-  The run ends with the skip summary printed and written to skips.json.
+  The run ends with the skip summary and the ledger of the partitions built
+  printed, and `skips` (all of it) written to skips.json.
   """
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
   skips = SkipLog() if skips is None else skips
   os.makedirs(cache_dir, exist_ok=True)
-  refs = unique_ids(list(refs), strict=strict, skips=skips)
+  refs = list(refs)
+  received = collections.Counter((r.dataset, r.partition) for r in refs)
+  refs = unique_ids(refs, strict=strict, skips=skips)
   workers = os.cpu_count() if workers is None else workers
   args = [(ref, str(cache_dir), tuple(sizes), strict) for ref in refs]
   results = [None] * len(refs)
@@ -215,26 +232,35 @@ def build_cache(refs, cache_dir, sizes=DEFAULT_SIZES, *, workers: int | None = N
           ex.shutdown(cancel_futures=True)
           raise
   rows, paths, counts = [], [], {'built': 0, 'cached': 0, 'skipped': 0}
+  used = collections.Counter()
   for ref, (path, entries, status) in zip(refs, results):
     skips.extend(entries)
     counts[status] += 1
     if path is None:
       continue
+    used[(ref.dataset, ref.partition)] += 1
     paths.append(path)
     rows.append({'dataset': ref.dataset, 'partition': ref.partition, 'scan_id': ref.scan_id,
                  **{k: ref.labels.get(k, -1) for k in LABEL_KEYS},
                  'has_mask': int(ref.mask_path is not None), 'file': os.path.basename(path)})
   cache.update_index(cache_dir, rows)
+  for (dataset, partition), n in received.items():
+    skips.count_built(dataset, partition, received=n, used=used[(dataset, partition)])
   print(f'{len(refs)} scans: {counts["built"]} preprocessed, {counts["cached"]} from the '
-        f'cache, {counts["skipped"]} skipped; {skips.summary()}')
+        f'cache, {counts["skipped"]} skipped; {skips.summary(pairs=received)}')
   skips.write(workdir or cache_dir)
   return paths
 
 
 def main(argv=None) -> None:
-  """`python -m covid3d.data.preprocess DATASET ROOT OUT`: fill a cache."""
+  """`python -m covid3d.data.preprocess DATASET ROOT OUT`: fill a cache.
+
+  Bad input (`--strict`, or a missing partition folder or label file) ends
+  the run with one line on stderr, '<prog>: error: <file>: <reason>', and
+  exit status 2; scan counts that do not add up, with status 1.
+  """
   parser = argparse.ArgumentParser(prog='python -m covid3d.data.preprocess',
-                                   description=main.__doc__)
+                                   description=main.__doc__.splitlines()[0])
   parser.add_argument('dataset', choices=sorted(readers.DATASETS))
   parser.add_argument('root', help='dataset root (docs/data.md)')
   parser.add_argument('out', help='cache root; scans go to OUT/DATASET/PARTITION')
@@ -249,11 +275,25 @@ def main(argv=None) -> None:
   partitions = (args.partitions or ('train,validation,test' if args.dataset == 'cov19ctdb'
                                     else 'train')).split(',')
   sizes = tuple(int(s) for s in args.sizes.split(','))
-  for partition in partitions:
-    skips = SkipLog()
-    refs = readers.DATASETS[args.dataset](args.root, partition, strict=args.strict, skips=skips)
-    build_cache(refs, os.path.join(args.out, args.dataset, partition), sizes,
-                workers=args.workers, strict=args.strict, skips=skips)
+  total = SkipLog()
+  try:
+    for partition in partitions:
+      skips = SkipLog()
+      refs = readers.DATASETS[args.dataset](args.root, partition, strict=args.strict,
+                                            skips=skips)
+      build_cache(refs, os.path.join(args.out, args.dataset, partition), sizes,
+                  workers=args.workers, strict=args.strict, skips=skips)
+      total += skips
+  except DataError as e:
+    print(f'{parser.prog}: error: {e}', file=sys.stderr)
+    sys.exit(2)
+  path = total.write(os.path.join(args.out, args.dataset))
+  ledger = total.ledger()
+  print(f'{ledger.summary()}\n(all partitions: {path})')
+  if not ledger.ok:
+    print(f'{parser.prog}: error: ' + '; '.join(r.describe() for r in ledger.mismatches()),
+          file=sys.stderr)
+    sys.exit(1)
 
 
 if __name__ == '__main__':

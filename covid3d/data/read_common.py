@@ -1,5 +1,8 @@
-"""Helpers shared by the dataset readers: label CSVs, volume files, HU scaling."""
+"""Helpers shared by the dataset readers: folders, label CSVs, volume files, HU scaling."""
 import csv
+import errno
+import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +12,7 @@ from covid3d.data.skips import DataError, SkipLog, note, reject
 
 HU_WINDOW = (-1000.0, 500.0)
 MIN_SLICES = 2  # fewer slices make no volume (and no cubic spline)
+_GONE = (errno.ENOENT, errno.ENOTDIR, errno.EBADF, errno.ELOOP)  # as pathlib's is_dir
 
 
 def partition_dir(root: Path, partition: str, names: dict, *, flat_ok: bool) -> Path:
@@ -31,6 +35,44 @@ def partition_dir(root: Path, partition: str, names: dict, *, flat_ok: bool) -> 
   if flat_ok and not any((root / d).is_dir() for ds in names.values() for d in ds):
     return root
   raise DataError(root / partition, f'partition folder not found (tried {names[partition]})')
+
+
+def entries(folder: Path) -> list[tuple[Path, str]]:
+  """[(path, 'dir' | 'file' | 'other')] of a folder, sorted by name.
+
+  Raises:
+    OSError: (e.g. PermissionError) when the folder or an entry's type
+      cannot be read.
+  """
+  out = []
+  for p in sorted(folder.iterdir()):
+    try:
+      mode = os.stat(p).st_mode  # follows links, like Path.is_dir
+    except OSError as e:
+      if e.errno not in _GONE:  # e.g. EACCES: raised (Path.is_dir would say False)
+        raise
+      mode = 0  # a broken link: 'other'
+    out.append((p, 'dir' if stat.S_ISDIR(mode) else 'file' if stat.S_ISREG(mode) else 'other'))
+  return out
+
+
+def dataset_folder_entries(folder: Path, what: str) -> list[tuple[Path, str]]:
+  """`entries` of a folder that holds many scans (partition, class folder).
+
+  Raises:
+    DataError: when it cannot be read (any mode: the listing of the whole
+      partition would be incomplete).
+  """
+  try:
+    return entries(folder)
+  except OSError as e:
+    raise DataError(folder, f'unreadable {what}: {e.strerror or e}') from e
+
+
+def os_reason(e: OSError, path=None) -> str:
+  """'Permission denied' (+ ': <file>' when that is not `path`) of an OSError."""
+  text = e.strerror or str(e)
+  return f'{text}: {e.filename}' if e.filename and str(e.filename) != str(path) else text
 
 
 def stray(path, skips: SkipLog | None, expected: str) -> None:
@@ -103,22 +145,78 @@ def first_rows(rows, csv_path, *, strict, skips) -> dict[str, tuple[int, dict]]:
   return seen
 
 
-def unique_ids(refs, *, strict, skips) -> list:
-  """`refs` without later duplicates of a (dataset, partition, scan_id)."""
+def unique_ids(refs, *, strict, skips, notes=None) -> list:
+  """`refs` without later duplicates of a (dataset, partition, scan_id).
+
+  Args:
+    notes: {path: text} added to the reason of a dropped duplicate.
+  """
+  notes = notes or {}
   first, out = {}, []
   for ref in refs:
     key = (ref.dataset, ref.partition, ref.scan_id)
     if key in first:
-      reject(ref.paths[0], f'duplicate scan id {ref.scan_id!r} (also {first[key].paths[0]}; '
-             'that one is used)', strict=strict, skips=skips)
+      extra = f'; {notes[ref.paths[0]]}' if ref.paths[0] in notes else ''
+      reason = (f'duplicate scan id {ref.scan_id!r} (also {first[key].paths[0]}; '
+                f'that one is used{extra})')
+      if skips is None:
+        reject(ref.paths[0], reason, strict=strict, skips=skips)
+      else:
+        with skips.scope(ref.dataset, ref.partition):
+          reject(ref.paths[0], reason, strict=strict, skips=skips)
     else:
       first[key] = ref
       out.append(ref)
   return out
 
 
+def lower_case_extension(path) -> bool:
+  """Whether the file's extension(s) are lower case ('.mha', not '.MHA')."""
+  ext = ''.join(Path(path).suffixes)
+  return ext == ext.lower()
+
+
+def header_error(path) -> str | None:
+  """None if the image header of a volume file reads, else the error (one line).
+
+  Cheap (no voxel data read); used to choose between two files of one scan.
+  """
+  try:
+    if scan_lib.is_nifti(path):
+      import nibabel as nib  # pylint: disable=g-import-not-at-top
+      nib.load(str(path))
+    else:
+      scan_lib.sitk_reader(path).ReadImageInformation()
+  except Exception as e:  # pylint: disable=broad-except  # any library error = bad file
+    return f'{type(e).__name__}: {e}'
+  return None
+
+
+def best_first(paths) -> tuple[list, dict]:
+  """Files naming one scan ordered best first, with notes on the others.
+
+  Order: a readable header before an unreadable one, then a lower-case
+  extension before another case, then file name. With one file, no header is
+  read.
+
+  Returns:
+    (paths best first, {str(path): why it is not the first} for the rest).
+  """
+  paths = list(paths)
+  if len(paths) < 2:
+    return paths, {}
+  errors = {p: header_error(p) for p in paths}
+  ranked = sorted(paths, key=lambda p: (errors[p] is not None, not lower_case_extension(p),
+                                        Path(p).name))
+  notes = {str(p): f'its image header is unreadable: {errors[p]}' for p in ranked[1:]
+           if errors[p] is not None}
+  return ranked, notes
+
+
 def read_volume(path):
   """Reads a 3-D NIfTI (nibabel) or other SimpleITK image file.
+
+  The file format comes from the extension in any case ('.MHA' is MetaImage).
 
   Returns:
     (float32 array (I, J, K) in file voxel order, (4, 4) RAS affine).
@@ -132,7 +230,7 @@ def read_volume(path):
     data, affine = img.get_fdata(dtype=np.float32), img.affine
   else:
     import SimpleITK as sitk  # pylint: disable=g-import-not-at-top
-    img = sitk.ReadImage(str(path))
+    img = scan_lib.sitk_reader(path).Execute()
     data = sitk.GetArrayFromImage(img).astype(np.float32, copy=False).T
     affine = scan_lib.itk_to_ras_affine(img.GetSpacing(), img.GetOrigin(), img.GetDirection())
   while data.ndim > 3 and data.shape[-1] == 1:

@@ -13,8 +13,14 @@ Class folders may also be spelled 'non_covid' / 'noncovid' (case-insensitive);
 scan ids are '<covid|non-covid>/<folder>' in labelled partitions (folder names
 repeat across the two classes in the real data) and '<folder>' elsewhere.
 Slices are ordered by the integer value of their file stem (2.jpg before
-10.jpg). Files that are not '<integer>.jpg|.jpeg|.png' (.DS_Store, Thumbs.db,
-notes) are logged and ignored in every mode.
+10.jpg); extensions match in any case (.JPG). Two files of one number (1.jpg
+and 01.jpg): the one without leading zeros is used (else the first by name),
+the other is a 'slice' skip naming both. Files that are not
+'<integer>.jpg|.jpeg|.png' (.DS_Store, Thumbs.db, notes) are logged and
+ignored in every mode. A scan folder directly in train/ or validation/ (no
+class folder) is kept without a covid label and reported ('label' note). A
+scan folder that cannot be read (permissions, I/O error) is that scan's skip;
+an unreadable partition or class folder is a DataError in every mode.
 
 Severity CSV: found as <root>/<name> or <root>/<partition>/<name> for the
 names in SEVERITY_CSVS (or given explicitly); ',' ';' or tab separated; the
@@ -56,15 +62,32 @@ def _class_name(label: int) -> str:
   return 'covid' if label else 'non-covid'
 
 
-def list_slices(folder: Path, skips: SkipLog | None) -> list[Path]:
-  """Slice files of one scan folder in numeric order; stray files logged."""
-  found = []
-  for p in folder.iterdir():
-    if p.is_file() and p.suffix.lower() in SLICE_SUFFIXES and p.stem.isdigit():
-      found.append((int(p.stem), p.name, p))
+def list_slices(folder: Path, skips: SkipLog | None, *, strict: bool = False) -> list[Path]:
+  """Slice files of one scan folder in numeric order; stray files logged.
+
+  Two files of one slice number (`1.jpg`, `01.jpg`, `1.png`): the one whose
+  stem has no leading zeros is used, else the first by file name; each other
+  one is rejected as a 'slice' skip naming both.
+
+  Raises:
+    OSError: when the folder cannot be read (the caller skips the scan).
+  """
+  by_number = collections.defaultdict(list)
+  for p, kind in read_common.entries(folder):
+    if (kind == 'file' and p.suffix.lower() in SLICE_SUFFIXES and p.stem.isascii()
+        and p.stem.isdigit()):
+      by_number[int(p.stem)].append(p)
     else:
       read_common.stray(p, skips, 'an <integer>.jpg slice')
-  return [p for _, _, p in sorted(found)]
+  out = []
+  for number, paths in sorted(by_number.items()):
+    paths.sort(key=lambda p, n=number: (p.stem != str(n), p.name))
+    for other in paths[1:]:
+      reject(other, f'slice number {number} twice: {paths[0].name} and {other.name} '
+             f'(the folder {folder}); {paths[0].name} is used', strict=strict, skips=skips,
+             what='slice')
+    out.append(paths[0])
+  return out
 
 
 def find_severity_csv(root: Path, partition: str) -> Path | None:
@@ -85,48 +108,70 @@ def list_cov19ctdb(root, partition: str, *, severity_csv=None, strict: bool = Fa
     partition: 'train', 'validation' or 'test'.
     severity_csv: severity CSV path; None: looked up (module doc).
     strict: raise DataError on bad input instead of logging a skip.
-    skips: where skips are recorded.
+    skips: where skips are recorded (tagged 'cov19ctdb' and `partition`),
+      and the number of scan folders found (`SkipLog.count_offered`).
 
   Returns:
     ScanRefs sorted by scan id; `paths` are the slice files in order.
 
   Raises:
-    DataError: missing partition folder or malformed CSV header (any mode);
-      in strict mode any bad input.
+    DataError: missing or unreadable partition or class folder, malformed CSV
+      header (any mode); in strict mode any bad input.
   """
-  root = Path(root)
+  skips = SkipLog() if skips is None else skips  # (a private one still logs)
+  with skips.scope('cov19ctdb', partition):
+    return _list(Path(root), partition, severity_csv, strict, skips)
+
+
+def _list(root: Path, partition: str, severity_csv, strict: bool, skips: SkipLog):
   part = read_common.partition_dir(root, partition, PARTITION_DIRS, flat_ok=False)
+  labelled = partition != 'test'
   folders = []  # (scan_id, folder, labels)
-  for entry in sorted(part.iterdir()):
-    if not entry.is_dir():
+  for entry, kind in read_common.dataset_folder_entries(part, 'partition folder'):
+    if kind != 'dir':
       read_common.stray(entry, skips, 'a scan or class folder')
     elif entry.name.lower() in CLASS_DIRS:
       label = CLASS_DIRS[entry.name.lower()]
-      for sub in sorted(entry.iterdir()):
-        if sub.is_dir():
+      for sub, sub_kind in read_common.dataset_folder_entries(entry, 'class folder'):
+        if sub_kind == 'dir':
           folders.append((f'{_class_name(label)}/{sub.name}', sub, {'covid': label}))
         else:
           read_common.stray(sub, skips, 'a scan folder')
     else:
+      if labelled:
+        note(entry, 'no class folder (covid/, non-covid/): the scan has no covid label; kept '
+             'unlabelled, so the covid and severity tasks leave it out', skips=skips,
+             what='label')
       folders.append((entry.name, entry, {}))
-  refs = []
+  skips.count_offered('cov19ctdb', partition, len(folders))
+  refs, rejected = [], set()
   for scan_id, folder, labels in folders:
-    slices = list_slices(folder, skips)
+    try:
+      slices = list_slices(folder, skips, strict=strict)
+    except OSError as e:
+      reject(folder, f'unreadable scan folder: {read_common.os_reason(e, folder)}',
+             strict=strict, skips=skips)
+      rejected.add(folder.name)
+      continue
     if len(slices) < read_common.MIN_SLICES:
       reject(folder, f'{"empty scan folder: no" if not slices else "only one"} image slice '
              f'(a scan needs at least {read_common.MIN_SLICES})', strict=strict, skips=skips)
+      rejected.add(folder.name)
       continue
     refs.append(scan_lib.ScanRef('cov19ctdb', scan_id, tuple(map(str, slices)), labels,
                                  partition))
   refs = read_common.unique_ids(refs, strict=strict, skips=skips)
   csv_path = Path(severity_csv) if severity_csv else find_severity_csv(root, partition)
   if csv_path is not None:
-    refs = _add_severity(refs, csv_path, strict=strict, skips=skips)
+    refs = _add_severity(refs, csv_path, strict=strict, skips=skips, rejected=rejected)
   return sorted(refs, key=lambda r: r.scan_id)
 
 
-def _add_severity(refs, csv_path: Path, *, strict, skips):
-  """Refs with 'severity' labels from the CSV (matched by folder name)."""
+def _add_severity(refs, csv_path: Path, *, strict, skips, rejected=frozenset()):
+  """Refs with 'severity' labels from the CSV (matched by folder name).
+
+  `rejected`: names of scan folders skipped by the listing (their rows say so).
+  """
   rows = read_common.read_label_csv(csv_path, SEVERITY_COLUMNS)
   by_name = collections.defaultdict(list)
   for i, ref in enumerate(refs):
@@ -138,7 +183,9 @@ def _add_severity(refs, csv_path: Path, *, strict, skips):
     # Severity is only defined for covid (or unlabelled) scans.
     hits = [i for i in by_name.get(name, ()) if refs[i].labels.get('covid', 1) == 1]
     if not hits:
-      reject(where, f'names scan {name!r}, which is not a covid scan folder of this partition',
+      reject(where, f'names scan {name!r}, which was skipped (see its scan entry)'
+             if name in rejected and name not in by_name else
+             f'names scan {name!r}, which is not a covid scan folder of this partition',
              strict=strict, skips=skips, what='label')
       continue
     category = row['category']

@@ -29,27 +29,48 @@ def _strip(name: str, suffixes) -> str | None:
 
 def list_lesions(root, partition: str = 'train', *, strict: bool = False,
                  skips: SkipLog | None = None) -> list[scan_lib.ScanRef]:
-  """Lists the CT volumes (and their masks) of one partition, sorted by id.
+  """Lists the CT volumes (and their masks) of one partition, sorted by file name.
 
   A `_seg` file without its `_ct` file and any other file are logged and
-  ignored; the same scan name twice (e.g. `.nii` and `.nii.gz`) is a
-  duplicate scan id.
+  ignored. Two CT files of one scan name (`a_ct.nii` and `a_ct.nii.gz`, or
+  `a_ct.NII.GZ`) are a duplicate scan id: the one with a readable header is
+  used, then the one with a lower-case extension, then the first by name
+  (`read_common.best_first`); the other is a 'scan' skip.
+
+  Raises:
+    DataError: missing or unreadable partition folder (any mode); in strict
+      mode any bad input.
   """
-  root = Path(root)
+  skips = SkipLog() if skips is None else skips  # (a private one still logs)
+  with skips.scope('lesions', partition):
+    return _list(Path(root), partition, strict, skips)
+
+
+def _list(root: Path, partition: str, strict: bool, skips: SkipLog):
   folder = read_common.partition_dir(root, partition, PARTITION_DIRS, flat_ok=True)
-  cts, segs = [], {}
-  for p in sorted(folder.iterdir()):
-    if p.is_file() and _strip(p.name, CT_SUFFIXES) is not None:
-      cts.append((_strip(p.name, CT_SUFFIXES), p))
-    elif p.is_file() and _strip(p.name, SEG_SUFFIXES) is not None:
-      segs.setdefault(_strip(p.name, SEG_SUFFIXES), p)
+  cts, segs = {}, {}
+  for p, kind in read_common.dataset_folder_entries(folder, 'partition folder'):
+    if kind == 'file' and _strip(p.name, CT_SUFFIXES) is not None:
+      cts.setdefault(_strip(p.name, CT_SUFFIXES), []).append(p)
+    elif kind == 'file' and _strip(p.name, SEG_SUFFIXES) is not None:
+      segs.setdefault(_strip(p.name, SEG_SUFFIXES), []).append(p)
     else:
       read_common.stray(p, skips, 'a <name>_ct.nii.gz / <name>_seg.nii.gz file')
-  names = {n for n, _ in cts}
-  for n, p in segs.items():
-    if n not in names:
-      read_common.stray(p, skips, f'a mask of an existing CT ({n}_ct.nii.gz is missing)')
-  refs = [scan_lib.ScanRef('lesions', n, (str(p),), {}, partition,
-                           str(segs[n]) if n in segs else None) for n, p in cts]
-  return read_common.unique_ids(refs, strict=strict, skips=skips)
-
+  skips.count_offered('lesions', partition, sum(map(len, cts.values())))
+  masks = {}
+  for n, paths in segs.items():
+    if n not in cts:
+      for p in paths:
+        read_common.stray(p, skips, f'a mask of an existing CT ({n}_ct.nii.gz is missing)')
+      continue
+    paths, _ = read_common.best_first(paths)
+    masks[n] = paths[0]
+    for p in paths[1:]:
+      read_common.stray(p, skips, f'the one mask of {n!r} ({paths[0].name} is used)')
+  refs, notes = [], {}
+  for n, paths in cts.items():
+    paths, why = read_common.best_first(paths)
+    notes.update(why)
+    refs += [scan_lib.ScanRef('lesions', n, (str(p),), {}, partition,
+                              str(masks[n]) if n in masks else None) for p in paths]
+  return read_common.unique_ids(refs, strict=strict, skips=skips, notes=notes)

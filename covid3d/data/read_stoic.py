@@ -23,24 +23,37 @@ def list_stoic(root, partition: str = 'train', *, strict: bool = False,
                skips: SkipLog | None = None) -> list[scan_lib.ScanRef]:
   """Lists the labelled STOIC scans, sorted by PatientID.
 
+  `.mha` is matched in any case. Two files of one patient (`110.mha` and
+  `110.MHA`) are a duplicate scan id: the one with a readable header is
+  used, then the one with a lower-case extension (`read_common.best_first`);
+  the other is a 'scan' skip. A volume whose reference.csv row has no valid
+  label is skipped too ('scan', besides the row's 'label' skip).
+
   Raises:
-    DataError: if data/mha or metadata/reference.csv is missing (any mode).
+    DataError: if data/mha or metadata/reference.csv is missing, or data/mha
+      cannot be read (any mode); in strict mode any bad input.
   """
-  root = Path(root)
+  skips = SkipLog() if skips is None else skips  # (a private one still logs)
+  with skips.scope('stoic', partition):
+    return _list(Path(root), partition, strict, skips)
+
+
+def _list(root: Path, partition: str, strict: bool, skips: SkipLog):
   if not (root / MHA_DIR).is_dir():
     raise DataError(root / MHA_DIR, 'STOIC volume folder not found')
   if not (root / REFERENCE).is_file():
     raise DataError(root / REFERENCE, 'STOIC label file not found')
   files = {}
-  for p in sorted((root / MHA_DIR).iterdir()):
-    if p.is_file() and p.suffix.lower() == '.mha':
+  for p, kind in read_common.dataset_folder_entries(root / MHA_DIR, 'STOIC volume folder'):
+    if kind == 'file' and p.suffix.lower() == '.mha':
       files.setdefault(p.stem, []).append(p)
     else:
       read_common.stray(p, skips, 'a <PatientID>.mha volume')
+  skips.count_offered('stoic', partition, sum(map(len, files.values())))
   csv_path = root / REFERENCE
   rows = read_common.first_rows(read_common.read_label_csv(csv_path, COLUMNS), csv_path,
                                 strict=strict, skips=skips)
-  refs = []
+  refs, notes = [], {}
   for name, (line, row) in rows.items():
     where = f'{csv_path}:{line}'
     if name not in files:
@@ -51,15 +64,19 @@ def list_stoic(root, partition: str = 'train', *, strict: bool = False,
       labels = {'stoic_covid': _binary(row['covid']), 'stoic_severe': _binary(row['severe'])}
     except ValueError as e:
       reject(where, f'patient {name!r}: {e}', strict=strict, skips=skips, what='label')
+      for p in files[name]:
+        reject(p, f'no valid label: its row in {csv_path} (line {line}) was rejected: {e}',
+               strict=strict, skips=skips)
       continue
-    refs.extend(scan_lib.ScanRef('stoic', name, (str(p),), labels, partition)
-                for p in files[name])
+    paths, why = read_common.best_first(files[name])
+    notes.update(why)
+    refs.extend(scan_lib.ScanRef('stoic', name, (str(p),), labels, partition) for p in paths)
   for name, paths in files.items():
     if name not in rows:
       for p in paths:
         reject(p, f'no label: patient {name!r} has no row in {csv_path}', strict=strict,
                skips=skips)
-  return sorted(read_common.unique_ids(refs, strict=strict, skips=skips),
+  return sorted(read_common.unique_ids(refs, strict=strict, skips=skips, notes=notes),
                 key=lambda r: r.scan_id)
 
 

@@ -6,7 +6,9 @@
 Formats, label CSVs and tolerated variants: `read_cov19ctdb`, `read_lesions`,
 `read_stoic`. Axis convention and writing masks back: `covid3d.data.scan`.
 Bad input raises `DataError` with `strict=True`, else is logged and recorded in
-`skips` (`covid3d.data.skips`).
+`skips` (`covid3d.data.skips`), tagged with the dataset and partition; the
+listings also count the scans they found there (the ledger,
+`covid3d.data.ledger`). One SkipLog may collect every dataset and partition.
 """
 from covid3d.data.read_common import load_hu_scan
 from covid3d.data.read_cov19ctdb import list_cov19ctdb, load_cov19ctdb
@@ -28,7 +30,8 @@ def load_scan(ref: ScanRef, *, strict: bool = False, skips: SkipLog | None = Non
   Args:
     ref: from one of the DATASETS listers.
     strict: raise DataError on bad input instead of skipping.
-    skips: where a skip is recorded (always logged).
+    skips: where a skip is recorded, tagged with the ref's dataset and
+      partition (always logged).
 
   Returns:
     The Scan (float32 (D, H, W) volume in [0, 1], labels, geometry, mask), or
@@ -37,4 +40,6 @@ def load_scan(ref: ScanRef, *, strict: bool = False, skips: SkipLog | None = Non
   if ref.dataset not in _LOADERS:
     raise ValueError(f'unknown dataset {ref.dataset!r} of scan {ref.scan_id!r}; '
                      f'choose from {sorted(_LOADERS)}')
-  return _LOADERS[ref.dataset](ref, strict=strict, skips=skips)
+  skips = SkipLog() if skips is None else skips  # (a private one still logs)
+  with skips.scope(ref.dataset, ref.partition):
+    return _LOADERS[ref.dataset](ref, strict=strict, skips=skips)

@@ -12,6 +12,10 @@ resampling, so voxel values are unchanged). JPEG slice folders have no
 geometry: their slices are taken as they are (rows, columns) with 1 mm
 spacing, the identity LPS grid.
 
+Files are read whatever the case of their extension: SimpleITK is told its
+ImageIO from the lower-cased extension (`sitk_reader`), since it would pick
+none for '.MHA'.
+
 `write_mask_like` undoes the flips/permutation and writes a mask in the
 original file's voxel grid and affine, as NIfTI (.nii, .nii.gz, nibabel) or
 any SimpleITK format (.mha, .nrrd, ...).
@@ -26,6 +30,9 @@ from nibabel import orientations as nio
 CANONICAL_AXCODES = ('L', 'P', 'S')
 _LPS_TO_RAS = np.diag([-1., -1., 1., 1.])
 NIFTI_SUFFIXES = ('.nii', '.nii.gz')
+# SimpleITK picks its reader by the (case-sensitive) extension: name it for any case.
+SITK_IMAGE_IOS = {'.mha': 'MetaImageIO', '.mhd': 'MetaImageIO', '.nrrd': 'NrrdImageIO',
+                  '.nhdr': 'NrrdImageIO', '.nii': 'NiftiImageIO', '.nii.gz': 'NiftiImageIO'}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,6 +139,20 @@ def identity_meta(shape_zyx) -> dict:
 
 def is_nifti(path) -> bool:
   return str(path).lower().endswith(NIFTI_SUFFIXES)
+
+
+def sitk_reader(path):
+  """A SimpleITK ImageFileReader of `path`, its ImageIO set from the extension
+  in any case ('.MHA' reads as MetaImage; unknown extensions: SimpleITK's guess)."""
+  import SimpleITK as sitk  # pylint: disable=g-import-not-at-top
+  reader = sitk.ImageFileReader()
+  reader.SetFileName(str(path))
+  low = str(path).lower()
+  for suffix, io in SITK_IMAGE_IOS.items():
+    if low.endswith(suffix):
+      reader.SetImageIO(io)
+      break
+  return reader
 
 
 def write_mask_like(mask: np.ndarray, scan: Scan, path) -> str:

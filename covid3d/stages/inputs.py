@@ -19,7 +19,7 @@ import numpy as np
 from etils import epath
 
 from covid3d import cachedir
-from covid3d.data import phantom_writers, pipeline, preprocess, readers
+from covid3d.data import cache, phantom_writers, pipeline, preprocess, readers
 from covid3d.data.skips import SkipLog
 from covid3d.stages.handoff import HandOffError
 
@@ -57,9 +57,15 @@ def list_refs(config, dataset: str, partitions: Sequence[str] = ("train",),
 
 
 def record_source(config, workdir, dataset: str, partitions: Sequence[str] = ("train",),
-                  refs=None) -> pipeline.RecordSource:
-  """Preprocessed records of ``dataset`` (cached; built on first use); skips go to the workdir."""
-  skips = SkipLog()
+                  refs=None, skips: SkipLog | None = None) -> pipeline.RecordSource:
+  """Preprocessed records of ``dataset`` (cached; built on first use).
+
+  ``skips``: the stage's one skip report (``SkipLog``), shared by all its
+  datasets and partitions; ``<workdir>/skips.json`` is rewritten with all of it
+  (every skip with its reason, and the ledger of scans offered, used and
+  skipped per dataset and partition). ``refs``: already listed into ``skips``.
+  """
+  skips = SkipLog() if skips is None else skips
   refs = list_refs(config, dataset, partitions, skips) if refs is None else refs
   paths = preprocess.build_cache(refs, cachedir.path("records", dataset),
                                  tuple(config.data.sizes), workers=config.data.workers or None,
@@ -72,25 +78,28 @@ def record_source(config, workdir, dataset: str, partitions: Sequence[str] = ("t
 
 @dataclasses.dataclass(frozen=True)
 class WithMasks(Sequence):
-  """Records with their mask fields replaced by pseudo-label files (by scan id)."""
+  """Records with their mask fields replaced by pseudo-label files (one per record)."""
   base: Sequence[Mapping]
-  scan_ids: tuple
-  mask_files: Mapping[str, str]
+  mask_files: tuple[str, ...]
 
   def __len__(self):
     return len(self.base)
 
   def __getitem__(self, i):
     record = dict(self.base[i])
-    with epath.Path(self.mask_files[self.scan_ids[i]]).open("rb") as f, np.load(f) as masks:
-      record.update({k: masks[k] for k in masks.files})
+    with epath.Path(self.mask_files[i]).open("rb") as f:
+      record.update(cache.read_npz(f))
     record["has_mask"] = np.int32(1)
     return record
 
 
-def file_stem(scan_id: str) -> str:
-  """A file name for a scan id (COV19-CT-DB ids hold a '/': ``covid/ct_scan_3``)."""
-  return scan_id.replace("/", "__")
+def file_stem(entry: Mapping) -> str:
+  """A file name for a record's scan, unique within its dataset: ``<partition>__<scan id>``.
+
+  Scan ids repeat across partitions (``train/covid/ct_scan_0`` and
+  ``validation/covid/ct_scan_0`` are two scans), and COV19-CT-DB ids hold a '/'.
+  """
+  return f"{entry['partition']}__{entry['scan_id'].replace('/', '__')}"
 
 
 def with_pseudo_labels(source: pipeline.RecordSource, pseudo_dir: str, dataset: str):
@@ -100,16 +109,15 @@ def with_pseudo_labels(source: pipeline.RecordSource, pseudo_dir: str, dataset: 
     raise HandOffError(
         f"no pseudo-labels for {dataset} in {folder}: run the pseudolabel stage first, e.g. "
         f"python -m covid3d.main --config=configs/pseudolabel.py --workdir={pseudo_dir}")
-  ids = tuple(e["scan_id"] for e in source.index)
   present = {p.name for p in folder.iterdir()}
-  files = {sid: str(folder / f"{file_stem(sid)}.npz") for sid in ids}
-  missing = [sid for sid in ids if f"{file_stem(sid)}.npz" not in present]
+  names = tuple(f"{file_stem(e)}.npz" for e in source.index)
+  missing = [name for name in names if name not in present]
   if missing:
     raise HandOffError(f"{len(missing)} scans have no pseudo-label in {folder} (e.g. {missing[0]}); "
                        "rerun the pseudolabel stage on the same data")
   index = tuple(dict(e, has_mask=1) for e in source.index)
-  return pipeline.RecordSource(WithMasks(source.records, ids, files), index,
-                               f"{source.name} + pseudo-labels {folder}")
+  return pipeline.RecordSource(WithMasks(source.records, tuple(str(folder / n) for n in names)),
+                               index, f"{source.name} + pseudo-labels {folder}")
 
 
 def holdout_split(n: int, fraction: float, seed: int):

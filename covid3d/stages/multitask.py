@@ -8,6 +8,7 @@ losses weighted by ``config.loss.weights`` (1:1). Best checkpoint by
 import jax.numpy as jnp
 
 from covid3d import losses
+from covid3d.data.skips import SkipLog
 from covid3d.models import build
 from covid3d.stages import fit, handoff, inputs
 from covid3d.train import tasks
@@ -49,7 +50,7 @@ def multitask_task(weights) -> tasks.Task:
 
 
 def run(config, workdir):
-  source = inputs.record_source(config, workdir, "stoic")
+  source = inputs.record_source(config, workdir, "stoic", skips=SkipLog())
   source = inputs.with_pseudo_labels(source, config.pseudo_labels, "stoic")
   model = build.make_model(config, {HEAD: 2}, segmentation=True)
   train_idx, val_idx = inputs.holdout_split(len(source.index), config.data.val_fraction,

@@ -17,6 +17,7 @@ import numpy as np
 from etils import epath
 
 from covid3d import metrics
+from covid3d.data.skips import SkipLog
 from covid3d.models import build
 from covid3d.stages import handoff, inputs
 
@@ -75,11 +76,13 @@ def write_outputs(outdir, partition, ids, probs, names, labels=None):
   return result
 
 
-def predict_finetuned(config, finetune_dir, outdir=None):
+def predict_finetuned(config, finetune_dir, outdir=None, skips: SkipLog | None = None):
   """Ensemble predictions of ``finetune_dir``'s folds; returns the labelled partitions' macro F1.
 
   The target (severity or detection) is the stage ``finetune_dir`` ran.
+  ``skips``: the stage's skip report, to which the partitions' scans are added.
   """
+  skips = SkipLog() if skips is None else skips
   stage = handoff.stage_info(finetune_dir).get("stage")
   label, names = handoff.target(stage)
   outdir = outdir or finetune_dir
@@ -93,11 +96,12 @@ def predict_finetuned(config, finetune_dir, outdir=None):
                        f"model.variant={config.model.variant!r}?")
   summary = {"ensemble_folds": list(folds)}
   for partition in config.predict.partitions:
-    refs = inputs.list_refs(config, "cov19ctdb", (partition,))
+    refs = inputs.list_refs(config, "cov19ctdb", (partition,), skips)
     if not refs:
       logging.info("partition %s has no scans: nothing to predict", partition)
       continue
-    source = inputs.record_source(config, outdir, "cov19ctdb", (partition,), refs=refs)
+    source = inputs.record_source(config, outdir, "cov19ctdb", (partition,), refs=refs,
+                                  skips=skips)
     ids, probs = predict_probs(config, model, params_list, source, label)
     by_id = {e["scan_id"]: e[label] for e in source.index}
     result = write_outputs(outdir, partition, ids, probs, names,

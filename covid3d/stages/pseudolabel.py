@@ -1,9 +1,11 @@
 """Stage ``pseudolabel``: the segmentation teacher (EMA) labels COV19-CT-DB and STOIC.
 
-For every scan it writes ``masks/<dataset>/<scan>.npz`` (hard 0/1 masks at
-both cached sizes: the records the segmia/multitask stages read) and, with
-``pseudolabel.write_nifti``, ``nifti/<dataset>/<scan>_pseudo.nii.gz`` in the
-scan's original geometry (spacing, origin, direction), for ITK-SNAP/3D Slicer.
+For every scan it writes ``masks/<dataset>/<partition>__<scan>.npz`` (hard
+0/1 masks at both cached sizes: the records the segmia/multitask stages read)
+and, with ``pseudolabel.write_nifti``,
+``nifti/<dataset>/<partition>__<scan>_pseudo.nii.gz`` in the scan's original
+geometry (spacing, origin, direction), for ITK-SNAP/3D Slicer. A scan is named
+by its partition and id: ids repeat across partitions (``inputs.file_stem``).
 
 Modes (``pseudolabel.mode``): ``upsample`` (the authors' code: predict the
 input-size cache, upsample the probabilities trilinearly to the large size)
@@ -24,6 +26,7 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from covid3d.data import readers
+from covid3d.data.skips import SkipLog
 from covid3d.models import build
 from covid3d.models.ops import resize_linear
 from covid3d.stages import handoff, inputs
@@ -73,13 +76,13 @@ def run(config, workdir):
   params = teacher_params(config, model)
   apply_fn = build.apply_fn(model, config, "segmentation")
   prob = jax.jit(lambda x: jax.nn.sigmoid(apply_fn(params, x, True, None)))
-  counts = {}
+  counts, skips = {}, SkipLog()
   for dataset, partitions in DATASETS:
     if dataset not in p.datasets:
       continue
-    refs = inputs.list_refs(config, dataset, partitions)
-    source = inputs.record_source(config, workdir, dataset, partitions, refs=refs)
-    by_id = {r.scan_id: r for r in refs}
+    refs = inputs.list_refs(config, dataset, partitions, skips)
+    source = inputs.record_source(config, workdir, dataset, partitions, refs=refs, skips=skips)
+    ref_of = {(r.partition, r.scan_id): r for r in refs}
     mask_dir = epath.Path(workdir) / "masks" / dataset
     nifti_dir = epath.Path(workdir) / "nifti" / dataset
     mask_dir.mkdir(parents=True, exist_ok=True)
@@ -98,13 +101,13 @@ def run(config, workdir):
       # Every process predicts every scan (a model at one device per scan); process 0 writes.
       rows = np.flatnonzero(np.asarray(batch["valid"])) if jax.process_index() == 0 else []
       for row in rows:
-        sid = source.index[int(batch["record_index"][row])]["scan_id"]
+        entry = source.index[int(batch["record_index"][row])]
         buffer = io.BytesIO()
         np.savez_compressed(buffer, **{f"mask_{small}": np.asarray(little[row, ..., 0] > 0.5, np.uint8),
                                        f"mask_{big}": np.asarray(large[row, ..., 0] > 0.5, np.uint8)})
-        (mask_dir / f"{inputs.file_stem(sid)}.npz").write_bytes(buffer.getvalue())
+        (mask_dir / f"{inputs.file_stem(entry)}.npz").write_bytes(buffer.getvalue())
         if p.write_nifti:
-          _write_nifti(by_id[sid], large[row], nifti_dir, config)
+          _write_nifti(ref_of[entry["partition"], entry["scan_id"]], large[row], nifti_dir, config)
         done += 1
     counts[dataset] = done
     logging.info("pseudo-labelled %d %s scans into %s", done, dataset, mask_dir)
@@ -123,7 +126,7 @@ def _write_nifti(ref, prob_large, nifti_dir, config):
   prob_large = np.asarray(prob_large[..., 0], np.float32)
   prob = ndimage.zoom(prob_large, np.divide(scan.volume.shape, prob_large.shape), order=1,
                       grid_mode=False)
-  name = f"{inputs.file_stem(ref.scan_id)}_pseudo.nii.gz"
+  name = f"{inputs.file_stem({'partition': ref.partition, 'scan_id': ref.scan_id})}_pseudo.nii.gz"
   with tempfile.TemporaryDirectory() as tmp:  # nibabel writes local files; the workdir may be gs://
     readers.write_mask_like(np.asarray(prob > 0.5, np.uint8), scan, os.path.join(tmp, name))
     (nifti_dir / name).write_bytes(epath.Path(tmp, name).read_bytes())

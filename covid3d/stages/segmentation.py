@@ -3,6 +3,7 @@
 Starts from ``init_from`` (usually the pretrain2d workdir, inflated); the
 best checkpoint is chosen by the EMA model's validation Dice.
 """
+from covid3d.data.skips import SkipLog
 from covid3d.models import build
 from covid3d.stages import fit, handoff, inputs
 from covid3d.train import tasks
@@ -21,4 +22,5 @@ def train_segmentation(config, workdir, source):
 
 
 def run(config, workdir):
-  return train_segmentation(config, workdir, inputs.record_source(config, workdir, "lesions"))
+  source = inputs.record_source(config, workdir, "lesions", skips=SkipLog())
+  return train_segmentation(config, workdir, source)

@@ -3,6 +3,7 @@
 Initialised from the inflated ImageNet (pretrain2d) weights, not from the
 teacher, as in the paper.
 """
+from covid3d.data.skips import SkipLog
 from covid3d.stages import inputs
 from covid3d.stages.segmentation import train_segmentation
 
@@ -10,6 +11,6 @@ PARTITIONS = ("train", "validation", "test")
 
 
 def run(config, workdir):
-  source = inputs.record_source(config, workdir, "cov19ctdb", PARTITIONS)
+  source = inputs.record_source(config, workdir, "cov19ctdb", PARTITIONS, skips=SkipLog())
   source = inputs.with_pseudo_labels(source, config.pseudo_labels, "cov19ctdb")
   return train_segmentation(config, workdir, source)
