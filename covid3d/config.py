@@ -33,6 +33,10 @@ def get_config(stage: str) -> ml_collections.ConfigDict:
   c.model.drop_path_rate = 0.1        # the authors' effective value (docs/method.md)
   c.model.layer_scale_init = 1e-6
   c.model.head_hidden = 768           # authors' extra Linear+ReLU before each classifier; 0: official head
+  # A classification head the init_from source lacks: 'carry' takes the source
+  # head's LayerNorm and pre_head (the authors' fine-tuning), re-initialising the
+  # classifier; 'fresh' re-initialises the whole head.
+  c.model.head_init = "carry"
   c.model.dwconv_impl = "auto"        # xla, fft, shift or auto (measured per device and shape)
   c.model.remat = "none"              # none, block, stage: recompute activations to save memory
   c.model.seg_head = ml_collections.ConfigDict()
@@ -46,7 +50,11 @@ def get_config(stage: str) -> ml_collections.ConfigDict:
   # How a 2-D checkpoint becomes 3-D (covid3d.inflation).
   c.inflation = ml_collections.ConfigDict()
   c.inflation.mode = "full"           # full, 1g, 2g
-  c.inflation.norm = "sum"            # sum (authors' code) or l2 (paper's text)
+  c.inflation.norm = "sum"            # sum (authors' code), sum_per_slice (their in-loop 1G rescale) or l2 (paper's text)
+  # Gaussian of 1g/2g: authors (mean size//2, none below 3 taps: their code) or
+  # centred (mean (size-1)/2 for every size). They differ only on the even stem
+  # and downsampling kernels.
+  c.inflation.gaussian = "authors"
   c.inflation.new_axis = 0            # 0: 2-D filters in the axial plane; 2: the authors' code
 
   c.data = ml_collections.ConfigDict()
@@ -62,6 +70,9 @@ def get_config(stage: str) -> ml_collections.ConfigDict:
   c.data.std = 0.3207
   c.data.folds = 5                    # cross-validation folds
   c.data.fold_seed = 0
+  # A split file to use instead of making folds: covid3d's folds.csv, or the
+  # authors' cv5_*.csv (patient,Path,Set,Inf,Sev,cv). '' = stratified folds from fold_seed.
+  c.data.folds_csv = ""
   c.data.val_fraction = 0.2           # held-out share for pretraining stages' validation
   c.data.phantom = False              # generate and use the synthetic phantom
   c.data.phantom_dir = "./covid3d_demo/data"

@@ -98,7 +98,7 @@ def balanced_cross_entropy(logits, labels, class_counts, mask=None):
   return cross_entropy(logits, labels, class_weights(class_counts), mask)
 
 
-def segmentation_loss(logits, mask, valid=None, per_example=False):
+def segmentation_loss(logits, mask, valid=None, per_example=True):
   """Soft Dice + binary cross entropy on the lesion logit (the authors' loss).
 
   ``loss = (1 - dice) + bce`` with ``p = sigmoid(logits)``,
@@ -106,11 +106,12 @@ def segmentation_loss(logits, mask, valid=None, per_example=False):
   authors' code) and ``bce`` the mean binary cross entropy over the counted
   voxels.
 
-  Dice pooling: ``per_example=True`` computes one Dice per example and
-  averages over the valid examples, as the authors' code does; it does not
-  depend on how the batch is split over devices. ``per_example=False`` (the
-  default here) pools the sums over all counted voxels of the batch at once,
-  which inside ``shard_map`` pools one device's shard only.
+  Dice pooling: ``per_example=True`` (default) computes one Dice per example
+  and averages over the examples with a counted voxel, as the authors' code
+  does in both its segmentation and its multitask training; it does not
+  depend on how the batch is split over devices. ``per_example=False`` pools
+  the sums over all counted voxels of the batch at once (inside ``shard_map``
+  that pools one device's shard only).
 
   Args:
     logits: ``(B, ...)`` float lesion logits, e.g. ``(B, D, H, W, 1)``.

@@ -142,13 +142,14 @@ def test_segmentation_bce_matches_torch():
   p = torch.sigmoid(x)
   dice = (2 * (p * t).sum() + 1) / (p.sum() + t.sum() + 1)
   want = 1 - dice + torch.nn.functional.binary_cross_entropy_with_logits(x, t)
-  np.testing.assert_allclose(losses.segmentation_loss(logits, mask), want.item(), rtol=1e-5)
+  np.testing.assert_allclose(losses.segmentation_loss(logits, mask, per_example=False),
+                             want.item(), rtol=1e-5)
 
 
 def test_segmentation_loss_batch_and_per_example_differ_and_rank_predictions():
   logits, mask = seg_batch(6)
-  a = losses.segmentation_loss(logits, mask)
-  b = losses.segmentation_loss(logits, mask, per_example=True)
+  a = losses.segmentation_loss(logits, mask, per_example=False)
+  b = losses.segmentation_loss(logits, mask)
   assert abs(float(a) - float(b)) > 1e-4
   good = np.where(mask[..., None] > 0, 8.0, -8.0).astype(np.float32)
   assert float(losses.segmentation_loss(good, mask)) < 0.01 < float(a)
@@ -179,13 +180,14 @@ def multitask_batch(seed):
 
 
 def test_multitask_loss_is_the_weighted_sum_of_masked_head_losses():
+  """The segmentation term is one Dice per scan, averaged (the authors' multitask loss)."""
   outputs, batch = multitask_batch(8)
   weights = {"severity": 0.7, "segmentation": 1.3}
   got = losses.multitask_loss(outputs, batch, weights)
   valid = np.array([True, False, True])
   want = (0.7 * np_weighted_ce(outputs["severity"], batch["severity"], np.ones(4))
           + 1.3 * np_segmentation_loss(outputs["segmentation"], batch["segmentation"],
-                                       valid, False))
+                                       valid, True))
   np.testing.assert_allclose(got, want, rtol=1e-5)
   cw = {"severity": losses.class_weights(SEVERITY_COUNTS)}
   got_w = jax.jit(lambda o, b: losses.multitask_loss(o, b, weights, cw))(outputs, batch)

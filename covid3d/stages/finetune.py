@@ -19,6 +19,7 @@ from etils import epath
 from covid3d import losses
 from covid3d.data import folds as folds_lib
 from covid3d.data import pipeline
+from covid3d.data.skips import SkipLog
 from covid3d.models import build
 from covid3d.stages import fit, handoff, inputs, predict
 from covid3d.train import tasks
@@ -40,7 +41,7 @@ def fold_table(config, workdir, source, label):
   ids = [source.index[i]["scan_id"] for i in labelled]
   labels = [source.index[i][label] for i in labelled]
   assignment = folds_lib.load_or_make_folds(workdir, ids, labels, config.data.folds,
-                                            config.data.fold_seed)
+                                            config.data.fold_seed, folds_csv=config.data.folds_csv)
   return dict(zip(ids, (int(f) for f in assignment)))
 
 
@@ -70,7 +71,8 @@ def train_fold(config, workdir, source, fold_of, fold, label, num_classes):
 
 def run(config, workdir):
   label, names = handoff.target(config.stage)
-  source = inputs.record_source(config, workdir, "cov19ctdb", ("train",))
+  skips = SkipLog()
+  source = inputs.record_source(config, workdir, "cov19ctdb", ("train",), skips=skips)
   fold_of = fold_table(config, workdir, source, label)
   summaries = []
   for fold in range(config.data.folds):
@@ -87,6 +89,6 @@ def run(config, workdir):
                               for k, name in enumerate(names)}}
   (epath.Path(workdir) / "cv.json").write_text(json.dumps(cv, indent=1))
   logging.info("CV macro F1 %.4f over %d folds", cv["mean_macro_f1"], len(summaries))
-  outputs = predict.predict_finetuned(config, workdir)
+  outputs = predict.predict_finetuned(config, workdir, skips=skips)
   handoff.mark_done(workdir, {"cv_macro_f1": cv["mean_macro_f1"], **outputs})
   return cv

@@ -86,11 +86,75 @@ def _same_shapes(a, b) -> bool:
       np.shape(x) == np.shape(y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
-def load_initial_params(config: ml_collections.ConfigDict, params):
-  """Replaces parts of freshly initialised 3-D ``params`` from ``config.init_from``.
+def _classification_heads(tree) -> dict:
+  """name -> classification head subtree: ``head_<name>`` of a MultitaskModel, ``head`` of a ConvNeXt."""
+  return {k: v for k, v in tree.items() if k == "head" or k.startswith("head_")}
 
-  The backbone must match exactly (variant, channels); heads whose name or
-  shape differ from the source are kept freshly initialised (logged).
+
+def read_source(src: str):
+  """The parameter tree ``init_from`` names: a workdir's best EMA parameters or a 2-D checkpoint."""
+  if src.endswith(weights.CHECKPOINT_SUFFIXES):
+    if not epath.Path(src).exists():
+      raise HandOffError(f"init_from checkpoint {src} does not exist")
+    return weights.load_torch_convnext(src, spatial_dims=2)
+  if epath.Path(src).is_dir():
+    return best_params(src)
+  raise HandOffError(f"init_from={src!r} is neither 'random', a workdir nor a checkpoint file "
+                     f"({', '.join(weights.CHECKPOINT_SUFFIXES)})")
+
+
+def merge_source(source, params, config: ml_collections.ConfigDict, what: str):
+  """Freshly initialised 3-D ``params`` with the parts of ``source`` that carry over.
+
+  * The backbone is taken whole (inflated when ``source`` is 2-D) and must fit exactly.
+  * A head of the same name and shapes is taken whole (e.g. reloading a fold).
+  * Otherwise, with ``config.model.head_init='carry'`` (the authors' fine-tuning),
+    a classification head takes its LayerNorm ``norm`` and ``pre_head`` from the
+    source's single classification head where the shapes fit, and keeps its
+    fresh classifier ``fc`` (another class count); ``'fresh'`` re-initialises
+    every head the source does not hold under the same name. Each choice is logged.
+
+  Raises:
+    HandOffError: a backbone that does not fit.
+  """
+  backbone = _backbone_of(source)
+  if _is_2d(backbone):
+    inf = config.inflation
+    logging.info("inflating the 2-D backbone of %s (%s, norm %s, %s Gaussian)", what, inf.mode,
+                 inf.norm, inf.gaussian)
+    backbone = inflation.inflate_params(backbone, inf.mode, inf.norm, new_axis=inf.new_axis,
+                                        gaussian=inf.gaussian)
+  check_fits(backbone, params["backbone"], f"backbone weights of {what}",
+             f"is config.model.variant={config.model.variant!r} the variant {what} was trained with?")
+  out = dict(params, backbone=backbone)
+  theirs_heads = _classification_heads(source)
+  for name in params:
+    if name == "backbone":
+      continue
+    theirs = source.get(name)
+    if theirs is not None and _same_shapes(theirs, params[name]):
+      out[name] = theirs
+      logging.info("head %s loaded from %s", name, what)
+      continue
+    donor = next(iter(theirs_heads.values())) if len(theirs_heads) == 1 else None
+    if config.model.head_init == "carry" and name.startswith("head_") and donor is not None:
+      carried = {k: donor[k] for k in ("norm", "pre_head")
+                 if k in donor and k in params[name] and _same_shapes(donor[k], params[name][k])}
+      if carried:
+        out[name] = dict(params[name], **carried)
+        logging.info("head %s: %s loaded from %s's %s, the rest re-initialised", name,
+                     " and ".join(sorted(carried)), what, next(iter(theirs_heads)))
+        continue
+    why = "absent in the source" if theirs is None else "shape differs from the source"
+    logging.info("head %s re-initialised (%s)", name, why)
+  return out
+
+
+def load_initial_params(config: ml_collections.ConfigDict, params):
+  """Freshly initialised 3-D ``params`` with what carries over from ``config.init_from``.
+
+  ``init_from``: 'random' (``params`` as they are), an earlier stage's workdir
+  or a 2-D checkpoint file; see ``merge_source`` for what is taken.
 
   Raises:
     HandOffError: missing source, or a backbone that does not fit.
@@ -99,34 +163,7 @@ def load_initial_params(config: ml_collections.ConfigDict, params):
   if src in ("", "random"):
     logging.info("init_from=random: all weights freshly initialised")
     return params
-  if src.endswith(weights.CHECKPOINT_SUFFIXES):
-    if not epath.Path(src).exists():
-      raise HandOffError(f"init_from checkpoint {src} does not exist")
-    source = {"backbone": weights.load_torch_convnext(src, spatial_dims=2)}
-  elif epath.Path(src).is_dir():
-    source = best_params(src)
-  else:
-    raise HandOffError(f"init_from={src!r} is neither 'random', a workdir nor a checkpoint file "
-                       f"({', '.join(weights.CHECKPOINT_SUFFIXES)})")
-  backbone = _backbone_of(source)
-  if _is_2d(backbone):
-    inf = config.inflation
-    logging.info("inflating the 2-D backbone of %s (%s, norm %s)", src, inf.mode, inf.norm)
-    backbone = inflation.inflate_params(backbone, inf.mode, inf.norm, new_axis=inf.new_axis)
-  check_fits(backbone, params["backbone"], f"backbone weights of {src}",
-             f"is config.model.variant={config.model.variant!r} the variant {src} was trained with?")
-  out = dict(params, backbone=backbone)
-  for name in params:
-    if name == "backbone":
-      continue
-    theirs = source.get(name)
-    if theirs is not None and _same_shapes(theirs, params[name]):
-      out[name] = theirs
-      logging.info("head %s loaded from %s", name, src)
-    else:
-      why = "absent in the source" if theirs is None else "shape differs from the source"
-      logging.info("head %s re-initialised (%s)", name, why)
-  return out
+  return merge_source(read_source(src), params, config, src)
 
 
 def check_fits(params, like, what: str, hint: str):
