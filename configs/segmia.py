@@ -7,4 +7,11 @@ from covid3d import config as base
 
 
 def get_config(arg=None):
-  return base.pretraining_config("segmia", arg, num_steps=20000, eval_every=1000)
+  c = base.pretraining_config("segmia", arg, num_steps=20000, eval_every=1000)
+  c.segmia = base.ml_collections.ConfigDict()
+  # COV19-CT-DB partitions whose pseudo-labelled scans segmia trains on. All three
+  # (the authors' use of every unlabelled scan) is transductive: the validation
+  # and test scans the results are reported on are seen, without their labels.
+  # ("train",) keeps them out.
+  c.segmia.partitions = ("train", "validation", "test")
+  return c

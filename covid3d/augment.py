@@ -43,6 +43,7 @@ from covid3d.augment_ops import (ELASTIC_METHODS, _QUARTER_PLANES, elastic_displ
                                  rot90, rotation_matrix, sample, warp)
 
 __all__ = ["default_config", "draw", "augment", "augment_batch", "augment_example",
+           "resolve_noise_space",
            "gaussian_filter", "warp",
            "elastic_displacement", "rot90", "code_truncate"]
 
@@ -83,6 +84,11 @@ def default_config() -> ml_collections.ConfigDict:
   - ``noise.weight``: w in ``(1 - w) x + w N(mean, std)`` (code: 0.03).
   - ``noise.mean``: mean ~ U(lo, hi), intensity units (code: 0.5, 0.5).
   - ``noise.std``: std ~ U(lo, hi), intensity units (code: 0.3, 1.0).
+  - ``noise.space``: where the noise is added. 'intensity' (default): to the
+    [0, 1] volume, the units of ``mean``/``std`` (the code's pretraining).
+    'input': to the normalised model input ``(x - m) / s`` (the code's
+    fine-tuning), ``mean``/``std`` in those units; :func:`augment` works in
+    intensity units, so a stage converts with :func:`resolve_noise_space`.
   - ``noise.skip_minimum``: leave voxels equal to the volume's minimum
     unchanged (code: True; air outside the body stays clean).
   - ``noise.clip``: None, or (lo, hi) to clip every output volume's
@@ -119,8 +125,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.blur = ml_collections.ConfigDict({"p": 0.2, "sigma": (0.6, 0.8), "truncate": 4.0,
                                       "mode": "reflect"})
   c.noise = ml_collections.ConfigDict({"p": 0.2, "weight": 0.03, "mean": (0.5, 0.5),
-                                       "std": (0.3, 1.0), "skip_minimum": True,
-                                       "clip": None})
+                                       "std": (0.3, 1.0), "space": "intensity",
+                                       "skip_minimum": True, "clip": None})
   c.rot90 = ml_collections.ConfigDict({"p": 0.25})
   c.elastic = ml_collections.ConfigDict({
       "p": 0.5, "units": "code", "alpha": (1.0, 7.0), "max_displacement": (2.0, 8.0),
@@ -161,6 +167,9 @@ def _check(config) -> None:
     _check_range(name, pair)
   if config.noise.clip is not None:
     _check_range("noise.clip", config.noise.clip)
+  if config.noise.space != "intensity":
+    raise ValueError(f"augment.noise.space={config.noise.space!r}: augment works in intensity "
+                     "units; convert the config with resolve_noise_space(config, mean, std)")
 
 
 def _uniform(key, pair):
@@ -352,6 +361,28 @@ def augment(key: jax.Array, volume: jax.Array, mask: Optional[jax.Array],
   if n.clip is not None:
     vol = jnp.clip(vol, n.clip[0], n.clip[1])
   return vol, msk
+
+
+def resolve_noise_space(config: ml_collections.ConfigDict, mean: float,
+                        std: float) -> ml_collections.ConfigDict:
+  """``config`` with its noise in intensity units, for data normalised as ``(x - mean) / std``.
+
+  Noise ``(1 - w) y + w N(mu, sigma)`` added to the model input ``y = (x - mean) / std``
+  equals ``(1 - w) x + w N(mean + std mu, std sigma)`` added to ``x`` before the
+  normalisation (the skipped minimum voxels are the same ones), so
+  ``noise.space='input'`` becomes 'intensity' with ``mean + std * noise.mean``
+  and ``std * noise.std``. A config already in intensity units is returned as it is.
+  """
+  if config.noise.space == "intensity":
+    return config
+  if config.noise.space != "input":
+    raise ValueError(f"augment.noise.space must be 'input' or 'intensity', "
+                     f"got {config.noise.space!r}")
+  out = ml_collections.ConfigDict(config.to_dict())
+  out.noise.mean = tuple(mean + std * m for m in config.noise.mean)
+  out.noise.std = tuple(std * s for s in config.noise.std)
+  out.noise.space = "intensity"
+  return out
 
 
 def augment_example(key: jax.Array, example: dict, config: ml_collections.ConfigDict) -> dict:

@@ -95,6 +95,11 @@ def pretraining_config(stage: str, arg, num_steps: int, eval_every: int) -> ml_c
   c.train.clip_norm = 5.0
   c.train.ema_decay = 0.99
   c.train.best_metric = "dice"       # the EMA validation Dice picks the checkpoint handed on
+  # The authors' pretraining augmentation: no elastic deformation, no quarter
+  # turns, noise on the [0, 1] volume.
+  c.augment.elastic.p = 0.0
+  c.augment.rot90.p = 0.0
+  c.augment.noise.space = "intensity"
   c.train.num_steps = num_steps
   c.train.eval_every = eval_every
   c.train.checkpoint_every = eval_every
@@ -107,6 +112,7 @@ def finetune_config(target: str, arg, epochs: int, labelled_scans: int) -> ml_co
   ``target`` is the stage: 'severity' (4 classes) or 'detection' (2 classes).
   """
   c = get_config(target)
+  c.augment.noise.space = "input"     # the authors add fine-tuning noise to the normalised input
   c.predict = ml_collections.ConfigDict()
   c.predict.folds = ()                # fold models in the ensemble; (): all, (4,): the code's fold 5
   c.predict.partitions = ("validation", "test")

@@ -90,8 +90,10 @@ def test_chain_writes_every_output(chain):
   metrics = json.loads((chain / "severity" / "metrics_validation.json").read_text())
   assert np.sum(metrics["confusion_matrix"]) == metrics["n"] > 0
   assert (chain / "severity" / "confusion_validation.png").stat().st_size > 1000
-  submitted = sum(len((chain / "severity" / "submission_test" / f"{c}.csv").read_text().split())
-                  for c in ("mild", "moderate", "severe", "critical"))
+  files = [(chain / "severity" / "submission_test" / f"{c}.csv").read_text().splitlines()
+           for c in ("mild", "moderate", "severe", "critical")]
+  assert all(lines[0] == "patient" for lines in files)        # the authors' submission format
+  submitted = sum(len(lines) - 1 for lines in files)
   assert submitted == len((chain / "severity" / "predictions_test.csv").read_text().splitlines()) - 1
 
 
@@ -101,7 +103,8 @@ def test_pseudo_labels_keep_the_scan_geometry(chain):
   niftis = sorted((chain / "pseudolabel" / "nifti" / "stoic").glob("*_pseudo.nii.gz"))
   assert len(niftis) == len(masks)
   import SimpleITK as sitk
-  stem = niftis[0].name[:-len("_pseudo.nii.gz")]
+  partition, stem = niftis[0].name[:-len("_pseudo.nii.gz")].split("__", 1)   # train__<scan id>
+  assert partition == "train"
   original = sitk.ReadImage(str(chain / "data" / "stoic" / "data" / "mha" / f"{stem}.mha"))
   written = nib.load(str(niftis[0]))
   assert written.shape == original.GetSize()

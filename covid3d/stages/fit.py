@@ -42,5 +42,7 @@ def fit(config, workdir, model, source, train_idx, val_idx, fields, task, *, out
     train_iter = train_iter_wrapper(train_iter)
   return loop.train_and_evaluate(
       config.train, workdir, model, params, train_iter, task, eval_batches=eval_batches,
-      augment_fn=functools.partial(augment.augment_example, config=config.augment),
+      augment_fn=functools.partial(
+          augment.augment_example,
+          config=augment.resolve_noise_space(config.augment, config.data.mean, config.data.std)),
       apply_fn=build.apply_fn(model, config, output), stage_config=config)

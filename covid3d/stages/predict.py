@@ -4,7 +4,8 @@ Ensemble = mean of the fold models' softmax (the paper's intent; the
 challenge code used only fold 5: ``--config.predict.folds=4,``). Writes, per
 partition, ``predictions_<partition>.csv`` (scan, one probability per class,
 class), the challenge's submission format ``submission_<partition>/<class>.csv``
-(the scan names predicted as that class, one per line), and where labels
+(a header line ``patient``, then the scan names predicted as that class, one
+per line, as in the authors' submitted files), and where labels
 exist ``metrics_<partition>.json`` and ``confusion_<partition>.png``.
 """
 import csv
@@ -60,9 +61,9 @@ def write_outputs(outdir, partition, ids, probs, names, labels=None):
   sub = outdir / f"submission_{partition}"
   sub.mkdir(parents=True, exist_ok=True)
   for k, name in enumerate(names):
-    # The challenge lists scan folder names (ct_scan_N), one per line.
-    (sub / f"{name}.csv").write_text("".join(f"{sid.split('/')[-1]}\n"
-                                             for sid, c in zip(ids, pred) if c == k))
+    # The challenge lists scan folder names (ct_scan_N) under a 'patient' header.
+    (sub / f"{name}.csv").write_text("patient\n" + "".join(
+        f"{sid.split('/')[-1]}\n" for sid, c in zip(ids, pred) if c == k))
   if labels is None or not np.any(labels >= 0):
     return None
   known = labels >= 0

@@ -8,8 +8,9 @@ geometry (spacing, origin, direction), for ITK-SNAP/3D Slicer. A scan is named
 by its partition and id: ids repeat across partitions (``inputs.file_stem``).
 
 Modes (``pseudolabel.mode``): ``upsample`` (the authors' code: predict the
-input-size cache, upsample the probabilities trilinearly to the large size)
-or ``sliding`` (predict the large cache in windows of the input size with
+input-size cache, upsample trilinearly to the large size: the probabilities
+with corners aligned, or with ``pseudolabel.upsample='logits'`` the logits
+with half-pixel centres as the authors' ``F.interpolate``) or ``sliding`` (predict the large cache in windows of the input size with
 ``pseudolabel.overlap``, averaging overlapping probabilities).
 """
 import io
@@ -74,8 +75,11 @@ def run(config, workdir):
   small, big = min(config.data.sizes), max(config.data.sizes)
   model = build.make_model(config, {}, segmentation=True)
   params = teacher_params(config, model)
+  if p.upsample not in ("probabilities", "logits"):
+    raise ValueError(f"pseudolabel.upsample must be 'probabilities' or 'logits', got {p.upsample!r}")
   apply_fn = build.apply_fn(model, config, "segmentation")
-  prob = jax.jit(lambda x: jax.nn.sigmoid(apply_fn(params, x, True, None)))
+  logits = jax.jit(lambda x: apply_fn(params, x, True, None))
+  prob = lambda x: jax.nn.sigmoid(logits(x))
   counts, skips = {}, SkipLog()
   for dataset, partitions in DATASETS:
     if dataset not in p.datasets:
@@ -95,6 +99,10 @@ def run(config, workdir):
       if p.mode == "sliding":
         large = sliding_window(prob, jnp.asarray(batch["image_large"]), small, p.overlap)
         little = resize_linear(large, (small,) * 3, align_corners=True)
+      elif p.upsample == "logits":
+        small_logits = logits(jnp.asarray(batch["image"]))
+        little = jax.nn.sigmoid(small_logits)
+        large = jax.nn.sigmoid(resize_linear(small_logits, (big,) * 3, align_corners=False))
       else:
         little = prob(jnp.asarray(batch["image"]))
         large = resize_linear(little, (big,) * 3, align_corners=True)

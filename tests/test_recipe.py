@@ -1,0 +1,66 @@
+"""The authors' recipe per stage: augmentation settings and noise units."""
+import importlib.util
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from covid3d import augment
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+MEAN, STD = 0.3971, 0.3207
+
+
+def load_config(name):
+  spec = importlib.util.spec_from_file_location(f"recipe_{name}", CONFIGS / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+@pytest.mark.parametrize("stage", ["segmentation", "segmia", "multitask"])
+def test_pretraining_stages_use_no_elastic_or_quarter_turns(stage):
+  c = load_config(stage)
+  assert c.augment.elastic.p == 0.0 and c.augment.rot90.p == 0.0
+  assert c.augment.noise.space == "intensity"
+
+
+@pytest.mark.parametrize("stage", ["severity", "detection"])
+def test_fine_tuning_adds_noise_to_the_normalised_input(stage):
+  c = load_config(stage)
+  assert c.augment.noise.space == "input" and c.augment.elastic.p == 0.5
+
+
+def noise_only(space, std):
+  c = augment.default_config()
+  for step in ("crop", "flip", "rotate", "blur", "rot90", "elastic"):
+    c[step].p = 0.0
+  c.noise.update(p=1.0, space=space, std=(std, std), skip_minimum=False)
+  return c
+
+
+def test_input_space_noise_has_the_authors_mean_and_std_in_model_units():
+  x = np.linspace(0.0, 1.0, 32 ** 3, dtype=np.float32).reshape(32, 32, 32)
+  config = augment.resolve_noise_space(noise_only("input", 0.6), MEAN, STD)
+  out, _ = jax.jit(lambda k: augment.augment(k, x, None, config))(jax.random.key(0))
+  # In the model's units y = (v - MEAN) / STD the authors add 0.03 N(0.5, 0.6) to 0.97 y.
+  added = (np.asarray(out) - MEAN) / STD - 0.97 * (x - MEAN) / STD
+  assert abs(added.mean() - 0.03 * 0.5) < 5 * 0.03 * 0.6 / np.sqrt(x.size)
+  assert added.std() == pytest.approx(0.03 * 0.6, rel=0.02)
+  # The same draw in intensity units is STD times larger in std: the old behaviour.
+  raw, _ = augment.augment(jax.random.key(0), x, None, noise_only("intensity", 0.6))
+  assert ((np.asarray(raw) - 0.97 * x) / 0.03).std() == pytest.approx(0.6, rel=0.02)
+
+
+def test_augment_refuses_unconverted_input_space():
+  with pytest.raises(ValueError, match="resolve_noise_space"):
+    augment.augment(jax.random.key(0), np.zeros((8, 8, 8), np.float32), None,
+                    noise_only("input", 0.5))
+
+
+def test_segmia_partitions_are_a_documented_choice():
+  c = load_config("segmia")
+  assert tuple(c.segmia.partitions) == ("train", "validation", "test")
+  text = (CONFIGS / "segmia.py").read_text()
+  assert "transductive" in text and '("train",)' in text
