@@ -8,4 +8,7 @@ from covid3d import config as base
 
 def get_config(arg=None):
   # STOIC has ~2000 scans: about 40 epochs at batch 4.
-  return base.pretraining_config("multitask", arg, num_steps=20000, eval_every=1000)
+  c = base.pretraining_config("multitask", arg, num_steps=20000, eval_every=1000)
+  c.train.best_metric = "auc"         # STOIC ROC AUC of P(severe), as the authors select
+  c.data.val_fraction = 0.3           # the authors' 70/30 split of STOIC
+  return c

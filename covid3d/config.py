@@ -22,6 +22,10 @@ def get_config(stage: str) -> ml_collections.ConfigDict:
   # (its best EMA checkpoint; a 2-D one is inflated); or a 2-D ConvNeXt
   # checkpoint file (.pth, .safetensors, .npz), inflated for 3-D stages.
   c.init_from = "random"
+  # Slice axis of the volumes an init_from checkpoint FILE was trained on:
+  # 'first' (covid3d, the authors' COV19-CT-DB models) or 'last' (the authors'
+  # lesion and STOIC pretrainings); 'last' transposes its 3-D kernels.
+  c.init_from_slice_axis = "first"
   # The cache root (covid3d.cachedir): XLA compilation cache, depthwise-backend
   # choices, preprocessed records. '' = $COVID3D_CACHE_DIR, else ~/.cache/covid3d.
   c.cache_dir = ""

@@ -98,6 +98,26 @@ def accuracy(cm):
   return _ratio(jnp.trace(cm), jnp.sum(cm))
 
 
+def roc_auc(labels, scores) -> float:
+  """Area under the ROC curve of binary ``labels`` (0/1) by ``scores``; scikit-learn's value.
+
+  The Mann-Whitney form with tied scores counted half (average ranks), which
+  is exactly ``sklearn.metrics.roc_auc_score``. NaN when one class is absent.
+  """
+  labels = np.asarray(labels).astype(bool).ravel()
+  scores = np.asarray(scores, np.float64).ravel()
+  n_pos, n_neg = int(labels.sum()), int((~labels).sum())
+  if n_pos == 0 or n_neg == 0:
+    return float('nan')
+  order = np.argsort(scores, kind='mergesort')
+  ranks = np.empty(len(scores), np.float64)
+  ranks[order] = np.arange(1, len(scores) + 1)
+  _, inverse, counts = np.unique(scores, return_inverse=True, return_counts=True)
+  sums = np.bincount(inverse, weights=ranks)
+  ranks = (sums / counts)[inverse]                 # average rank of each tie group
+  return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
 def dice_terms(pred_mask, true_mask, valid=None):
   """Sums behind the Dice score: ``(|A and B|, |A| + |B|)``.
 

@@ -64,3 +64,38 @@ def test_segmia_partitions_are_a_documented_choice():
   assert tuple(c.segmia.partitions) == ("train", "validation", "test")
   text = (CONFIGS / "segmia.py").read_text()
   assert "transductive" in text and '("train",)' in text
+
+
+def test_roc_auc_equals_scikit_learn_with_ties():
+  from sklearn.metrics import roc_auc_score
+  from covid3d import metrics
+  rng = np.random.default_rng(0)
+  for _ in range(50):
+    labels = rng.integers(0, 2, 30)
+    scores = np.round(rng.random(30), 1)           # many ties
+    assert metrics.roc_auc(labels, scores) == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
+  assert np.isnan(metrics.roc_auc([1, 1], [0.2, 0.3]))
+
+
+def test_multitask_counts_covid_positive_scans_only_and_scores_by_auc():
+  from sklearn.metrics import roc_auc_score
+  from covid3d.stages.multitask import multitask_task
+  rng = np.random.default_rng(1)
+  n = 6
+  outputs = {"stoic_severe": rng.normal(size=(n, 2)).astype(np.float32),
+             "segmentation": rng.normal(size=(n, 4, 4, 4, 1)).astype(np.float32)}
+  batch = {"stoic_covid": np.array([1, 1, 0, 1, 0, 1]), "stoic_severe": np.array([0, 1, 1, 1, 0, 0]),
+           "mask": rng.integers(0, 2, (n, 4, 4, 4, 1)).astype(np.uint8),
+           "valid": np.array([1, 1, 1, 1, 1, 0], bool)}
+  task = multitask_task(load_config("multitask").loss.weights)
+  loss, weight = task.loss_fn(outputs, batch)
+  assert float(weight) == 3.0                      # scans 0, 1, 3: positive and not padding
+  other = dict(batch, mask=batch["mask"].copy(), stoic_severe=batch["stoic_severe"].copy())
+  other["mask"][2] = 1 - other["mask"][2]          # a COVID-negative scan's mask and label
+  other["stoic_severe"][4] = 1
+  np.testing.assert_allclose(task.loss_fn(outputs, other)[0], loss, rtol=1e-6)
+  sums = jax.tree.map(np.asarray, task.eval_fn(outputs, batch))
+  keep = np.array([0, 1, 3])
+  summary = task.summarize(dict(sums, examples={k: v[keep] for k, v in sums["examples"].items()}))
+  p_severe = jax.nn.softmax(outputs["stoic_severe"], -1)[:, 1]
+  assert summary["auc"] == pytest.approx(roc_auc_score(batch["stoic_severe"][keep], p_severe[keep]))

@@ -164,7 +164,9 @@ def test_eval_step_sums_confusion_with_padding():
   mesh = steps.make_mesh()
   eval_step = steps.make_eval_step(train.flax_apply_fn(model), task.eval_fn, mesh)
   valid = np.array([1, 1, 1, 1, 1, 1, 0, 0], bool)
-  sums = jax.device_get(eval_step(params, steps.shard_batch(dict(batch, valid=valid), mesh)))
+  sums, examples = jax.device_get(eval_step(params,
+                                            steps.shard_batch(dict(batch, valid=valid), mesh)))
+  assert examples == {}                       # classification sums only
   logits = model.apply({'params': params}, batch['image'])
   preds = np.argmax(np.asarray(logits), -1)
   cm = np.zeros((3, 3), int)

@@ -91,12 +91,23 @@ def _classification_heads(tree) -> dict:
   return {k: v for k, v in tree.items() if k == "head" or k.startswith("head_")}
 
 
-def read_source(src: str):
-  """The parameter tree ``init_from`` names: a workdir's best EMA parameters or a 2-D checkpoint."""
+def read_source(src: str, slice_axis: str = "first"):
+  """The parameter tree ``init_from`` names: a workdir's best EMA parameters, or a checkpoint file.
+
+  A file may be an official/timm ConvNeXt (2-D or 3-D) or any of the authors'
+  files (``weights.load_authors_checkpoint``; EMA weights); ``slice_axis='last'``
+  maps weights trained on slice-last volumes (the authors' pretrainings).
+  """
   if src.endswith(weights.CHECKPOINT_SUFFIXES):
     if not epath.Path(src).exists():
       raise HandOffError(f"init_from checkpoint {src} does not exist")
-    return weights.load_torch_convnext(src, spatial_dims=2)
+    tree = weights.load_authors_checkpoint(src, slice_axis=slice_axis)
+    if isinstance(tree, list):
+      raise HandOffError(
+          f"{src} holds {len(tree)} fold models (a submission file): convert it with "
+          f"python -m covid3d.authors convert {src} OUT, then use init_from=OUT/fold<k> "
+          "(or predict with init_from=OUT)")
+    return tree
   if epath.Path(src).is_dir():
     return best_params(src)
   raise HandOffError(f"init_from={src!r} is neither 'random', a workdir nor a checkpoint file "
@@ -163,7 +174,7 @@ def load_initial_params(config: ml_collections.ConfigDict, params):
   if src in ("", "random"):
     logging.info("init_from=random: all weights freshly initialised")
     return params
-  return merge_source(read_source(src), params, config, src)
+  return merge_source(read_source(src, config.init_from_slice_axis), params, config, src)
 
 
 def check_fits(params, like, what: str, hint: str):

@@ -1,13 +1,15 @@
 """Stage ``multitask``: STOIC severity (real labels) + segmentation (pseudo-labels).
 
-One backbone, a classification head ``stoic_severe`` (probSevere, counted for
-COVID-positive patients only, as the authors' code) and the segmentation head,
-losses weighted by ``config.loss.weights`` (1:1). Best checkpoint by
-``train.best_metric`` (EMA Dice).
+One backbone, a classification head ``stoic_severe`` (probSevere) and the
+segmentation head, losses weighted by ``config.loss.weights`` (1:1). As in the
+authors' code, both terms count COVID-positive patients only, and the
+checkpoint handed on is the one with the best STOIC ROC AUC of P(severe)
+(``train.best_metric='auc'``; 'dice' and 'macro_f1' are reported too).
 """
+import jax
 import jax.numpy as jnp
 
-from covid3d import losses
+from covid3d import losses, metrics
 from covid3d.data.skips import SkipLog
 from covid3d.models import build
 from covid3d.stages import fit, handoff, inputs
@@ -17,9 +19,10 @@ HEAD = "stoic_severe"
 
 
 def _labels(batch):
+  """(severity labels, -1 where not counted; COVID-positive and not padding)."""
   valid = jnp.asarray(batch["valid"], bool) if "valid" in batch else jnp.ones_like(batch[HEAD], bool)
-  known = (batch["stoic_covid"] == 1) & valid
-  return jnp.where(known, batch[HEAD], -1).astype(jnp.int32), valid
+  positive = (batch["stoic_covid"] == 1) & valid
+  return jnp.where(positive, batch[HEAD], -1).astype(jnp.int32), positive
 
 
 def multitask_task(weights) -> tasks.Task:
@@ -27,23 +30,28 @@ def multitask_task(weights) -> tasks.Task:
   seg = tasks.segmentation_task("mask")
 
   def loss_fn(outputs, batch):
-    labels, valid = _labels(batch)
-    mask = jnp.where(valid.reshape((-1,) + (1,) * (batch["mask"].ndim - 1)),
+    labels, positive = _labels(batch)
+    mask = jnp.where(positive.reshape((-1,) + (1,) * (batch["mask"].ndim - 1)),
                      batch["mask"].astype(jnp.int32), -1)
     targets = {HEAD: labels, "segmentation": mask}
     loss = losses.multitask_loss(outputs, targets, {HEAD: weights.classification,
                                                     "segmentation": weights.segmentation})
-    return loss, jnp.sum(valid.astype(jnp.float32))
+    return loss, jnp.sum(positive.astype(jnp.float32))
 
   def eval_fn(outputs, batch):
-    labels, _ = _labels(batch)
+    labels, positive = _labels(batch)
     sums = {f"cls_{k}": v for k, v in cls.eval_fn(outputs[HEAD], dict(batch, label=labels)).items()}
-    sums.update({f"seg_{k}": v for k, v in seg.eval_fn(outputs["segmentation"], batch).items()})
+    sums.update({f"seg_{k}": v for k, v in seg.eval_fn(outputs["segmentation"],
+                                                       dict(batch, valid=positive)).items()})
+    sums["examples"] = {"severe": labels, "p_severe": jax.nn.softmax(outputs[HEAD], -1)[:, 1]}
     return sums
 
   def summarize(sums):
     out = cls.summarize({k[4:]: v for k, v in sums.items() if k.startswith("cls_")})
     out.update(seg.summarize({k[4:]: v for k, v in sums.items() if k.startswith("seg_")}))
+    scored = sums["examples"]["severe"] >= 0
+    out["auc"] = metrics.roc_auc(sums["examples"]["severe"][scored],
+                                 sums["examples"]["p_severe"][scored])
     return out
 
   return tasks.Task(loss_fn, eval_fn, summarize, 2)

@@ -81,7 +81,9 @@ class Checkpointer:
     if best_metric is None:
       options = ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=True)
     else:
-      metric = lambda metrics: metrics[best_metric]
+      # A NaN metric (e.g. an AUC with one class absent) never wins.
+      metric = lambda metrics: (metrics[best_metric] if metrics[best_metric] == metrics[best_metric]
+                                else float('-inf'))
       policy = policies.AnyPreservationPolicy([
           policies.LatestN(n=keep),
           policies.BestN(get_metric_fn=metric, n=1, keep_checkpoints_without_metrics=False)])

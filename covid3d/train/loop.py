@@ -86,14 +86,27 @@ def _pad(batch: dict, size: int) -> dict:
 
 def evaluate(eval_step, params, batches: Iterable[dict], task: Task, host_batch: int,
              mesh) -> dict:
-  """Runs ``eval_step`` over all ``batches`` and summarises the summed results."""
-  totals = None
+  """Runs ``eval_step`` over all ``batches`` and summarises the results.
+
+  Sums are added over batches; per-example arrays (``'examples'``, see
+  ``steps``) are gathered from every process, concatenated, and their padded
+  rows dropped.
+  """
+  totals, gathered = None, []
   for batch in batches:
-    sums = eval_step(params, steps.shard_batch(_pad(batch, host_batch), mesh))
+    sums, examples = eval_step(params, steps.shard_batch(_pad(batch, host_batch), mesh))
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+    if examples:
+      gathered.append(jax.tree.map(np.asarray, multihost_utils.process_allgather(examples,
+                                                                                 tiled=True)))
   if totals is None:
     raise ValueError('the evaluation data yielded no batch')
-  return task.summarize(jax.device_get(totals))
+  totals = jax.device_get(totals)
+  if gathered:
+    keep = np.concatenate([g['valid'] for g in gathered]).astype(bool)
+    totals['examples'] = {k: np.concatenate([g[k] for g in gathered])[keep]
+                          for k in gathered[0] if k != 'valid'}
+  return task.summarize(totals)
 
 
 def itstime(step: int, every: int, total: int) -> bool:
@@ -231,6 +244,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, model, p
           if config.best_metric not in evaluated:
             raise ValueError(f'train.best_metric={config.best_metric!r} is not one of the '
                              f'evaluation metrics {sorted(evaluated)}')
+          if np.isnan(evaluated[config.best_metric]):
+            logging.warning('step %d: train.best_metric %s is NaN (e.g. an AUC with one class '
+                            'absent); this checkpoint cannot be the best', step, config.best_metric)
           logger.write(step, 'eval', evaluated)
           logging.info('step %d eval (EMA): %s', step, evaluated)
         if evaluated is not None or itstime(step, config.checkpoint_every, config.num_steps):

@@ -25,7 +25,10 @@ Contracts of the functions passed in:
   each device over its own examples one at a time (``lax.map``).
 * ``eval_fn(outputs, batch) -> dict of arrays``: per-batch SUMS (e.g. a
   confusion matrix), added over devices with ``psum``; padded examples carry
-  ``batch['valid'] == False`` and must not count.
+  ``batch['valid'] == False`` and must not count. The entry ``'examples'``,
+  if present, is instead a dict of per-example arrays (leading batch axis,
+  e.g. scores for a ROC AUC), gathered rather than summed; padded examples
+  are dropped before ``summarize`` sees them.
 
 Randomness: a train batch's key is ``fold_in(state.rng, batches_seen)``; the
 example with global index i gets ``fold_in(batch_key, i)``, split into its
@@ -231,16 +234,22 @@ def make_train_step(apply_fn: ApplyFn, loss_fn: LossFn, tx: optax.GradientTransf
 
 def make_eval_step(apply_fn: ApplyFn, eval_fn: EvalFn, mesh: Mesh, *,
                    compute_dtype=jnp.float32, input_key: str = 'image'):
-  """Builds ``eval_step(params, batch) -> sums``: ``eval_fn`` sums over the global batch.
+  """Builds ``eval_step(params, batch) -> (sums, examples)``.
 
-  ``params`` (replicated; the EMA parameters in the loop) are not donated; the
-  model runs deterministic; the returned dict is replicated.
+  ``sums``: ``eval_fn``'s sums over the global batch (replicated). ``examples``:
+  its ``'examples'`` entry (per-example arrays, sharded like the batch) with the
+  batch's ``valid`` flags, or an empty dict. ``params`` (replicated; the EMA
+  parameters in the loop) are not donated; the model runs deterministic.
   """
   def per_device(params, batch):
     outputs = apply_fn(_cast(params, compute_dtype),
                        batch[input_key].astype(compute_dtype), True, None)
-    sums = eval_fn(_cast(outputs, jnp.float32), batch)
-    return jax.tree.map(lambda s: lax.psum(s, AXIS), sums)
+    sums = dict(eval_fn(_cast(outputs, jnp.float32), batch))
+    examples = sums.pop('examples', {})
+    if examples:
+      examples = dict(examples, valid=batch['valid'])
+    return jax.tree.map(lambda s: lax.psum(s, AXIS), sums), examples
 
-  sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=P())
+  sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(AXIS)),
+                          out_specs=(P(), P(AXIS)))
   return jax.jit(sharded)
