@@ -1,0 +1,194 @@
+"""The authors' (Kienzle et al.) submission files as covid3d fine-tuning workdirs.
+
+  python -m covid3d.authors convert SUBMISSION.pth OUT_DIR [--target severity|detection]
+
+Their wrapped-up submission files (``{'config', 'data_transforms', 'model_ema':
+[one state dict per fold]}``, e.g. ``checkpoints/sev1.pt`` of their release)
+become what covid3d's fine-tuning stage leaves: ``OUT_DIR/config.json`` (the
+``severity`` or ``detection`` stage config, its model fields set to their
+model), and per fold ``OUT_DIR/fold<k>/checkpoints`` (an Orbax checkpoint of
+``{'step', 'params', 'ema_params'}``, both the fold's EMA weights, readable by
+``covid3d.stages.handoff.best_params``) and ``OUT_DIR/fold<k>/DONE``.
+``OUT_DIR/authors.json`` keeps their training config and data transforms. A
+single training checkpoint (``{'model', 'model_ema', ...}``) becomes one fold.
+Then ``configs/predict.py`` with ``--config.init_from=OUT_DIR`` predicts with
+their ensemble (docs/weights.md, "The authors' checkpoints").
+"""
+import argparse
+import importlib.util
+import json
+import logging
+from pathlib import Path
+
+import ml_collections
+import numpy as np
+from etils import epath
+
+from covid3d import config as base_config
+from covid3d import weights
+from covid3d.models.variants import VARIANTS
+from covid3d.stages import handoff
+from covid3d.train import checkpoint
+
+CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+RECORD = "authors.json"
+
+
+def target_config(target: str) -> ml_collections.ConfigDict:
+  """The config of stage ``target``: ``configs/<target>.py``, else the shared fine-tuning one."""
+  path = CONFIGS_DIR / f"{target}.py"
+  if path.exists():
+    spec = importlib.util.spec_from_file_location(f"_covid3d_configs_{target}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+  # Installed without the configs folder: the training schedule is not used by prediction.
+  return base_config.finetune_config(target, None, epochs=1, labelled_scans=1000)
+
+
+def infer_target(obj, num_classes: int | None) -> str:
+  """``severity`` or ``detection`` from their config's loss name, else from the class count."""
+  config = obj.get("config")
+  model_cfg = config.get("modelconfig") if isinstance(config, dict) else None
+  loss = str(model_cfg.get("loss_fn", "")) if isinstance(model_cfg, dict) else ""
+  if "_sev" in loss:
+    return "severity"
+  if "_inf" in loss:
+    return "detection"
+  by_count = {len(t.class_names): name for name, t in handoff.TARGETS.items()}
+  if num_classes in by_count:
+    return by_count[num_classes]
+  raise ValueError(f"cannot tell the target of a {num_classes}-class model: pass --target")
+
+
+def variant_of(backbone_config: dict) -> str:
+  """The ``VARIANTS`` name of a backbone's depths and widths."""
+  key = (tuple(backbone_config["depths"]), tuple(backbone_config["dims"]))
+  for name, (depths, dims) in VARIANTS.items():
+    if (tuple(depths), tuple(dims)) == key:
+      return name
+  raise ValueError(f"the backbone (depths {key[0]}, dims {key[1]}) is none of covid3d's variants "
+                   f"{sorted(VARIANTS)}")
+
+
+def _fold_states(obj):
+  """(list of per-fold state mappings, the wrapper they came from)."""
+  for key in ("model_ema", "model"):
+    value = obj.get(key)
+    if isinstance(value, (list, tuple)) and value:
+      return list(value), key
+  for key in ("model_ema", "model"):
+    if isinstance(obj.get(key), dict):
+      return [obj[key]], key
+  raise ValueError("not a submission file nor a training checkpoint of the authors: no "
+                   f"'model_ema' or 'model' entry (top-level keys {sorted(obj)[:10]})")
+
+
+def convert_submission(source, out_dir, *, target: str | None = None,
+                       trusted: bool = False) -> dict:
+  """Writes the fold ensemble of an authors' submission file as a fine-tuning workdir.
+
+  Args:
+    source: path of the submission file (or a training checkpoint: one fold),
+      or the loaded mapping.
+    out_dir: the new workdir (must hold no fold checkpoints yet).
+    target: ``severity`` or ``detection``; default: from their config's loss
+      (``*_sev_*`` / ``*_inf_*``), else the class count (4 / 2).
+    trusted: read the torch file with ``weights_only=False``.
+
+  Returns:
+    Summary: ``target``, ``folds`` (the fold count), ``variant``,
+    ``head_hidden``, ``weights`` (``model_ema`` or ``model``), ``out_dir``.
+
+  Raises:
+    ValueError: a file that is no fine-tuned classifier of a covid3d variant,
+      a class count that does not fit the target, or an ``out_dir`` that
+      already holds fold checkpoints.
+  """
+  obj = weights.read_checkpoint(source, trusted=trusted)
+  if not isinstance(obj, dict):
+    obj = dict(obj)
+  states, key = _fold_states(obj)
+  trees = [weights.load_authors_checkpoint({key: s}, ema=key == "model_ema", head="classifier")
+           for s in states]
+  num_classes = weights.multitask_config(trees[0])["heads"].get("classifier")
+  target = target or infer_target(obj, num_classes)
+  label, names = handoff.target(target)
+  trees = [{("head_" + label if k == "head_classifier" else k): v for k, v in t.items()}
+           for t in trees]
+  cfg = weights.multitask_config(trees[0])
+  if cfg["segmentation"] or set(cfg["heads"]) != {label}:
+    raise ValueError(f"{source}: not a fine-tuned classifier (heads {cfg['heads']}, segmentation "
+                     f"head {cfg['segmentation']})")
+  if cfg["heads"][label] != len(names):
+    raise ValueError(f"{source}: its classifier has {cfg['heads'][label]} classes, the {target} "
+                     f"target {len(names)} ({', '.join(names)}); pass the right --target")
+  variant = variant_of(cfg["backbone"])
+
+  out = epath.Path(out_dir)
+  taken = [str(d) for d in (out / f"fold{k}" / "checkpoints" for k in range(len(trees)))
+           if d.exists()]
+  if taken:
+    raise ValueError(f"{out_dir} already holds fold checkpoints ({taken}): choose a new OUT_DIR")
+  config = target_config(target)
+  config.model.variant = variant
+  config.model.head_hidden = cfg["head_hidden"] or 0
+  config.model.layer_scale_init = cfg["backbone"]["layer_scale_init"]
+  config.data.folds = len(trees)
+  config.init_from = str(source) if not isinstance(source, dict) else "random"
+  out.mkdir(parents=True, exist_ok=True)
+  (out / "config.json").write_text(config.to_json_best_effort(indent=2))
+  for fold, tree in enumerate(trees):
+    fold_dir = out / f"fold{fold}"
+    ckpt = checkpoint.Checkpointer(str(fold_dir / "checkpoints"), keep=1, best_metric=None)
+    state = {"step": np.int32(0), "params": tree, "ema_params": _copy(tree)}
+    ckpt.save(0, state, {}, config)
+    ckpt.wait()
+    ckpt.close()
+    handoff.mark_done(fold_dir, {"fold": fold, "converted_from": str(source), "weights": key,
+                                 "note": "the authors' fold model; params and ema_params are "
+                                         f"both their {key!r} weights"})
+  summary = {"target": target, "folds": len(trees), "variant": variant,
+             "head_hidden": cfg["head_hidden"], "weights": key, "out_dir": str(out)}
+  record = dict(summary, source=str(source), config=obj.get("config"),
+                data_transforms=obj.get("data_transforms"))
+  (out / RECORD).write_text(json.dumps(record, indent=1, default=str))
+  logging.info("wrote %d fold(s) of %s to %s", len(trees), source, out)
+  return summary
+
+
+def _copy(tree):
+  return {k: _copy(v) if isinstance(v, dict) else np.array(v, copy=True) for k, v in tree.items()}
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(
+      prog="python -m covid3d.authors",
+      description="Use the authors' (Kienzle et al.) PyTorch files with covid3d.")
+  sub = parser.add_subparsers(dest="command", required=True)
+  conv = sub.add_parser("convert", help="a wrapped-up submission file -> a fine-tuning workdir "
+                                        "(fold<k>/checkpoints, config.json) for configs/predict.py")
+  conv.add_argument("submission", help="their submission file, e.g. checkpoints/sev1.pt")
+  conv.add_argument("out_dir", help="the new workdir")
+  conv.add_argument("--target", choices=sorted(handoff.TARGETS),
+                    help="default: from the file's config (loss name) or class count")
+  conv.add_argument("--trusted", action="store_true",
+                    help="read it with torch.load(weights_only=False): only files you trust")
+  args = parser.parse_args(argv)
+  summary = convert_submission(args.submission, args.out_dir, target=args.target,
+                               trusted=args.trusted)
+  folds = summary["folds"]
+  print(f"wrote {folds} fold model(s) ({summary['target']}, ConvNeXt-{summary['variant']}, "
+        f"head_hidden {summary['head_hidden']}) to {summary['out_dir']}\n"
+        f"predict with their ensemble:\n"
+        f"  python -m covid3d.main --config=configs/predict.py --workdir={args.out_dir}/predict "
+        f"--config.init_from={args.out_dir} --config.model.variant={summary['variant']} "
+        f"--config.model.head_hidden={summary['head_hidden'] or 0} "
+        f"--config.data.folds={folds} --config.data.cov19ctdb_dir=DIR\n"
+        f"  (add --config.predict.folds={folds - 1}, for their submissions: their inference used "
+        f"only the last fold)")
+  return 0
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())
