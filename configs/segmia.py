@@ -14,4 +14,8 @@ def get_config(arg=None):
   # and test scans the results are reported on are seen, without their labels.
   # ("train",) keeps them out.
   c.segmia.partitions = ("train", "validation", "test")
+  # What the student is validated on (picks the checkpoint handed on): 'lesions',
+  # the real masks of the segmentation stage's validation scans (the authors'),
+  # or 'pseudo_labels', a held-out share of its own training data.
+  c.segmia.validate_on = "lesions"
   return c

@@ -1,4 +1,6 @@
 """What a stage takes from the weights it starts from (covid3d.stages.handoff.merge_source)."""
+import functools
+
 import jax
 import numpy as np
 import pytest
@@ -20,14 +22,20 @@ def init(model, size, dims):
   return build.init_params(model, nano_config(), size, spatial_dims=dims)
 
 
-def multitask_source(c):
-  return init(build.make_model(c, {"stoic_severe": 2}, segmentation=False), 32, 3)
+@functools.cache
+def params_of(kind):
+  """Freshly initialised parameters, made once per module (each init compiles)."""
+  c = nano_config()
+  if kind == "2d":
+    return init(build.make_convnext2d(c, num_classes=2), 32, 2)
+  heads = {"multitask": {"stoic_severe": 2}, "severity": {"severity": 4}}[kind]
+  return init(build.make_model(c, heads, segmentation=False), 32, 3)
 
 
 def test_fine_tuning_carries_the_pretrained_norm_and_pre_head():
   c = nano_config()
-  source = jax.tree.map(lambda a: np.asarray(a) + 1.0, multitask_source(c))
-  fresh = init(build.make_model(c, {"severity": 4}, segmentation=False), 32, 3)
+  source = jax.tree.map(lambda a: np.asarray(a) + 1.0, params_of("multitask"))
+  fresh = params_of("severity")
   merged = handoff.merge_source(source, fresh, c, "src")
   for part in ("norm", "pre_head"):
     for a, b in zip(jax.tree.leaves(merged["head_severity"][part]),
@@ -42,8 +50,8 @@ def test_fine_tuning_carries_the_pretrained_norm_and_pre_head():
 
 def test_head_init_fresh_reinitialises_the_whole_head():
   c = nano_config(head_init="fresh")
-  source = jax.tree.map(lambda a: np.asarray(a) + 1.0, multitask_source(c))
-  fresh = init(build.make_model(c, {"severity": 4}, segmentation=False), 32, 3)
+  source = jax.tree.map(lambda a: np.asarray(a) + 1.0, params_of("multitask"))
+  fresh = params_of("severity")
   merged = handoff.merge_source(source, fresh, c, "src")
   for a, b in zip(jax.tree.leaves(merged["head_severity"]), jax.tree.leaves(fresh["head_severity"])):
     np.testing.assert_array_equal(a, b)
@@ -51,18 +59,16 @@ def test_head_init_fresh_reinitialises_the_whole_head():
 
 def test_a_head_of_the_same_name_and_shape_is_taken_whole():
   c = nano_config()
-  model = build.make_model(c, {"severity": 4}, segmentation=False)
-  source = jax.tree.map(lambda a: np.asarray(a) + 1.0, init(model, 32, 3))
-  merged = handoff.merge_source(source, init(model, 32, 3), c, "src")
+  source = jax.tree.map(lambda a: np.asarray(a) + 1.0, params_of("severity"))
+  merged = handoff.merge_source(source, params_of("severity"), c, "src")
   for a, b in zip(jax.tree.leaves(merged), jax.tree.leaves(source)):
     np.testing.assert_array_equal(a, b)
 
 
 def test_a_2d_source_is_inflated_and_hands_on_its_final_norm():
   c = nano_config()
-  c2 = build.make_convnext2d(c, num_classes=2)
-  source2d = jax.tree.map(lambda a: np.asarray(a) + 1.0, init(c2, 32, 2))
-  fresh = init(build.make_model(c, {"severity": 4}, segmentation=False), 32, 3)
+  source2d = jax.tree.map(lambda a: np.asarray(a) + 1.0, params_of("2d"))
+  fresh = params_of("severity")
   merged = handoff.merge_source(source2d, fresh, c, "2d")
   want = inflate_params({k: v for k, v in source2d.items() if k != "head"}, c.inflation.mode,
                         c.inflation.norm, new_axis=c.inflation.new_axis,
@@ -77,6 +83,6 @@ def test_a_backbone_of_another_variant_is_a_clear_error():
   c = nano_config()
   other = ConvNeXt(depths=(1, 1, 1, 1), dims=(8, 16, 32, 64), spatial_dims=3, in_chans=1)
   source = {"backbone": init(other, 32, 3)}
-  fresh = init(build.make_model(c, {"severity": 4}, segmentation=False), 32, 3)
+  fresh = params_of("severity")
   with pytest.raises(handoff.HandOffError, match="model.variant='nano'"):
     handoff.merge_source(source, fresh, c, "src")

@@ -31,13 +31,17 @@ class WithRow:
 
 
 def fit(config, workdir, model, source, train_idx, val_idx, fields, task, *, output=None,
-        train_iter_wrapper=None):
-  """Initialises (``config.init_from``) and trains ``model``; returns the loop's result."""
+        train_iter_wrapper=None, val_source=None):
+  """Initialises (``config.init_from``) and trains ``model``; returns the loop's result.
+
+  ``val_idx`` indexes ``val_source`` when given (e.g. real lesion masks while
+  training on pseudo-labels), else ``source``.
+  """
   input_size = min(config.data.sizes)
   params = handoff.load_initial_params(config, build.init_params(model, config, input_size))
   eval_fields = {k: v for k, v in fields.items() if not k.endswith("_large")}
   train_iter, eval_batches = inputs.iterators(config, source, train_idx, val_idx, fields,
-                                              eval_fields)
+                                              eval_fields, val_source)
   if train_iter_wrapper is not None:
     train_iter = train_iter_wrapper(train_iter)
   return loop.train_and_evaluate(

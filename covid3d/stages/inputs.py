@@ -146,8 +146,12 @@ def mask_fields(config, image_only=False) -> dict:
   return fields
 
 
-def iterators(config, source, train_idx, val_idx, fields, eval_fields=None):
-  """(training iterator of host batches, eval-batches factory) over the selected records."""
+def iterators(config, source, train_idx, val_idx, fields, eval_fields=None, val_source=None):
+  """(training iterator of host batches, eval-batches factory) over the selected records.
+
+  ``val_idx`` selects from ``val_source`` when given (validation on another
+  dataset), else from ``source``.
+  """
   t = config.train
   train_iter = iter(pipeline.host_dataset(
       source, train_idx, global_batch_size=t.batch_size, fields=fields, train=True,
@@ -156,7 +160,8 @@ def iterators(config, source, train_idx, val_idx, fields, eval_fields=None):
   eval_fields = eval_fields or fields
 
   def eval_batches():
-    return host_batches(source, val_idx, t.eval_batch_size, eval_fields, config)
+    return host_batches(source if val_source is None else val_source, val_idx,
+                        t.eval_batch_size, eval_fields, config)
 
   return train_iter, (eval_batches if len(val_idx) else None)
 
