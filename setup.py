@@ -32,7 +32,8 @@ setuptools.setup(
         "threadpoolctl>=3.1",
     ],
     extras_require={
-        "test": ["pytest>=8.0", "scikit-learn>=1.4", "portpicker>=1.5", "protobuf>=4.21"],
+        "test": ["pytest>=8.0", "scikit-learn>=1.4", "portpicker>=1.5", "protobuf>=4.21",
+                 "ruff>=0.6"],
         "torch": ["torch>=2.1"],
         "tpu": ["jax[tpu]>=0.10.2"],
         "cuda": ["jax[cuda12]>=0.10.2"],

@@ -158,6 +158,103 @@ def test_elastic_covariance_has_the_coarse_fields_variance():
   np.testing.assert_allclose(var("covariance"), var("coarse"), rtol=0.1)
 
 
+def _np_filter_matrix(n, sigma, radius):
+  """``S`` with ``(S @ u)[i] = sum_o w[o] u[i + o]``: normalised Gaussian taps at
+  offsets ``-radius..radius``, zeros outside the volume (no renormalisation)."""
+  w = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
+  w /= w.sum()
+  return sum(w[o + radius] * np.eye(n, k=o) for o in range(-radius, radius + 1))
+
+
+def _np_corr(cov):
+  sd = np.sqrt(np.diag(cov))
+  return cov / sd[:, None] / sd[None, :]
+
+
+def test_default_elastic_field_has_the_exact_smoothed_noise_covariance():
+  """The default field ('covariance' method, knots every <= grid voxels) against
+  the covariance of uniform(-1, 1) noise (variance 1/3) smoothed by the code's
+  kernel (``int(5 sigma) // 2`` taps each side, zeros outside): per axis
+  ``C = S S^T``, field covariance ``(1/3) C_0 (x) C_1 (x) C_2``. At the knots the
+  draws must have exactly that covariance; between knots its piecewise-linear
+  interpolation ``U C[knots, knots] U^T``."""
+  shape, sigma, n_fields, batch = (24, 20, 17), 3.0, 16000, 2000
+  cfg = aug.default_config()
+  assert cfg.elastic.method == "covariance" and cfg.elastic.truncate is None
+  cfg.elastic.sigma, cfg.elastic.units = sigma, "voxels"
+  grid = cfg.elastic.grid
+  radius = int(5 * sigma) // 2  # docs/augment.md: the code's kernel, 7 taps each side
+  knots = [ops.coarse_knots(n, grid) for n in shape]
+  for k, n in zip(knots, shape):
+    assert k[0] == 0 and k[-1] == n - 1 and 2 < len(k) < n and np.diff(k).max() <= grid
+
+  exact, model = [], []  # per axis: exact filter covariance; knot-interpolated one
+  for n, k in zip(shape, knots):
+    s = _np_filter_matrix(n, sigma, radius)
+    c = s @ s.T
+    u = np.stack([np.interp(np.arange(n), k, e) for e in np.eye(len(k))], axis=1)
+    exact.append(c)
+    model.append(u @ c[np.ix_(k, k)] @ u.T)
+  sd = np.sqrt((1 / 3) * np.einsum("i,j,k->ijk", *[np.diag(m) for m in model]))
+  corr = [_np_corr(m) for m in model]
+
+  # g = field / its model standard deviation. Per axis, the sum over fields and
+  # components of g_p g_q for every pair (p, q) along it, the other two axes
+  # at their knots (knot-to-knot pairs are then the exact claim; the rest test
+  # the interpolation); and the sums of g_a g_b over all voxels, a < b.
+  def at_other_knots(g, axis):
+    for j in range(3):
+      if j != axis:
+        g = jnp.take(g, knots[j], axis=j + 2)
+    return g
+
+  @jax.jit
+  def moments(keys):
+    g = jax.vmap(lambda k: aug.elastic_field(k, 1.0, 0.0, shape, cfg))(keys) / sd
+    hi = jax.lax.Precision.HIGHEST
+    second = [jnp.einsum(eq, at_other_knots(g, a), at_other_knots(g, a), precision=hi)
+              for a, eq in enumerate(("ncijk,ncljk->il", "ncjik,ncjlk->il",
+                                      "ncjki,ncjkl->il"))]
+    cross = jnp.stack([jnp.sum(g[:, a] * g[:, b]) for a, b in ((0, 1), (0, 2), (1, 2))])
+    return second, cross
+
+  keys = jax.random.split(jax.random.key(15), n_fields)
+  second = [np.zeros((n, n)) for n in shape]
+  cross = np.zeros(3)
+  for start in range(0, n_fields, batch):
+    s, c = moments(keys[start:start + batch])
+    second = [a + np.asarray(b, np.float64) for a, b in zip(second, s)]
+    cross += np.asarray(c, np.float64)
+
+  worst = 0.0
+  for axis, n in enumerate(shape):
+    other = [corr[j][np.ix_(knots[j], knots[j])] for j in range(3) if j != axis]
+    m = other[0].shape[0] * other[1].shape[0]
+    emp = second[axis] / (3 * n_fields * m)  # normalised covariance along the axis
+    # Standard error of that pooled mean over 3 independent components x
+    # n_fields fields x m positions (Isserlis, separable covariance):
+    # sqrt((1 + rho^2) ||R_other||_F^2 / (m^2 3 N)).
+    other_fro2 = np.sum(other[0] ** 2) * np.sum(other[1] ** 2)
+    se = np.sqrt((1 + corr[axis] ** 2) * other_fro2 / (m ** 2 * 3 * n_fields))
+    k = knots[axis]
+    at_knots = np.ix_(k, k)
+    # The claim: on the knot lattice, the variance (1/3) prod_d C_d[i, i] and the
+    # correlation of the exact filter.
+    np.testing.assert_array_less(np.abs(np.diag(emp)[k] - 1), 5 * np.diag(se)[k],
+                                 err_msg=f"axis {axis}: variance at the knots")
+    np.testing.assert_array_less(np.abs(emp[at_knots] - _np_corr(exact[axis])[at_knots]),
+                                 5 * se[at_knots], err_msg=f"axis {axis}: knot correlation")
+    # Every pair of voxels along the axis (all lags): the knots' interpolation.
+    np.testing.assert_array_less(np.abs(emp - corr[axis]), 5 * se,
+                                 err_msg=f"axis {axis}: correlation between knots")
+    worst = max(worst, np.max(np.abs(emp - corr[axis]) / se))
+  print(f"largest deviation {worst:.2f} standard errors")
+  # The three components are independent (same pooling over all voxels).
+  n_vox = int(np.prod(shape))
+  se_cross = np.sqrt(np.prod([np.sum(r ** 2) for r in corr]) / (n_vox ** 2 * n_fields))
+  np.testing.assert_array_less(np.abs(cross / (n_fields * n_vox)), 5 * se_cross)
+
+
 def test_elastic_field_units():
   key, shape = jax.random.key(14), (10, 12, 16)
   unit = np.asarray(aug.elastic_displacement(key, shape, 1.0, 35.0,

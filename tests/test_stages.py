@@ -9,10 +9,15 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from covid3d.stages import registry
+from covid3d import inflation
+from covid3d.data.skips import SkipLog
+from covid3d.models import VARIANTS, build
+from covid3d.stages import handoff, inputs, pseudolabel, registry
 from covid3d.stages.handoff import HandOffError
+from covid3d.train import checkpoint
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+pytestmark = pytest.mark.slow   # the chain: minutes on 2 cores
 
 
 def load_config(name, arg="demo"):
@@ -109,6 +114,24 @@ def test_pseudo_labels_keep_the_scan_geometry(chain):
   written = nib.load(str(niftis[0]))
   assert written.shape == original.GetSize()
   np.testing.assert_allclose(nib.affines.voxel_sizes(written.affine), original.GetSpacing(), rtol=1e-5)
+  # Origin and direction: ITK (MHA) world coordinates are LPS, NIfTI's RAS, so
+  # x and y change sign. NIfTI voxel axes (i, j, k) are ITK's index (x, y, z).
+  to_ras = np.diag([-1.0, -1.0, 1.0])
+  direction = np.reshape(original.GetDirection(), (3, 3))   # columns: the index axes
+  origin = np.asarray(original.GetOrigin())
+  assert np.abs(origin).max() > 1.0  # a non-trivial origin (the phantom draws one)
+  np.testing.assert_allclose(written.affine[:3, :3],
+                             to_ras @ direction @ np.diag(original.GetSpacing()), atol=1e-5)
+  np.testing.assert_allclose(written.affine[:3, 3], to_ras @ origin, atol=1e-4)
+  np.testing.assert_array_equal(written.affine[3], [0, 0, 0, 1])
+  # The far corner voxel lands where SimpleITK puts it.
+  corner = [float(n - 1) for n in original.GetSize()]
+  lps = np.asarray(original.TransformContinuousIndexToPhysicalPoint(corner))
+  np.testing.assert_allclose(written.affine @ np.append(corner, 1.0), np.append(to_ras @ lps, 1.0),
+                             atol=1e-4)
+  # Both header transforms say so (code 1, scanner), not only the sform.
+  assert int(written.header["qform_code"]) == int(written.header["sform_code"]) == 1
+  np.testing.assert_allclose(written.get_qform(), written.affine, atol=1e-4)
 
 
 def test_finished_folds_are_skipped_on_rerun(chain, caplog):
@@ -137,7 +160,18 @@ def test_wrong_variant_is_a_clear_error(chain):
   with pytest.raises(HandOffError, match="variant") as err:
     run("segmentation", chain, "seg_variant", init_from=str(chain / "pretrain2d"),
         **{"model.variant": "tiny"})
-  assert "stage0/block2" in str(err.value) or "shape" in str(err.value)
+  # One message naming what does not fit: the source, its missing blocks and
+  # mis-shaped leaves (nano weights in a tiny model), and the variant to check.
+  lines = str(err.value).splitlines()
+  source = str(chain / "pretrain2d")
+  assert lines[0] == f"backbone weights of {source} do not match the model:"
+  nano, tiny_ = VARIANTS["nano"], VARIANTS["tiny"]
+  assert "  missing: stage0/block2/dwconv/kernel" in lines          # tiny: 3 blocks, nano: 2
+  assert (f"  shape: stem/conv/kernel: (4, 4, 4, 1, {nano[1][0]}) vs expected "
+          f"(4, 4, 4, 1, {tiny_[1][0]})") in lines
+  assert not [l for l in lines if l.startswith("  unexpected:")]
+  assert lines[-1] == (f"(is config.model.variant='tiny' the variant {source} was trained "
+                       "with?)")
 
 
 def test_wrong_number_of_classes_is_a_clear_error(chain, tmp_path):
@@ -148,3 +182,172 @@ def test_wrong_number_of_classes_is_a_clear_error(chain, tmp_path):
   (relabelled / "config.json").write_text(json.dumps(dict(config, stage="detection")))
   with pytest.raises(HandOffError, match=r"detection, 2 classes"):
     run("predict", chain, "predict_bad", init_from=str(relabelled))
+
+
+# --- what the stages hand on ------------------------------------------------
+
+def _best_row(workdir, metric):
+  """The first evaluation row of ``metrics.jsonl`` with the highest ``metric``."""
+  rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  evals = [r for r in rows if r["split"] == "eval"]
+  assert evals, workdir
+  return max(evals, key=lambda r: r[metric])   # max keeps the first of equals
+
+
+def _ema_of(workdir):
+  """The EMA parameters of the checkpoint of ``workdir``'s best evaluation, read here."""
+  saved = workdir / "config.json"
+  if not saved.exists():   # a fold of a fine-tuning stage: its stage's config
+    saved = workdir.parent / "config.json"
+  metric = json.loads(saved.read_text())["train"]["best_metric"]
+  step = _best_row(workdir, metric)["step"]
+  ckpt = checkpoint.Checkpointer.open(str(workdir / "checkpoints"))
+  try:
+    return (jax.tree.map(np.asarray, ckpt.restore_params(step, ema=True)),
+            jax.tree.map(np.asarray, ckpt.restore_params(step, ema=False)))
+  finally:
+    ckpt.close()
+
+
+def _assert_equal(a, b):
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+def _backbone_2d(tree):
+  return {k: v for k, v in tree.items() if k.startswith(("stem", "down", "stage"))}
+
+
+def test_stages_hand_on_their_best_ema_weights(chain):
+  """``load_initial_params`` with each hand-off of the chain: the backbone is the
+  source's best EMA backbone (inflated from 2-D with the config's inflation),
+  and each head is the source's, carried (LayerNorm/pre_head of the source's
+  one classification head, fresh classifier) or fresh, as documented."""
+  ema, raw = {}, {}
+  for stage in ("pretrain2d", "segmentation", "multitask", "severity/fold0"):
+    ema[stage], raw[stage] = _ema_of(chain / stage)
+    _assert_equal(handoff.best_params(str(chain / stage)), ema[stage])
+    assert not all(np.array_equal(a, b) for a, b in
+                   zip(jax.tree.leaves(ema[stage]), jax.tree.leaves(raw[stage]))), stage
+  assert np.ndim(ema["pretrain2d"]["stem"]["conv"]["kernel"]) == 4  # 2-D
+
+  fresh = {}
+
+  def load(stage, init_from, heads, segmentation, **overrides):
+    config = tiny(stage, chain, init_from=str(chain / init_from), **overrides)
+    key = (tuple(sorted(heads.items())), segmentation)
+    if key not in fresh:
+      model = build.make_model(config, heads, segmentation)
+      fresh[key] = jax.tree.map(np.asarray,
+                                build.init_params(model, config, min(config.data.sizes)))
+    return config, fresh[key], handoff.load_initial_params(config, fresh[key])
+
+  def inflated(config, params2d):
+    inf = config.inflation
+    return inflation.inflate_params(_backbone_2d(params2d), inf.mode, inf.norm,
+                                    new_axis=inf.new_axis, gaussian=inf.gaussian)
+
+  def carried(head, donor, new):
+    """``new`` with the donor's LayerNorm (and pre_head), its own classifier."""
+    assert set(head) == set(new) and "fc" in head
+    for part in head:
+      _assert_equal(head[part], donor[part] if part in ("norm", "pre_head") else new[part])
+
+  # segmentation <- pretrain2d (2-D): inflated backbone, fresh segmentation head.
+  config, new, got = load("segmentation", "pretrain2d", {}, True)
+  assert set(got) == {"backbone", "seg_head"}
+  _assert_equal(got["backbone"], inflated(config, ema["pretrain2d"]))
+  _assert_equal(got["seg_head"], new["seg_head"])
+
+  # pseudolabel <- segmentation: the teacher is the whole EMA model.
+  p_config = tiny("pseudolabel", chain, init_from=str(chain / "segmentation"))
+  teacher = pseudolabel.teacher_params(p_config, build.make_model(p_config, {}, True))
+  _assert_equal(teacher, {k: ema["segmentation"][k] for k in ("backbone", "seg_head")})
+
+  # multitask <- pretrain2d: the STOIC head carries the ImageNet head's LayerNorm.
+  config, new, got = load("multitask", "pretrain2d", {"stoic_severe": 2}, True)
+  assert config.model.head_init == "carry"
+  assert set(got) == {"backbone", "head_stoic_severe", "seg_head"}
+  _assert_equal(got["backbone"], inflated(config, ema["pretrain2d"]))
+  carried(got["head_stoic_severe"], ema["pretrain2d"]["head"], new["head_stoic_severe"])
+  _assert_equal(got["seg_head"], new["seg_head"])
+
+  # severity <- multitask (3-D): backbone as is; the severity head carries the
+  # STOIC head's LayerNorm ('carry'), or is all fresh ('fresh'); seg_head dropped.
+  assert set(ema["multitask"]) == {"backbone", "head_stoic_severe", "seg_head"}
+  config, new, got = load("severity", "multitask", {"severity": 4}, False)
+  assert set(got) == {"backbone", "head_severity"}
+  _assert_equal(got["backbone"], ema["multitask"]["backbone"])
+  carried(got["head_severity"], ema["multitask"]["head_stoic_severe"], new["head_severity"])
+  _, new, got = load("severity", "multitask", {"severity": 4}, False,
+                     **{"model.head_init": "fresh"})
+  _assert_equal(got["backbone"], ema["multitask"]["backbone"])
+  _assert_equal(got["head_severity"], new["head_severity"])
+
+  # severity <- a severity fold: a head of the same name and shape is taken whole.
+  _, new, got = load("severity", "severity/fold0", {"severity": 4}, False)
+  _assert_equal(got, ema["severity/fold0"])
+
+
+def _csv_probs(path):
+  """scan -> probabilities of a predictions_<partition>.csv."""
+  rows = path.read_text().splitlines()
+  assert rows[0].startswith("scan,p_")
+  return {r.split(",")[0]: np.array([float(x) for x in r.split(",")[1:-1]]) for r in rows[1:]}
+
+
+def test_fold_ensemble_is_the_mean_of_the_fold_softmaxes(chain, tmp_path):
+  severity = chain / "severity"
+  single = []
+  for k in range(2):   # the predict stage with one fold selected
+    out = run("predict", chain, f"predict_fold{k}", init_from=str(severity),
+              **{"predict.folds": (k,), "predict.partitions": ("validation",)})
+    single.append(_csv_probs(out / "predictions_validation.csv"))
+    assert json.loads((out / "DONE").read_text())["ensemble_folds"] == [k]
+  ensemble = _csv_probs(severity / "predictions_validation.csv")
+  assert ensemble and ensemble.keys() == single[0].keys() == single[1].keys()
+  assert not all(np.allclose(single[0][s], single[1][s], atol=1e-4) for s in ensemble)
+  for scan_id, p in ensemble.items():   # 6-decimal CSV values
+    np.testing.assert_allclose(p, (single[0][scan_id] + single[1][scan_id]) / 2, atol=1.5e-6,
+                               err_msg=scan_id)
+
+  # Fold k alone: softmax of fold k's best EMA logits, computed here.
+  config = tiny("severity", chain)
+  skips = SkipLog()
+  refs = inputs.list_refs(config, "cov19ctdb", ("validation",), skips)
+  source = inputs.record_source(config, str(tmp_path), "cov19ctdb", ("validation",), refs=refs,
+                                skips=skips)
+  model = build.make_model(config, {"severity": 4}, segmentation=False)
+  mean, std = config.data.mean, config.data.std
+  logits_of = jax.jit(lambda p, x: model.apply({"params": p}, (x - mean) / std,
+                                               deterministic=True)["severity"])
+  fields = inputs.batch_fields(config, image_only=True)
+  seen = 0
+  for k in range(2):
+    params = _ema_of(severity / f"fold{k}")[0]
+    for batch in inputs.host_batches(source, np.arange(len(source.index)),
+                                     config.train.eval_batch_size, fields, config):
+      logits = np.asarray(logits_of(params, batch["image"]), np.float64)
+      soft = np.exp(logits - logits.max(-1, keepdims=True))
+      soft /= soft.sum(-1, keepdims=True)
+      for i, valid, s in zip(batch["record_index"], batch["valid"], soft):
+        if valid:
+          np.testing.assert_allclose(single[k][source.index[i]["scan_id"]], s, atol=2e-6)
+          seen += 1
+  assert seen == 2 * len(ensemble)
+
+
+def test_cv_json_summarises_each_folds_best_evaluation(chain):
+  cv = json.loads((chain / "severity" / "cv.json").read_text())
+  names = ("mild", "moderate", "severe", "critical")
+  assert [f["fold"] for f in cv["folds"]] == [0, 1]
+  for k, fold in enumerate(cv["folds"]):
+    best = _best_row(chain / "severity" / f"fold{k}", "macro_f1")
+    assert fold["step"] == best["step"] and fold["macro_f1"] == best["macro_f1"]
+    for c in range(len(names)):
+      assert fold[f"f1_{c}"] == best[f"f1_{c}"]
+  assert cv["mean_macro_f1"] == pytest.approx(np.mean([f["macro_f1"] for f in cv["folds"]]),
+                                              rel=1e-12, abs=1e-12)
+  for c, name in enumerate(names):
+    assert cv["mean_f1_per_class"][name] == pytest.approx(
+        np.mean([f[f"f1_{c}"] for f in cv["folds"]]), rel=1e-12, abs=1e-12)

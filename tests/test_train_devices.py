@@ -2,10 +2,12 @@
 import json
 
 import numpy as np
+import pytest
 
 import train_helpers as h
 
 
+@pytest.mark.slow
 def test_one_and_eight_devices_agree(tmp_path):
   procs = {devices: h.run_worker(h.worker_args(str(tmp_path / f'd{devices}'),
                                                 str(tmp_path / f'd{devices}.npz'), num_steps=3,

@@ -41,21 +41,50 @@ def _wait_for(path: str, proc, seconds: float = 300.0):
     time.sleep(0.2)
 
 
+def _rows(path: str) -> list:
+  with open(path, encoding='utf-8') as f:
+    return [json.loads(line) for line in f]
+
+
 def test_killed_run_resumes_bit_exact(tmp_path, cache, uninterrupted):
   run, out = str(tmp_path / 'run'), str(tmp_path / 'params.npz')
-  args = h.worker_args(run, out, num_steps=STEPS, eval_every=3, hang_at_batch=5)
+  args = h.worker_args(run, out, num_steps=STEPS, eval_every=3, hang_at_batch=5, log_info=True)
   proc = h.run_worker(args, cache_dir=cache, wait=False)
   _wait_for(os.path.join(run, 'checkpoints', '4'), proc)
   proc.send_signal(signal.SIGKILL)
   proc.wait()
   assert not os.path.exists(out)
+  ckpt = checkpoint.Checkpointer.open(os.path.join(run, 'checkpoints'))
+  latest = ckpt.latest_step()
+  ckpt.close()
+  assert latest == 4  # checkpoints every 2 steps and at the evaluation of step 3
+  metrics = os.path.join(run, 'metrics.jsonl')
+  before = _rows(metrics)
+  assert [r['step'] for r in before if r['split'] == 'train'][:latest] == list(range(1, latest + 1))
   r = h.run_worker(dict(args, hang_at_batch=-1), cache_dir=cache)
   assert r.returncode == 0, r.stdout + r.stderr
   h.assert_trees_equal(h.load_params(out), uninterrupted[1])
   resumed = json.load(open(out + '.json'))
   expected = json.load(open(str(uninterrupted[0] / 'params.npz.json')))
+  # It really resumed: the restart drew only the batches of the steps after
+  # the checkpoint, logged them (appended to metrics.jsonl) and said so.
+  assert resumed.pop('batches_drawn') == STEPS - latest
+  assert expected.pop('batches_drawn') == STEPS
   assert resumed == expected and resumed['step'] == STEPS
   assert resumed['best_step'] in (3, 6)
+  assert f'resumed from step {latest} in {run}' in r.stdout + r.stderr
+  after = _rows(metrics)
+  assert after[:len(before)] == before
+  new = after[len(before):]
+  assert [(row['step'], row['split']) for row in new] == (
+      [(s, 'train') for s in range(latest + 1, STEPS)] + [(STEPS, 'train'), (STEPS, 'eval')])
+  # The same losses as the uninterrupted run at those steps (bit-exact resume).
+  clean = {(row['step'], row['split']): row
+           for row in _rows(str(uninterrupted[0] / 'run' / 'metrics.jsonl'))}
+  for row in new:
+    for name in ('loss', 'grad_norm', 'learning_rate', 'macro_f1'):
+      if name in row:
+        assert row[name] == clean[(row['step'], row['split'])][name], (row, name)
 
 
 def test_sigterm_writes_a_checkpoint_then_exits(tmp_path, cache):

@@ -128,7 +128,7 @@ def test_loaded_params_reproduce_the_pytorch_model(spatial_dims, in_chans, head_
                                        head_hidden=head_hidden, in_chans=None)
   assert weights.convnext_config(params)["depths"] == DEPTHS
   model = ConvNeXt(depths=DEPTHS, dims=DIMS, spatial_dims=spatial_dims, in_chans=in_chans,
-                   num_classes=num_classes, head_hidden=head_hidden)
+                   num_classes=num_classes, head_hidden=head_hidden, dwconv_impl="xla")
   x = np.random.default_rng(0).normal(size=(2,) + (size,) * spatial_dims + (in_chans,))
   x = x.astype(np.float32)
   got = np.asarray(jax.jit(model.apply)({"params": params}, jnp.asarray(x)))
@@ -164,7 +164,8 @@ def test_pth_files_with_wrappers_and_module_prefix(tmp_path):
 @pytest.mark.parametrize("naming", ["official", "timm"])
 @pytest.mark.parametrize("fmt", ["npz", "safetensors"])
 def test_round_trip_through_files(tmp_path, spatial_dims, naming, fmt):
-  model = ConvNeXt(**SMALL, spatial_dims=spatial_dims, in_chans=1, num_classes=3, head_hidden=6)
+  model = ConvNeXt(**SMALL, spatial_dims=spatial_dims, in_chans=1, num_classes=3, head_hidden=6,
+                   dwconv_impl="xla")
   params = random_params(model, jnp.zeros((1,) + (32,) * spatial_dims + (1,)), seed=spatial_dims)
   state = weights.export_torch_convnext({"params": params}, naming=naming)
   assert weights.detect_naming(state) == naming
@@ -182,20 +183,20 @@ def test_round_trip_through_files(tmp_path, spatial_dims, naming, fmt):
 
 @pytest.mark.parametrize("spatial_dims", [2, 3])
 def test_round_trip_through_model_apply(spatial_dims):
-  model = ConvNeXt(**SMALL, spatial_dims=spatial_dims, in_chans=1, num_classes=3)
+  model = ConvNeXt(**SMALL, spatial_dims=spatial_dims, in_chans=1, num_classes=3, dwconv_impl="xla")
   x = jnp.asarray(np.random.default_rng(1).normal(size=(1,) + (32,) * spatial_dims + (1,)),
                   jnp.float32)
   params = random_params(model, x, seed=4)
   loaded = weights.load_torch_convnext(weights.export_torch_convnext(params, "timm"),
                                        spatial_dims, num_classes=3)
-  rebuilt = ConvNeXt(**weights.convnext_config(loaded))
+  rebuilt = ConvNeXt(**weights.convnext_config(loaded), dwconv_impl="xla")
   assert rebuilt.spatial_dims == spatial_dims and rebuilt.depths == SMALL["depths"]
   np.testing.assert_array_equal(jax.jit(rebuilt.apply)({"params": loaded}, x),
                                 jax.jit(model.apply)({"params": params}, x))
 
 
 def test_3d_kernel_axes_map_in_order():
-  model = ConvNeXt(**SMALL, spatial_dims=3, in_chans=1, num_classes=None)
+  model = ConvNeXt(**SMALL, spatial_dims=3, in_chans=1, num_classes=None, dwconv_impl="xla")
   params = random_params(model, jnp.zeros((1, 32, 32, 32, 1)), seed=5)
   state = weights.export_torch_convnext(params)
   flax_k = np.asarray(params["stage1"]["block0"]["dwconv"]["kernel"])  # (kD, kH, kW, 1, C)
@@ -207,7 +208,7 @@ def test_3d_kernel_axes_map_in_order():
 
 
 def test_rgb_stem_folds_to_gray():
-  rgb_model = ConvNeXt(**SMALL, spatial_dims=2, in_chans=3, num_classes=4)
+  rgb_model = ConvNeXt(**SMALL, spatial_dims=2, in_chans=3, num_classes=4, dwconv_impl="xla")
   x = jnp.asarray(np.random.default_rng(2).normal(size=(2, 32, 32, 1)), jnp.float32)
   params = random_params(rgb_model, jnp.repeat(x, 3, -1), seed=7)
   state = weights.export_torch_convnext(params, naming="timm")
@@ -215,7 +216,7 @@ def test_rgb_stem_folds_to_gray():
   assert gray["stem"]["conv"]["kernel"].shape == (4, 4, 1, 8)
   np.testing.assert_allclose(gray["stem"]["conv"]["kernel"][..., 0, :],
                              np.asarray(params["stem"]["conv"]["kernel"]).sum(-2), rtol=1e-6)
-  gray_model = ConvNeXt(**SMALL, spatial_dims=2, in_chans=1, num_classes=4)
+  gray_model = ConvNeXt(**SMALL, spatial_dims=2, in_chans=1, num_classes=4, dwconv_impl="xla")
   np.testing.assert_allclose(jax.jit(gray_model.apply)({"params": gray}, x),
                              jax.jit(rgb_model.apply)({"params": params}, jnp.repeat(x, 3, -1)),
                              rtol=1e-4, atol=1e-4)
@@ -225,7 +226,7 @@ def test_rgb_stem_folds_to_gray():
 
 def backbone_state(spatial_dims=2, num_classes=4, layer_scale_init=1e-6):
   model = ConvNeXt(**SMALL, spatial_dims=spatial_dims, in_chans=1, num_classes=num_classes,
-                   layer_scale_init=layer_scale_init)
+                   layer_scale_init=layer_scale_init, dwconv_impl="xla")
   params = random_params(model, jnp.zeros((1,) + (32,) * spatial_dims + (1,)), seed=3)
   return params, weights.export_torch_convnext(params)
 

@@ -62,7 +62,7 @@ def worker_args(workdir: str, out: str, **overrides) -> dict:
   args = dict(workdir=workdir, out=out, num_steps=4, batch_size=8, micro_batches=1,
               checkpoint_every=2, eval_every=0, hang_at_batch=-1, nan_batches=[],
               max_nonfinite=10, augment=True, seed=0, coordinator=None, num_processes=1,
-              process_id=0, learning_rate=1e-3, eps=1e-3)
+              process_id=0, learning_rate=1e-3, eps=1e-3, log_info=False)
   args.update(overrides)
   return args
 
@@ -73,8 +73,10 @@ class _ScriptedIterator:
   def __init__(self, inner, hang_at_batch: int, nan_batches):
     self.inner, self.hang_at_batch, self.nan_batches = inner, hang_at_batch, set(nan_batches)
     self.count = 0
+    self.drawn = 0  # batches drawn by this process (not part of the saved state)
 
   def __next__(self):
+    self.drawn += 1
     if self.count == self.hang_at_batch:
       print('HANGING', flush=True)
       time.sleep(3600)
@@ -102,6 +104,9 @@ def small_convnext():
 
 def _worker(args: dict):
   import jax  # pylint: disable=import-outside-toplevel
+  if args['log_info']:
+    from absl import logging  # pylint: disable=import-outside-toplevel
+    logging.set_verbosity(logging.INFO)
   if args['coordinator']:
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')
   from covid3d import train  # pylint: disable=import-outside-toplevel
@@ -143,6 +148,7 @@ def _worker(args: dict):
   except train.NonFiniteError as e:
     summary.update(error=str(e))
     state = None
+  summary['batches_drawn'] = iterator.drawn
   if state is not None:
     host = jax.device_get({'params': state.params, 'ema': state.ema_params})
     flat = {jax.tree_util.keystr(path): np.asarray(leaf)

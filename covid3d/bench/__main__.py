@@ -3,7 +3,7 @@ import argparse
 import importlib
 import sys
 
-SUBCOMMANDS = ("model", "augment", "data", "train")
+SUBCOMMANDS = ("model", "augment", "data", "train", "imagenet")
 
 
 def main(argv=None):

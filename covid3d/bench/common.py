@@ -1,4 +1,5 @@
-"""Shared helpers of the benchmarks: the device line and a plain-text table."""
+"""Shared helpers of the benchmarks: the device line, a plain-text table, peak device
+memory and the one markdown table that ``covid3d/bench/gpu_check.sh`` collects."""
 import math
 import os
 import platform
@@ -32,3 +33,62 @@ def print_table(rows, header=True):
     print("".join(k.ljust(width[k]) for k in keys))
   for r in rows:
     print("".join(_fmt(r.get(k, "")).ljust(width[k]) for k in keys), flush=True)
+
+
+def peak_device_bytes():
+  """Peak bytes in use on the first device since the process started, where the
+  runtime reports it (GPU/TPU: ``memory_stats()['peak_bytes_in_use']``), else None."""
+  try:
+    stats = jax.devices()[0].memory_stats() or {}
+  except (AttributeError, NotImplementedError, RuntimeError):
+    return None
+  return stats.get("peak_bytes_in_use")
+
+
+def gib(nbytes) -> float:
+  """Bytes as GiB, NaN (printed ``-``) when unknown."""
+  return nbytes / 2**30 if nbytes is not None else float("nan")
+
+
+MARKDOWN_HEADER = "| step | what | figures |\n| --- | --- | --- |\n"
+
+
+def append_markdown(path, step: str, rows, what_key: str):
+  """Appends ``rows`` to the one markdown table in ``path`` (header if the file is new).
+
+  Each row becomes ``| step | row[what_key] | key value, key value, ... |``, so
+  every benchmark can add to one table whatever its columns.
+  """
+  if not path:
+    return
+  has_table = False
+  if os.path.exists(path):
+    with open(path) as f:
+      has_table = MARKDOWN_HEADER.splitlines()[0] in f.read()
+  with open(path, "a") as f:
+    if not has_table:
+      f.write(MARKDOWN_HEADER)
+    for r in rows:
+      figures = ", ".join(f"{k} {_fmt(v)}" for k, v in r.items() if k != what_key)
+      f.write(f"| {step} | {r.get(what_key, '')} | {figures} |\n")
+
+
+def random_params(model, x, seed: int = 0, scale: float = 0.02):
+  """Parameters of ``model`` for input ``x``: shapes from ``jax.eval_shape``, values
+  drawn on the host (normal * ``scale``; LayerNorm scales and layer scales 1).
+
+  For timing only: compiling ``model.init`` (one random sampler per parameter
+  shape) takes longer on a CPU than the step it would initialise.
+  """
+  import numpy as np  # pylint: disable=import-outside-toplevel
+
+  shapes = jax.eval_shape(model.init, jax.random.key(seed), x)["params"]
+  rng = np.random.default_rng(seed)
+
+  def draw(path, s):
+    name = jax.tree_util.keystr(path)
+    if name.endswith("['scale']") or name.endswith("['gamma']"):
+      return jax.numpy.ones(s.shape, s.dtype)
+    return jax.numpy.asarray(scale * rng.standard_normal(s.shape), s.dtype)
+
+  return jax.tree_util.tree_map_with_path(draw, shapes)

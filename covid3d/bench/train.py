@@ -5,9 +5,16 @@ step (``covid3d.train.steps.make_train_step``: forward, backward, pmean, AdamW,
 EMA) with and without on-device augmentation (``covid3d.augment.augment``,
 default config without the 256^3 crop); XLA's FLOP count of one step
 (``compiled.cost_analysis()``, all devices together); and the utilisation of
-the device's peak (``PEAK_TFLOPS`` below). ``--scaling 1,2,4,8`` re-runs the
-no-augmentation step in subprocesses with that many simulated CPU devices
+the device's peak (``PEAK_TFLOPS`` below); memory: XLA's plan for the
+compiled step (``memory_analysis``) and, where the runtime reports it (GPU/TPU:
+``jax.devices()[0].memory_stats()``), the device's peak bytes in use since the
+process started (so the augmentation row's peak covers both rows).
+``--size`` sets the cube edge per example, ``--batch-per-device`` the examples
+per device. ``--scaling 1,2,4,8`` re-runs the no-augmentation step in
+subprocesses with that many simulated CPU devices
 (``--xla_force_host_platform_device_count``) at the same per-device batch.
+``--markdown FILE`` appends the rows to one markdown table
+(``covid3d/bench/gpu_check.sh``).
 """
 import argparse
 import functools
@@ -21,7 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from covid3d.bench.common import device_line, print_table
+from covid3d.bench.common import (append_markdown, device_line, gib, peak_device_bytes, print_table,
+                                  random_params)
 
 # Peak dense TFLOP/s per device, (float32, bfloat16), matched by substring of
 # device_kind (first match wins). GPU figures are the vendors' dense (no
@@ -59,6 +67,10 @@ def register(subparsers):
   p.add_argument('--steps', type=int, default=5, help='timed steps per figure')
   p.add_argument('--scaling', default='', help="device counts for the CPU scaling runs, e.g. '1,2,4,8'")
   p.add_argument('--no-augment', action='store_true', help='skip the with-augmentation figure')
+  p.add_argument('--augment-only', action='store_true',
+                 help='only the figure with augmentation (one compile fewer)')
+  p.add_argument('--markdown', default=None, metavar='FILE',
+                 help='append the rows to this markdown table')
   p.add_argument('--json', action='store_true', help=argparse.SUPPRESS)
   p.set_defaults(func=run)
 
@@ -77,7 +89,9 @@ def _measure(args, augment: bool) -> dict:
   rng = np.random.default_rng(0)
   host = {'image': rng.random((batch, size, size, size, 1), np.float32),
           'label': rng.integers(0, 4, batch).astype(np.int32)}
-  params = jax.jit(model.init)(jax.random.PRNGKey(0), host['image'][:1])['params']
+  # Host-drawn values of the right shapes: compiling model.init on a CPU takes
+  # longer than the steps measured here.
+  params = random_params(model, jnp.asarray(host['image'][:1]))
   config = train.default_config()
   tx = train.make_optimizer(config)
   augment_fn = None
@@ -95,6 +109,11 @@ def _measure(args, augment: bool) -> dict:
   t0 = time.perf_counter()
   compiled = step.lower(state, sharded).compile()
   compile_s = time.perf_counter() - t0
+  mem = compiled.memory_analysis()
+  plan = None
+  if mem is not None:
+    plan = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
+            - mem.alias_size_in_bytes)
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   # The cost of the SPMD program is per device: times the devices for the step.
@@ -111,7 +130,8 @@ def _measure(args, augment: bool) -> dict:
   return {'augment': 'yes' if augment else 'no', 'devices': mesh.size, 'size': size,
           'batch': batch, 'compile_s': compile_s, 'step_s': seconds,
           'volumes_per_s': batch / seconds, 'gflop_per_step': flops / 1e9,
-          'utilisation_%': 100 * util}
+          'utilisation_%': 100 * util, 'plan_GiB': gib(plan),
+          'peak_GiB': gib(peak_device_bytes())}
 
 
 def _scaling_row(args, devices: int) -> dict:
@@ -132,10 +152,14 @@ def run(args):
     print(json.dumps(_measure(args, augment=False)))
     return
   print(device_line())
-  rows = [_measure(args, augment=False)]
+  if args.no_augment and args.augment_only:
+    raise SystemExit('--no-augment and --augment-only exclude each other')
+  rows = [] if args.augment_only else [_measure(args, augment=False)]
   if not args.no_augment:
     rows.append(_measure(args, augment=True))
   print_table(rows)
+  append_markdown(args.markdown, f'train step {args.variant} {args.dtype} impl {args.impl}',
+                  [dict(r, what=f"augment {r['augment']}") for r in rows], 'what')
   peak = peak_tflops(jax.devices()[0], args.dtype)
   print(f'peak assumed: {peak} TFLOP/s per device ({args.dtype})' if peak
         else 'peak: unknown device kind, utilisation not computed')

@@ -10,10 +10,14 @@ cross-correlation with 'same' zero padding, exactly what
   the kernel size, which suits 7^3 kernels.
 * ``shift``: a loop (``lax.scan``) over the kernel taps adding a shifted copy
   of the input times one weight per channel: memory-bound multiply-adds.
+* ``pallas``: Pallas kernels for the forward pass and both gradients
+  (``covid3d.models.dwconv_pallas``): Triton on GPU; on CPU Pallas's
+  interpreter, which is correct but a debugging path, not a fast one.
 * ``auto``: times the other backends once per (device kind, shape, dtype) on
-  the current device and uses the fastest. The decision is memoised in this
-  process and written to ``dwconv_auto.json`` under the cache root
-  (``covid3d.cachedir``) so later processes reuse the measurement.
+  the current device and uses the fastest (``pallas`` only on GPU/TPU, see
+  ``auto_candidates``). The decision is memoised in this process and written
+  to ``dwconv_auto.json`` under the cache root (``covid3d.cachedir``) so later
+  processes reuse the measurement.
 """
 import functools
 import itertools
@@ -26,9 +30,10 @@ import jax.numpy as jnp
 from jax import lax
 
 from covid3d import cachedir
+from covid3d.models.dwconv_pallas import depthwise_conv_pallas
 from covid3d.timing import median_seconds
 
-IMPLS = ("xla", "fft", "shift")
+IMPLS = ("xla", "fft", "shift", "pallas")
 
 
 def _xla(x, kernel):
@@ -82,7 +87,26 @@ def _shift(x, kernel):
   return out
 
 
-_BACKENDS = {"xla": _xla, "fft": _fft, "shift": _shift}
+def _pallas(x, kernel):
+  return depthwise_conv_pallas(x, kernel)
+
+
+_BACKENDS = {"xla": _xla, "fft": _fft, "shift": _shift, "pallas": _pallas}
+
+
+def auto_candidates(platform=None):
+  """The backends ``auto`` times on ``platform`` (default: the default backend's).
+
+  ``pallas`` only on GPU/TPU. On CPU Pallas runs in its interpreter, a
+  debugging path (a while loop over the grid whose body is the kernel as
+  ordinary XLA ops, with a copy of every block): it compiles slowly, it lost
+  to ``fft`` in this project's CPU measurements (ConvNeXt-nano forward+backward
+  at 64^3: 148 ms against 73 ms with ``fft``), and its speed there says
+  nothing about the compiled kernel; timing it would only lengthen the first
+  use of every shape.
+  """
+  platform = platform or jax.default_backend()
+  return tuple(i for i in IMPLS if i != "pallas" or platform != "cpu")
 
 
 def depthwise_conv(x, kernel, bias=None, impl="xla"):
@@ -92,7 +116,7 @@ def depthwise_conv(x, kernel, bias=None, impl="xla"):
     x: ``(B, *spatial, C)`` input, 2 or 3 spatial axes.
     kernel: ``(*k, 1, C)`` weights in Flax layout (one filter per channel).
     bias: ``(C,)`` or None.
-    impl: one of ``xla``, ``fft``, ``shift`` or ``auto``.
+    impl: one of ``xla``, ``fft``, ``shift``, ``pallas`` or ``auto``.
 
   Returns:
     ``(B, *spatial, C)``, the cross-correlation ``lax.conv`` computes.
@@ -112,8 +136,11 @@ def depthwise_conv(x, kernel, bias=None, impl="xla"):
 
 
 def _cache_key(x_shape, k_shape, dtype):
+  # The candidate list is part of the key: a choice made before a backend
+  # existed (or was eligible) is measured again, not reused.
   dev = jax.devices()[0]
-  return f"{dev.platform}|{dev.device_kind}|{tuple(x_shape)}|{tuple(k_shape)}|{jnp.dtype(dtype).name}"
+  return (f"{dev.platform}|{dev.device_kind}|{tuple(x_shape)}|{tuple(k_shape)}|"
+          f"{jnp.dtype(dtype).name}|{','.join(auto_candidates(dev.platform))}")
 
 
 def time_impl(impl, x_shape, k_shape, dtype=jnp.float32, reps=3, grad=True):
@@ -139,10 +166,21 @@ def _choose_cached(key, x_shape, k_shape, dtype_name):
       table = {}
   if key in table:
     return table[key]["best"]
+  times, errors = {}, {}
   with jax.ensure_compile_time_eval():
-    times = {impl: time_impl(impl, x_shape, k_shape, jnp.dtype(dtype_name)) for impl in IMPLS}
+    for impl in auto_candidates(jax.devices()[0].platform):
+      try:
+        times[impl] = time_impl(impl, x_shape, k_shape, jnp.dtype(dtype_name))
+      except Exception as e:  # pylint: disable=broad-except
+        if impl != "pallas":
+          raise
+        # A Pallas kernel this device's compiler rejects (e.g. Mosaic TPU's
+        # layout limits) is not a candidate; the others still are.
+        errors[impl] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
   best = min(times, key=times.get)
   table[key] = {"best": best, "seconds": times}
+  if errors:
+    table[key]["errors"] = errors
   try:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.{os.getpid()}.tmp"

@@ -1,0 +1,119 @@
+"""The benchmarks' plumbing: the GPU script parses, its commands parse, the PyTorch twin matches.
+
+Nothing here times anything or runs the GPU script.
+"""
+import argparse
+import os
+import re
+import shlex
+import subprocess
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from covid3d.bench import __main__ as bench_main
+from covid3d.bench import common
+from covid3d.bench import model as bench_model
+from covid3d.bench import train as bench_train
+from covid3d.models import ConvNeXt, variant
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GPU_CHECK = os.path.join(ROOT, "covid3d", "bench", "gpu_check.sh")
+
+
+def _parser():
+  parser = argparse.ArgumentParser()
+  sub = parser.add_subparsers(dest="command", required=True)
+  bench_model.register(sub)
+  bench_train.register(sub)
+  return parser
+
+
+def _bench_commands():
+  """The argument lists of every ``python -m covid3d.bench ...`` line of the script."""
+  text = open(GPU_CHECK).read().replace("\\\n", " ")
+  commands = []
+  for line in text.splitlines():
+    if line.lstrip().startswith("#"):
+      continue
+    m = re.search(r"python -m covid3d\.bench (.*)$", line)
+    if m:
+      commands.append(shlex.split(m.group(1).replace('"$out"', "out.md")))
+  return commands
+
+
+def test_gpu_check_is_valid_bash():
+  subprocess.run(["bash", "-n", GPU_CHECK], check=True)
+  text = open(GPU_CHECK).read()
+  assert text.startswith("#!/usr/bin/env bash") and "set -euo pipefail" in text
+
+
+def test_gpu_check_commands_parse():
+  commands = _bench_commands()
+  assert [c[0] for c in commands] == ["model", "model", "model", "train"]
+  parser = _parser()
+  parsed = [parser.parse_args(c) for c in commands]
+  checks = [a for a in parsed if a.command == "model" and a.dwconv_check]
+  assert {a.dtype for a in checks} == {"float32", "bfloat16"}
+  assert all(a.dwconv_check == "1,56,56,56,96" and a.kernel_size == 7 for a in checks)
+  assert all("pallas" in bench_model.parse_impls(a.impl, "gpu") for a in checks)
+  (model,) = [a for a in parsed if a.command == "model" and not a.dwconv_check]
+  assert (model.variant, model.size, model.impl, model.torch) == ("tiny", 224, "all", True)
+  (train,) = [a for a in parsed if a.command == "train"]
+  assert train.size == 224 and train.augment_only and train.markdown == "out.md"
+
+
+@pytest.mark.parametrize("command", ["model", "train"])
+def test_entry_points_answer_help(command, capsys):
+  with pytest.raises(SystemExit) as done:
+    bench_main.main([command, "--help"])
+  assert done.value.code == 0
+  out = capsys.readouterr().out
+  for flag in {"model": ["--torch", "--dwconv-check", "--kernel-size", "--markdown", "--impl"],
+               "train": ["--augment-only", "--markdown", "--size", "--impl"]}[command]:
+    assert flag in out
+
+
+def test_impl_lists():
+  assert "pallas" not in bench_model.parse_impls("all", "cpu")
+  assert bench_model.parse_impls("all", "gpu")[-1] == "shift"
+  assert "pallas" in bench_model.parse_impls("all", "gpu")
+  assert bench_model.parse_impls("auto,fft", "cpu") == ("auto", "fft")
+  with pytest.raises(SystemExit, match="unknown backend"):
+    bench_model.parse_impls("cudnn", "cpu")
+
+
+def test_markdown_is_one_table(tmp_path):
+  path = str(tmp_path / "t.md")
+  with open(path, "w") as f:
+    f.write("GPU check (device: ...)\n\n")
+  common.append_markdown(path, "a", [{"impl": "fft", "step_s": 0.5}], "impl")
+  common.append_markdown(path, "b", [{"impl": "xla", "step_s": float("nan")}], "impl")
+  lines = open(path).read().splitlines()
+  assert lines.count(common.MARKDOWN_HEADER.splitlines()[0]) == 1
+  assert lines[-2:] == ["| a | fft | step_s 0.5 |", "| b | xla | step_s - |"]
+
+
+def test_random_params_have_the_model_shapes():
+  model = ConvNeXt(**variant("nano"), num_classes=2, dwconv_impl="fft")
+  x = jnp.zeros((1, 32, 32, 32, 1))
+  params = common.random_params(model, x)
+  shapes = jax.eval_shape(model.init, jax.random.key(0), x)["params"]
+  assert jax.tree.map(lambda a: a.shape, params) == jax.tree.map(lambda a: a.shape, shapes)
+  assert float(params["stage0"]["block0"]["norm"]["scale"][0]) == 1.0
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_torch_twin_has_the_same_parameters(spatial_dims):
+  torch = pytest.importorskip("torch")
+  net = bench_model.torch_convnext(torch, **variant("nano"), spatial_dims=spatial_dims)
+  ours = jax.eval_shape(ConvNeXt(**variant("nano"), spatial_dims=spatial_dims, num_classes=2,
+                                 dwconv_impl="fft").init,
+                        jax.random.key(0), jnp.zeros((1,) + (32,) * spatial_dims + (1,)))
+  count = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(ours))
+  assert sum(p.numel() for p in net.parameters()) == count
+  with torch.no_grad():
+    out = net(torch.zeros((2, 1) + (32,) * spatial_dims))
+  assert tuple(out.shape) == (2, 2)

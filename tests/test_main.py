@@ -1,0 +1,120 @@
+"""``python -m covid3d.main``: required flags, the ``:demo`` config argument, overrides.
+
+The subprocesses (started side by side) fail during flag parsing or before the
+stage runs, so none trains anything.
+"""
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from absl import flags
+from ml_collections import config_flags
+
+ROOT = Path(__file__).resolve().parent.parent
+SEVERITY = ROOT / "configs" / "severity.py"
+
+
+def _get_config(arg):
+  spec = importlib.util.spec_from_file_location("config_severity", SEVERITY)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def _parse(*argv):
+  """The config main's flags give for ``argv`` (same flag definition, in-process)."""
+  argv = ["main"] + list(argv)
+  values = flags.FlagValues()
+  # Override flags (--config.a.b) are found in the argument list given here.
+  config_flags.DEFINE_config_file("config", None, "", flag_values=values, lock_config=True,
+                                  sys_argv=argv)
+  values(argv)
+  return values.config
+
+
+def test_demo_suffix_selects_the_demo_config_and_overrides_apply():
+  full, demo = _get_config(None), _get_config("demo")
+  assert (full.model.variant, demo.model.variant) == ("tiny", "nano")
+  assert tuple(demo.data.sizes) == (40, 32) and demo.data.phantom and not full.data.phantom
+  parsed = _parse(f"--config={SEVERITY}:demo", "--config.train.num_steps=3")
+  assert parsed.stage == "severity" and parsed.train.num_steps == 3
+  demo.train.num_steps = 3
+  assert parsed.to_dict() == demo.to_dict()
+  assert _parse(f"--config={SEVERITY}").to_dict() == full.to_dict()
+  with pytest.raises(ValueError, match="unknown config argument 'nope': use ':demo' or nothing"):
+    _get_config("nope")
+
+
+# Every command line with a config also names an unknown stage: whatever a
+# regression lets through stops at the stage dispatch instead of training.
+NO_STAGE = "--config.stage=nope"
+CASES = {
+    "no_workdir": [f"--config={SEVERITY}:demo", NO_STAGE],
+    "no_config": ["--workdir={w}"],
+    "bad_suffix": [f"--config={SEVERITY}:nope", "--workdir={w}", NO_STAGE],
+    "misspelt": [f"--config={SEVERITY}:demo", "--workdir={w}", "--config.train.num_stepz=3",
+                 NO_STAGE],
+    # Parses, logs the resolved config, then stops at the unknown stage name.
+    "bad_stage": [f"--config={SEVERITY}:demo", "--workdir={w}", "--config.train.num_steps=3",
+                  NO_STAGE],
+}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  """name -> (exit code, stdout + stderr, workdir) of each CASES command line."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  procs = {}
+  for name, args in CASES.items():
+    workdir = tmp_path_factory.mktemp(name) / "work"
+    cmd = [sys.executable, "-m", "covid3d.main"] + [a.format(w=workdir) for a in args]
+    procs[name] = (subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, text=True), workdir)
+  out = {}
+  try:
+    for name, (proc, workdir) in procs.items():
+      text = proc.communicate(timeout=120)[0]
+      out[name] = (proc.returncode, text, workdir)
+  finally:
+    for proc, _ in procs.values():
+      if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+  return out
+
+
+@pytest.mark.parametrize("missing,given", [("workdir", "config"), ("config", "workdir")])
+def test_a_missing_required_flag_is_a_usage_error(runs, missing, given):
+  code, text, workdir = runs[f"no_{missing}"]
+  assert code != 0
+  assert f"Flag --{missing} must have a value other than None" in text
+  assert f"Flag --{given} must" not in text
+  assert "Pass --helpshort or --helpfull to see help on flags" in text
+  assert not workdir.exists()
+
+
+def test_an_unknown_config_argument_is_named(runs):
+  code, text, workdir = runs["bad_suffix"]
+  assert code != 0 and "Flags parsing error" in text
+  assert "unknown config argument 'nope': use ':demo' or nothing" in text
+  assert not workdir.exists()
+
+
+def test_a_misspelt_override_names_the_field(runs):
+  code, text, workdir = runs["misspelt"]
+  assert code != 0
+  assert "'num_stepz'" in text and 'Did you mean "num_steps"' in text
+  assert not workdir.exists()
+
+
+def test_the_demo_config_reaches_the_stage_dispatch(runs):
+  code, text, workdir = runs["bad_stage"]
+  assert code != 0
+  # main logged the resolved config: the demo model, the override.
+  assert "stage nope, workdir" in text
+  assert "variant: nano" in text and "num_steps: 3" in text and "variant: tiny" not in text
+  assert "config.stage='nope' is not one of" in text and "'severity'" in text
+  assert not (workdir / "config.json").exists()
