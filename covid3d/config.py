@@ -41,7 +41,7 @@ def get_config(stage: str) -> ml_collections.ConfigDict:
   # head's LayerNorm and pre_head (the authors' fine-tuning), re-initialising the
   # classifier; 'fresh' re-initialises the whole head.
   c.model.head_init = "carry"
-  c.model.dwconv_impl = "auto"        # xla, fft, shift or auto (measured per device and shape)
+  c.model.dwconv_impl = "auto"        # xla, fft, shift, pallas or auto (measured per device and shape)
   c.model.remat = "none"              # none, block, stage: recompute activations to save memory
   c.model.seg_head = ml_collections.ConfigDict()
   c.model.seg_head.style = "upernext"  # upernext (authors) or upernet (Xiao et al. 2018)
