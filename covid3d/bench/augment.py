@@ -24,7 +24,7 @@ from covid3d import augment as aug
 from covid3d import augment_ops as ops
 from covid3d.bench.common import device_line, print_table
 
-# COV19-CT-DB normalisation (REFERENCE.md) applied after the [-1000, 500] HU clip.
+# COV19-CT-DB normalisation (docs/method.md) applied after the [-1000, 500] HU clip.
 _MEAN, _STD = 0.3971, 0.3207
 
 

@@ -8,7 +8,7 @@ ground-glass opacities and, when severe or critical, consolidation; the lesion
 fraction of the lung volume sets the severity class (`SEVERITY_THRESHOLDS`).
 Non-COVID scans have no lesion, or a few solid nodules (not in the lesion mask).
 
-Array convention (DESIGN.md): volume float32 (D, H, W) = (slice z, row y, column
+Array convention (README, "Conventions"): volume float32 (D, H, W) = (slice z, row y, column
 x). Index 0 along D is the most inferior slice, rows run anterior -> posterior
 and columns patient right -> left, i.e. the arrays are in ITK's LPS orientation
 with an identity direction matrix. Writers for the three real dataset formats
