@@ -48,13 +48,9 @@ def target_config(target: str) -> ml_collections.ConfigDict:
 
 def infer_target(obj, num_classes: int | None) -> str:
   """``severity`` or ``detection`` from their config's loss name, else from the class count."""
-  config = obj.get("config")
-  model_cfg = config.get("modelconfig") if isinstance(config, dict) else None
-  loss = str(model_cfg.get("loss_fn", "")) if isinstance(model_cfg, dict) else ""
-  if "_sev" in loss:
-    return "severity"
-  if "_inf" in loss:
-    return "detection"
+  target = weights.authors_target(obj.get("config"))
+  if target:
+    return target
   by_count = {len(t.class_names): name for name, t in handoff.TARGETS.items()}
   if num_classes in by_count:
     return by_count[num_classes]

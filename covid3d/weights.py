@@ -599,18 +599,26 @@ def _upernext_params(decoder: Mapping[str, np.ndarray], dims: Sequence[int], whe
   return params
 
 
+def authors_target(config) -> Optional[str]:
+  """'severity' or 'detection' from the loss name in an authors' file's config, else None."""
+  model_cfg = config.get("modelconfig") if isinstance(config, Mapping) else None
+  loss = str(model_cfg.get("loss_fn", "")) if isinstance(model_cfg, Mapping) else ""
+  if "_sev" in loss:
+    return "severity"
+  if "_inf" in loss:
+    return "detection"
+  return None
+
+
 def _default_head(num_classes, spatial_dims, has_decoder, config) -> str:
   """The head name of an authors' classifier: what covid3d's stages call that task."""
   if spatial_dims == 2:
     return "imagenet"
   if has_decoder:  # UperNeXt / MultiNeXt: their STOIC probSevere head
     return "stoic_severe"
-  model_cfg = config.get("modelconfig") if isinstance(config, Mapping) else None
-  loss = str(model_cfg.get("loss_fn", "")) if isinstance(model_cfg, Mapping) else ""
-  if "_sev" in loss:
-    return "severity"
-  if "_inf" in loss:
-    return "covid"
+  target = authors_target(config)
+  if target:
+    return {"severity": "severity", "detection": "covid"}[target]
   return {4: "severity", 2: "covid"}.get(num_classes, "classification")
 
 
