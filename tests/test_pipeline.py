@@ -160,7 +160,7 @@ def test_file_source_from_the_cache(tmp_path):
   source = pipeline.file_source(paths)
   assert [e['scan_id'] for e in source.index] == [r.scan_id for r in refs]
   records = [preprocess.read_record(p) for p in paths]
-  assert list(source.index) == [schema.index_entry(r) for r in records]
+  assert list(source.index) == [dict(schema.index_entry(r), partition='train') for r in records]
   batch, = host_batches(source, np.arange(3), 1, global_batch_size=3,
                         train=False, fields=('volume_16', 'stoic_severe'))
   for row, record in enumerate(records):

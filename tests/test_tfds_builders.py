@@ -71,7 +71,7 @@ def test_phantom_splits_and_index(raw, phantom_dir):
     assert [e['scan_id'] for e in source.index] == ids
     for i, entry in enumerate(source.index):
       record = source.records[i]
-      assert schema.index_entry(record) == entry
+      assert dict(schema.index_entry(record), partition=split) == entry
       assert record['volume_32'].dtype == np.float16
       assert record['volume_16'].shape == (16, 16, 16)
       assert record['mask_32'].dtype == np.uint8
