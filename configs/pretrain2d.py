@@ -11,6 +11,26 @@ def get_config(arg=None):
   c.pretrain2d = base.ml_collections.ConfigDict()
   c.pretrain2d.image_size = 224       # ImageNet images resized to this square, pixels
   c.pretrain2d.max_examples = 0       # use only the first N training images (0: all)
+  c.pretrain2d.max_eval_examples = 0  # evaluate on the first N validation images (0: all)
+  c.pretrain2d.tfds_data_dir = ""     # TFDS data dir of imagenet2012 ('': TFDS's default)
+  # The official ConvNeXt ImageNet-1k recipe's data side (timm names; docs/method.md).
+  c.pretrain2d.random_crop = True     # random resized crop (False: resize + centre crop)
+  c.pretrain2d.crop_scale = (0.08, 1.0)    # random resized crop: area fraction range
+  c.pretrain2d.crop_ratio = (3 / 4, 4 / 3)  # random resized crop: aspect-ratio range
+  c.pretrain2d.hflip = 0.5            # horizontal flip probability
+  c.pretrain2d.randaugment = "rand-m9-mstd0.5-inc1"  # timm RandAugment string ('' = none)
+  c.pretrain2d.random_erase = 0.25    # random erasing probability
+  c.pretrain2d.mixup = 0.8            # mixup Beta alpha (0 = off)
+  c.pretrain2d.cutmix = 1.0           # CutMix Beta alpha (0 = off)
+  c.pretrain2d.mixup_prob = 1.0       # probability of mixing a batch (or pair)
+  c.pretrain2d.mixup_switch_prob = 0.5  # probability of CutMix instead of mixup
+  c.pretrain2d.mixup_mode = "batch"   # 'batch' or 'pair'
+  c.pretrain2d.label_smoothing = 0.1  # label smoothing of the training loss
+  c.pretrain2d.eval_crop_pct = 0.875  # eval: shorter side to size / crop_pct, centre crop
+  # Host batches: float32 in [0, 1], or uint8 (a quarter of the bytes; /255 on device).
+  c.pretrain2d.image_dtype = "float32"
+  c.pretrain2d.prefetch = 4           # batches prefetched per host
+  c.pretrain2d.loader_workers = 0     # grain worker processes (0: threads only)
   c.augment.crop.p = 0.0              # 2-D training uses no volume augmentation
   # The official ConvNeXt recipe the authors followed (docs/method.md), at batch 4096.
   c.train.learning_rate = 4e-3

@@ -3,7 +3,10 @@
 Every field is documented here; override any on the command line, e.g.
 ``--config.train.learning_rate=1e-4 --config.model.variant=small``.
 The ``:demo`` argument of a stage file (``configs/severity.py:demo``) calls
-``demo()`` below: the nano model, 32^3 volumes, phantom data, few steps.
+``demo()`` below: the nano model, 32^3 volumes, phantom data, few steps. A
+fine-tuning file also takes presets (``configs/severity.py:authors3``, the
+authors' submissions and the paper's ablation rows; ``finetune_preset``),
+combinable with ``demo``: ``configs/severity.py:authors3,demo``.
 """
 import ml_collections
 
@@ -19,8 +22,10 @@ def get_config(stage: str) -> ml_collections.ConfigDict:
   # Seeds the model initialisation and the phantom; train.seed seeds training.
   c.seed = 0
   # Where the initial weights come from: 'random'; an earlier stage's workdir
-  # (its best EMA checkpoint; a 2-D one is inflated); or a 2-D ConvNeXt
-  # checkpoint file (.pth, .safetensors, .npz), inflated for 3-D stages.
+  # (its best EMA checkpoint; a 2-D one is inflated); 'stage:NAME', the workdir
+  # NAME beside this one (R/NAME for the workdir R/x, the launchers' layout);
+  # or a checkpoint file (.pth, .pt, .tar, .safetensors, .npz) of a 2-D
+  # ConvNeXt (inflated) or of the authors' 3-D models.
   c.init_from = "random"
   # Slice axis of the volumes an init_from checkpoint FILE was trained on:
   # 'first' (covid3d, the authors' COV19-CT-DB models) or 'last' (the authors'
@@ -72,7 +77,8 @@ def get_config(stage: str) -> ml_collections.ConfigDict:
   c.data.strict = False               # raise on bad input instead of a logged skip
   c.data.mean = 0.3971                # normalisation after scaling to [0, 1]
   c.data.std = 0.3207
-  c.data.folds = 5                    # cross-validation folds
+  c.data.folds = 5                    # cross-validation folds; 1: no CV (fine-tuning: all training
+                                      # scans, selected on the validation partition)
   c.data.fold_seed = 0
   # A split file to use instead of making folds: covid3d's folds.csv, or the
   # authors' cv5_*.csv (patient,Path,Set,Inf,Sev,cv). '' = stratified folds from fold_seed.
@@ -110,33 +116,72 @@ def pretraining_config(stage: str, arg, num_steps: int, eval_every: int) -> ml_c
   return finalize(c, arg)
 
 
-def finetune_config(target: str, arg, epochs: int, labelled_scans: int) -> ml_collections.ConfigDict:
-  """Fine-tuning for ``target`` (the challenge recipe), ``epochs`` over 4/5 of the scans.
+def finetune_config(target: str, arg, epochs: int, labelled_scans: int,
+                    presets=None) -> ml_collections.ConfigDict:
+  """Fine-tuning for ``target`` (the challenge recipe), ``epochs`` over the training folds.
 
-  ``target`` is the stage: 'severity' (4 classes) or 'detection' (2 classes).
+  ``target`` is the stage: 'severity' (4 classes) or 'detection' (2 classes);
+  ``presets``: name -> ``finetune_preset(...)``, the names ``arg`` may hold.
   """
   c = get_config(target)
   c.augment.noise.space = "input"     # the authors add fine-tuning noise to the normalised input
   c.predict = ml_collections.ConfigDict()
   c.predict.folds = ()                # fold models in the ensemble; (): all, (4,): the code's fold 5
   c.predict.partitions = ("validation", "test")
-  steps_per_epoch = labelled_scans * 4 // 5 // c.train.batch_size
+  c = finalize(c, arg, presets)
+  folds = c.data.folds
+  training_scans = labelled_scans * (folds - 1) // folds if folds > 1 else labelled_scans
+  steps_per_epoch = training_scans // c.train.batch_size
   c.train.num_steps = epochs * steps_per_epoch
   c.train.eval_every = steps_per_epoch
   c.train.checkpoint_every = steps_per_epoch
-  c = finalize(c, arg)
-  if arg == "demo":  # 15 fold trainings in the demo: keep each short
+  if "demo" in _words(arg):  # 15 fold trainings in the demo: keep each short
     c.train.num_steps = 200
+    c.train.eval_every = c.train.checkpoint_every = 100
   return c
 
 
-def finalize(c: ml_collections.ConfigDict, arg) -> ml_collections.ConfigDict:
-  """Applies the config-file argument: '' (full size) or 'demo'."""
-  if arg in (None, ""):
+def finetune_preset(init: str, inflation: str, *, rot90: float = 0.0, balanced: bool = True,
+                    folds: int = 5, submission: bool = True):
+  """A fine-tuning preset: one of the authors' challenge runs or the paper's ablation rows.
+
+  ``init`` names the stage whose workdir (beside this one) the run starts from
+  ('random', 'pretrain2d', 'segmentation', 'segmia', 'multitask'); ``inflation``
+  is how ImageNet weights were inflated (here when ``init`` is 'pretrain2d',
+  else when that pretraining ran); ``rot90`` the quarter-turn probability;
+  ``balanced`` balanced or plain CE; ``folds`` 5 or 1 (no cross-validation);
+  ``submission``: predict with fold 5 alone, as the challenge code did (else
+  the 5-fold ensemble, as the paper's tables report).
+  """
+  def apply(c):
+    c.init_from = "random" if init == "random" else f"stage:{init}"
+    c.inflation.mode = inflation
+    c.augment.rot90.p = rot90
+    c.loss.balanced = balanced
+    c.data.folds = folds
+    c.predict.folds = (folds - 1,) if submission else ()
     return c
-  if arg != "demo":
-    raise ValueError(f"unknown config argument {arg!r}: use ':demo' or nothing")
-  return demo(c)
+  return apply
+
+
+def _words(arg) -> list:
+  return [w.strip() for w in (arg or "").split(",") if w.strip()]
+
+
+def finalize(c: ml_collections.ConfigDict, arg, presets=None) -> ml_collections.ConfigDict:
+  """Applies the config-file argument: '' (full size), or comma-separated presets and 'demo'."""
+  presets = presets or {}
+  words = _words(arg)
+  for word in words:
+    if word != "demo" and word not in presets:
+      choices = ", ".join(["demo", *sorted(presets)])
+      raise ValueError(f"unknown config argument {word!r}: use one of {choices} (or nothing)")
+  if "demo" in words:  # the demo sets the scale; a preset's choices then win
+    c = demo(c)
+  for word in words:
+    if word != "demo":
+      c = presets[word](c)
+  return c
 
 
 def demo(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

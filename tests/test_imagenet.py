@@ -281,8 +281,9 @@ def test_stage_trains_two_steps_on_the_stand_in(stand_in, tmp_path):
     c.data.loader_threads = 2
     c.pretrain2d.image_size = SIZE
     # The official recipe (whatever the demo config says), on the stand-in.
-    for key, value in pretrain2d.IMAGENET_DEFAULTS.items():
-      c.pretrain2d[key] = value
+    for key, value in load_config("pretrain2d", None).pretrain2d.items():
+      if key != "image_size":
+        c.pretrain2d[key] = value
     c.pretrain2d.tfds_data_dir = stand_in["data_dir"]
     c.pretrain2d.max_eval_examples = 8
     c.train.num_steps = 2

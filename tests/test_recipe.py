@@ -12,11 +12,50 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 MEAN, STD = 0.3971, 0.3207
 
 
-def load_config(name):
+def load_config(name, arg=None):
   spec = importlib.util.spec_from_file_location(f"recipe_{name}", CONFIGS / f"{name}.py")
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return module.get_config()
+  return module.get_config(arg)
+
+
+# The authors' submissions (submissions/*/submission0N.py): source stage,
+# inflation, quarter-turn probability, folds (1: trained without CV).
+AUTHORS_SUBMISSIONS = {
+    ("severity", 1): ("pretrain2d", "full", 0.0, 5),
+    ("severity", 2): ("segmentation", "full", 0.0, 5),
+    ("severity", 3): ("segmia", "full", 0.0, 5),
+    ("severity", 4): ("multitask", "full", 0.0, 5),
+    ("severity", 5): ("segmentation", "full", 0.25, 5),
+    ("detection", 1): ("pretrain2d", "full", 0.0, 5),
+    ("detection", 2): ("multitask", "2g", 0.0, 5),
+    ("detection", 3): ("segmia", "2g", 0.0, 5),
+    ("detection", 4): ("segmia", "2g", 0.25, 1),
+    ("detection", 5): ("segmentation", "2g", 0.0, 1),
+}
+
+
+@pytest.mark.parametrize("target,number", sorted(AUTHORS_SUBMISSIONS))
+def test_presets_are_the_authors_submissions(target, number):
+  stage, inflation, rot90, folds = AUTHORS_SUBMISSIONS[target, number]
+  c = load_config(target, f"authors{number}")
+  assert (c.init_from, c.inflation.mode, c.augment.rot90.p, c.data.folds) == (
+      f"stage:{stage}", inflation, rot90, folds)
+  assert c.loss.balanced and tuple(c.predict.folds) == (folds - 1,)   # the code's last fold
+  epochs = {"severity": 100, "detection": 70}[target]
+  scans = {"severity": 258, "detection": 1992}[target]
+  per_epoch = (scans * (folds - 1) // folds if folds > 1 else scans) // c.train.batch_size
+  assert c.train.num_steps == epochs * per_epoch and c.train.eval_every == per_epoch
+
+
+def test_ablation_presets_and_demo_combine():
+  assert not load_config("severity", "table1_ce").loss.balanced
+  assert load_config("severity", "table2_2g").inflation.mode == "2g"
+  assert load_config("severity", "table3_random").init_from == "random"
+  c = load_config("severity", "authors5,demo")
+  assert c.model.variant == "nano" and c.augment.rot90.p == 0.25   # the preset wins over the demo
+  with pytest.raises(ValueError, match="authors1"):
+    load_config("severity", "authors9")
 
 
 @pytest.mark.parametrize("stage", ["segmentation", "segmia", "multitask"])

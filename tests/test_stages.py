@@ -41,8 +41,8 @@ def compilation_cache(tmp_path_factory):
   jax.config.update("jax_compilation_cache_dir", old)
 
 
-def tiny(name, root, **overrides):
-  c = load_config(name)
+def tiny(name, root, arg="demo", **overrides):
+  c = load_config(name, arg)
   c.data.phantom_dir = str(root / "data")
   c.data.phantom_scans = 8
   c.data.folds = 2
@@ -63,8 +63,8 @@ def tiny(name, root, **overrides):
   return c
 
 
-def run(name, root, workdir, **overrides):
-  registry.run(tiny(name, root, **overrides), str(root / workdir))
+def run(name, root, workdir, arg="demo", **overrides):
+  registry.run(tiny(name, root, arg, **overrides), str(root / workdir))
   return root / workdir
 
 
@@ -134,12 +134,82 @@ def test_pseudo_labels_keep_the_scan_geometry(chain):
   np.testing.assert_allclose(written.get_qform(), written.affine, atol=1e-4)
 
 
+def test_a_scan_id_in_two_partitions_gets_one_pseudo_label_each(chain):
+  """The phantom has a scan id in train and in validation: two masks, each its own scan's."""
+  data = chain / "data" / "cov19ctdb"
+  folders = [d for d in data.glob("*/*/ct_scan_*") if d.is_dir()] + \
+      [d for d in data.glob("test/ct_scan_*") if d.is_dir()]
+  partitions_of = {}
+  for d in folders:
+    partitions_of.setdefault(d.name, []).append(d)
+  twice = {name: ds for name, ds in partitions_of.items()
+           if len({d.relative_to(data).parts[0] for d in ds}) > 1}
+  assert twice, "the test needs a phantom with a scan id in two partitions"
+  out = chain / "pseudolabel"
+  assert len(list((out / "masks" / "cov19ctdb").glob("*.npz"))) == len(folders)
+  for ds in twice.values():
+    for d in ds:
+      key = "__".join(d.relative_to(data).parts)        # partition[__class]__scan id
+      assert (out / "masks" / "cov19ctdb" / f"{key}.npz").exists()
+      written = nib.load(str(out / "nifti" / "cov19ctdb" / f"{key}_pseudo.nii.gz"))
+      assert written.shape[2] == len(list(d.glob("*.jpg"))), key   # its own slice count
+  ledger = json.loads((out / "skips.json").read_text())["ledger"]
+  assert ledger["ok"]
+  rows = {(r["dataset"], r["partition"]): r for r in ledger["rows"]}
+  assert set(rows) == {("cov19ctdb", "train"), ("cov19ctdb", "validation"),
+                       ("cov19ctdb", "test"), ("stoic", "train")}
+  for r in rows.values():
+    assert r["offered"] == r["used"] + r["skipped"] and r["missing"] == 0
+  assert sum(r["used"] for k, r in rows.items() if k[0] == "cov19ctdb") == len(folders)
+
+
+def _digest(tree):
+  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {jax.tree_util.keystr(k): np.asarray(v).tobytes() for k, v in flat}
+
+
+def test_the_chain_is_a_function_of_config_seed_and_data(chain, tmp_path):
+  """A second run of the pretraining chain (its own phantom copy and records cache)
+  hands on bit-identical weights and pseudo-labels."""
+  again = tmp_path
+  fresh = {"cache_dir": str(again / "cache")}
+  run("pretrain2d", again, "pretrain2d", **fresh)
+  run("segmentation", again, "segmentation", init_from=str(again / "pretrain2d"), **fresh)
+  run("pseudolabel", again, "pseudolabel", init_from=str(again / "segmentation"), **fresh)
+  for stage in ("segmia", "multitask"):
+    run(stage, again, stage, init_from=str(again / "pretrain2d"),
+        pseudo_labels=str(again / "pseudolabel"), **fresh)
+  for stage in ("pretrain2d", "segmentation", "segmia", "multitask"):
+    assert _digest(handoff.best_params(str(again / stage))) == \
+        _digest(handoff.best_params(str(chain / stage))), stage
+  masks = sorted((chain / "pseudolabel" / "masks").rglob("*.npz"))
+  assert masks
+  for m in masks:
+    assert (again / m.relative_to(chain)).read_bytes() == m.read_bytes(), m.name
+
+
 def test_finished_folds_are_skipped_on_rerun(chain, caplog):
   before = (chain / "severity" / "fold0" / "metrics.jsonl").read_text()
   with caplog.at_level("INFO"):
     run("severity", chain, "severity", init_from=str(chain / "multitask"))
   assert "fold 0 already finished" in caplog.text
   assert (chain / "severity" / "fold0" / "metrics.jsonl").read_text() == before
+
+
+def test_a_preset_without_cv_trains_one_model_selected_on_validation(chain):
+  """detection:authors5 (no CV): its source named as a sibling stage, all training scans."""
+  workdir = run("detection", chain, "detection_authors5", "authors5,demo", **{"data.folds": 1})
+  saved = json.loads((workdir / "config.json").read_text())
+  assert saved["init_from"] == str(chain / "segmentation")
+  cv = json.loads((workdir / "cv.json").read_text())
+  assert cv["selected_on"] == "validation" and [f["fold"] for f in cv["folds"]] == [0]
+  index = inputs.record_source(tiny("detection", chain), str(workdir), "cov19ctdb",
+                               ("train", "validation")).index
+  labelled = {p: sum(e["covid"] >= 0 for e in index if e["partition"] == p)
+              for p in ("train", "validation")}
+  assert sum(cv["folds"][0]["train_counts"]) == labelled["train"]
+  assert cv["folds"][0]["n_val"] == labelled["validation"] > 0
+  assert json.loads((workdir / "DONE").read_text())["ensemble_folds"] == [0]
 
 
 def test_missing_checkpoint_names_the_producing_command(root, tmp_path):

@@ -2,7 +2,9 @@
 
 One model per fold, each trained on the other folds of the COV19-CT-DB
 training partition and evaluated (EMA weights) on its own fold; a fold whose
-``fold<k>/DONE`` exists is skipped on rerun. Then the fold ensemble predicts
+``fold<k>/DONE`` exists is skipped on rerun. With ``data.folds = 1`` (the
+authors' runs "without cross validation") one model ``fold0`` trains on every
+labelled training scan and is selected on the labelled validation partition. Then the fold ensemble predicts
 the validation and test partitions (``covid3d.stages.predict``). The target
 (record label and class names) is ``handoff.TARGETS[config.stage]``.
 
@@ -45,10 +47,15 @@ def fold_table(config, workdir, source, label):
   return dict(zip(ids, (int(f) for f in assignment)))
 
 
-def train_fold(config, workdir, source, fold_of, fold, label, num_classes):
-  others = [f for f in range(config.data.folds) if f != fold]
-  train_idx = pipeline.select_records(source, label=label, fold_of=fold_of, folds=others)
-  val_idx = pipeline.select_records(source, label=label, fold_of=fold_of, folds=[fold])
+def train_fold(config, workdir, source, fold_of, fold, label, num_classes, val_source=None):
+  """Trains fold ``fold``; ``val_source`` (no cross-validation): all of ``source`` trains."""
+  if val_source is None:
+    others = [f for f in range(config.data.folds) if f != fold]
+    train_idx = pipeline.select_records(source, label=label, fold_of=fold_of, folds=others)
+    val_idx = pipeline.select_records(source, label=label, fold_of=fold_of, folds=[fold])
+  else:
+    train_idx = pipeline.select_records(source, label=label)
+    val_idx = pipeline.select_records(val_source, label=label)
   counts = np.bincount([source.index[i][label] for i in train_idx], minlength=num_classes)
   if config.loss.balanced and np.any(counts == 0):
     raise ValueError(f"fold {fold}: class counts {counts.tolist()} of its training folds include "
@@ -62,7 +69,7 @@ def train_fold(config, workdir, source, fold_of, fold, label, num_classes):
   else:
     task, wrapper = tasks.classification_task(num_classes, label_key="label"), None
   fit.fit(config, workdir, model, source, train_idx, val_idx, fields, task, output=label,
-          train_iter_wrapper=wrapper)
+          train_iter_wrapper=wrapper, val_source=val_source)
   best = best_eval(workdir)
   summary = {"fold": fold, "train_counts": counts.tolist(), "n_val": len(val_idx), **best}
   handoff.mark_done(workdir, summary)
@@ -73,7 +80,11 @@ def run(config, workdir):
   label, names = handoff.target(config.stage)
   skips = SkipLog()
   source = inputs.record_source(config, workdir, "cov19ctdb", ("train",), skips=skips)
-  fold_of = fold_table(config, workdir, source, label)
+  if config.data.folds == 1:
+    fold_of = None
+    val_source = inputs.record_source(config, workdir, "cov19ctdb", ("validation",), skips=skips)
+  else:
+    fold_of, val_source = fold_table(config, workdir, source, label), None
   summaries = []
   for fold in range(config.data.folds):
     fold_dir = epath.Path(workdir) / f"fold{fold}"
@@ -82,8 +93,10 @@ def run(config, workdir):
       summaries.append(json.loads((fold_dir / handoff.DONE).read_text()))
       continue
     logging.info("fold %d of %d", fold + 1, config.data.folds)
-    summaries.append(train_fold(config, str(fold_dir), source, fold_of, fold, label, len(names)))
+    summaries.append(train_fold(config, str(fold_dir), source, fold_of, fold, label, len(names),
+                                val_source))
   cv = {"target": config.stage, "init_from": config.init_from, "folds": summaries,
+        "selected_on": "validation" if val_source is not None else "held-out fold",
         "mean_macro_f1": float(np.mean([s["macro_f1"] for s in summaries])),
         "mean_f1_per_class": {name: float(np.mean([s[f"f1_{k}"] for s in summaries]))
                               for k, name in enumerate(names)}}

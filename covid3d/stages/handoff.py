@@ -7,6 +7,7 @@ stage's initial weights come from: ``random``, an earlier stage's workdir, or
 a 2-D PyTorch ConvNeXt checkpoint file (inflated for 3-D stages).
 """
 import collections
+import copy
 import json
 import logging
 
@@ -159,6 +160,23 @@ def merge_source(source, params, config: ml_collections.ConfigDict, what: str):
     why = "absent in the source" if theirs is None else "shape differs from the source"
     logging.info("head %s re-initialised (%s)", name, why)
   return out
+
+
+SIBLING = "stage:"
+
+
+def resolve_siblings(config: ml_collections.ConfigDict, workdir) -> ml_collections.ConfigDict:
+  """``config`` with each ``stage:NAME`` of ``init_from`` / ``pseudo_labels`` made a path.
+
+  ``stage:NAME`` is the workdir ``NAME`` beside ``workdir`` (the launchers'
+  ``ROOT/<stage>`` layout), so a preset can name its source stage.
+  """
+  config = copy.deepcopy(config)
+  for field in ("init_from", "pseudo_labels"):
+    value = config.get(field, "")
+    if value.startswith(SIBLING):
+      config[field] = str(epath.Path(workdir).parent / value[len(SIBLING):])
+  return config
 
 
 def load_initial_params(config: ml_collections.ConfigDict, params):

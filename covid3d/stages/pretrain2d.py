@@ -30,35 +30,6 @@ from covid3d.train.iterators import ArrayIterator
 
 GRAY = np.array([0.299, 0.587, 0.114], np.float32)  # ITU-R 601 luma
 
-# The ImageNet options of the ``pretrain2d`` config block and their defaults
-# (the official ConvNeXt recipe), used where a config lacks a field.
-IMAGENET_DEFAULTS = {
-    "tfds_data_dir": "",               # TFDS data dir of imagenet2012 ('': TFDS's default)
-    "max_eval_examples": 0,            # evaluate on the first N validation images (0: all)
-    "random_crop": True,               # random resized crop + flip (False: resize + centre crop)
-    "crop_scale": (0.08, 1.0),         # random resized crop: area fraction range
-    "crop_ratio": (3 / 4, 4 / 3),      # random resized crop: aspect-ratio range
-    "hflip": 0.5,                      # horizontal flip probability
-    "randaugment": "rand-m9-mstd0.5-inc1",  # timm RandAugment string ('' = none)
-    "random_erase": 0.25,              # random erasing probability
-    "mixup": 0.8,                      # mixup Beta alpha (0 = off)
-    "cutmix": 1.0,                     # CutMix Beta alpha (0 = off)
-    "mixup_prob": 1.0,                 # probability of mixing a batch (or pair)
-    "mixup_switch_prob": 0.5,          # probability of CutMix instead of mixup
-    "mixup_mode": "batch",             # 'batch' or 'pair'
-    "label_smoothing": 0.1,            # label smoothing of the training loss
-    "eval_crop_pct": 0.875,            # eval: shorter side to size / crop_pct, centre crop
-    "image_dtype": "float32",          # host batches: float32 in [0, 1] or uint8 (/255 on device)
-    "prefetch": 4,                     # batches prefetched per host
-    "loader_workers": 0,               # grain worker processes (0: threads only)
-}
-
-
-def imagenet_option(config, name):
-  """``config.pretrain2d.<name>``, or its default when the config lacks it."""
-  return config.pretrain2d.get(name, IMAGENET_DEFAULTS[name])
-
-
 def phantom_slices(config, workdir):
   """Axial slices of the middle half of each training scan: image (N, s, s, 1), label covid."""
   source = inputs.record_source(config, workdir, "cov19ctdb", ("train",))
@@ -78,7 +49,7 @@ def imagenet_pipeline(config):
   Training: the ``train`` split (its first ``pretrain2d.max_examples`` images
   if set), augmented, endless; evaluation: the ``validation`` split.
   """
-  opt = lambda name: imagenet_option(config, name)
+  opt = lambda name: config.pretrain2d[name]
   data_dir = opt("tfds_data_dir") or None
   # Several processes preparing one dataset would race: prepare it first.
   prepare = jax.process_count() == 1
@@ -188,7 +159,7 @@ def run(config, workdir):
   if on_imagenet:
     train_iter, eval_batches = imagenet_pipeline(config)
     input_size, num_classes = config.pretrain2d.image_size, imagenet.NUM_CLASSES
-    task = soft_label_task(num_classes, imagenet_option(config, "label_smoothing"))
+    task = soft_label_task(num_classes, config.pretrain2d.label_smoothing)
   elif config.data.phantom:
     train_iter, eval_batches, input_size = _phantom_pipeline(config, workdir)
     num_classes = 2
@@ -200,7 +171,7 @@ def run(config, workdir):
   model = build.make_convnext2d(config, num_classes)
   params = build.init_params(model, config, input_size, spatial_dims=2)
   apply_fn = build.apply_fn(model, config)
-  if on_imagenet and imagenet_option(config, "image_dtype") == "uint8":
+  if on_imagenet and config.pretrain2d.image_dtype == "uint8":
     normalised = apply_fn  # uint8 batches: to [0, 1] on device first
     apply_fn = lambda p, x, deterministic, rngs: normalised(p, x / 255.0, deterministic, rngs)
   result = loop.train_and_evaluate(config.train, workdir, model, params, train_iter, task,

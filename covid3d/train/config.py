@@ -46,7 +46,8 @@ def default_config() -> ml_collections.ConfigDict:
     keep_checkpoints: int, latest checkpoints kept (the best one is kept too).
     best_metric: str, the evaluation metric (higher is better) that chooses
       the best checkpoint, the one handed to the next stage: 'macro_f1' for
-      classification, 'dice' for segmentation; any metric the task's
+      classification, 'dice' for segmentation, 'auc' (STOIC ROC AUC) for
+      multitask; any metric the task's
       evaluation reports. The checkpoint directory records it.
     max_nonfinite_in_a_row: int, stop after this many consecutive steps with a
       non-finite loss or gradient (each leaves the state unchanged).
