@@ -1,6 +1,7 @@
 """The pipeline end to end on a small phantom (one or two steps per stage), and bad hand-offs."""
 import importlib.util
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 
 from covid3d import inflation
+from covid3d.data import readers
 from covid3d.data.skips import SkipLog
 from covid3d.models import VARIANTS, build
 from covid3d.stages import handoff, inputs, pseudolabel, registry
@@ -147,12 +149,15 @@ def test_a_scan_id_in_two_partitions_gets_one_pseudo_label_each(chain):
   assert twice, "the test needs a phantom with a scan id in two partitions"
   out = chain / "pseudolabel"
   assert len(list((out / "masks" / "cov19ctdb").glob("*.npz"))) == len(folders)
+  shapes = set()
   for ds in twice.values():
     for d in ds:
       key = "__".join(d.relative_to(data).parts)        # partition[__class]__scan id
       assert (out / "masks" / "cov19ctdb" / f"{key}.npz").exists()
       written = nib.load(str(out / "nifti" / "cov19ctdb" / f"{key}_pseudo.nii.gz"))
-      assert written.shape[2] == len(list(d.glob("*.jpg"))), key   # its own slice count
+      shapes.add(written.shape)
+      assert written.shape[2] == readers.read_path(d).volume.shape[0], key   # its own slices
+  assert len(shapes) > 1     # the namesakes differ, so a swapped mask would show
   ledger = json.loads((out / "skips.json").read_text())["ledger"]
   assert ledger["ok"]
   rows = {(r["dataset"], r["partition"]): r for r in ledger["rows"]}
@@ -210,6 +215,50 @@ def test_a_preset_without_cv_trains_one_model_selected_on_validation(chain):
   assert sum(cv["folds"][0]["train_counts"]) == labelled["train"]
   assert cv["folds"][0]["n_val"] == labelled["validation"] > 0
   assert json.loads((workdir / "DONE").read_text())["ensemble_folds"] == [0]
+
+
+def test_infer_gives_one_answer_per_volume_whatever_the_format(chain, tmp_path, capsys):
+  """covid3d.infer on one HU volume as MetaImage, NIfTI, NRRD and a DICOM series, on a
+  slice folder the predict stage predicted, and on two bad paths."""
+  import csv
+
+  import SimpleITK as sitk
+
+  from covid3d import infer
+  from covid3d.data import phantom_writers
+  mha = sorted((chain / "data" / "stoic" / "data" / "mha").glob("*.mha"))[0]
+  image = sitk.ReadImage(str(mha))
+  same = [mha, tmp_path / "scan.nii.gz", tmp_path / "scan.nrrd", tmp_path / "dicom"]
+  sitk.WriteImage(image, str(same[1]))
+  sitk.WriteImage(image, str(same[2]))
+  phantom_writers.write_dicom_series(image, same[3])
+  with open(chain / "severity" / "predictions_validation.csv") as f:
+    predicted = next(csv.DictReader(f))
+  slices = chain / "data" / "cov19ctdb" / "validation" / predicted["scan"]
+  truncated = tmp_path / "truncated.nii.gz"
+  truncated.write_bytes(same[1].read_bytes()[:2000])
+  paths = [*same, slices, truncated, tmp_path / "nothing.mha"]
+  rc = infer.main([f"--model={chain / 'severity'}", f"--out={tmp_path / 'out'}",
+                   *map(str, paths)])
+  assert rc == 1
+  with open(tmp_path / "out" / "predictions.csv") as f:
+    reader = csv.DictReader(f)
+    rows = list(reader)
+  names = ["mild", "moderate", "severe", "critical"]
+  assert reader.fieldnames == ["scan", *names, "prediction", "error"]
+  assert [r["scan"] for r in rows] == list(map(str, paths))
+  probs = np.array([[float(r[n]) for n in names] for r in rows[:5]])
+  assert not any(r["error"] for r in rows[:5])
+  np.testing.assert_allclose(probs[1:4], np.repeat(probs[:1], 3, axis=0), atol=2e-6)
+  np.testing.assert_allclose(probs[4], [float(predicted[f"p_{n}"]) for n in names], atol=2e-6)
+  assert rows[4]["prediction"] == predicted["class"]
+  assert "truncated" in rows[5]["error"] or "Error" in rows[5]["error"]
+  assert rows[6]["error"] == "no such file or folder" and rows[6]["mild"] == ""
+  printed = capsys.readouterr().out
+  assert "5 of 7 scans predicted with 2 fold model(s)" in printed
+  assert re.search(rf"{re.escape(str(paths[6]))} +error: no such file or folder", printed)
+  assert infer.main([f"--model={chain / 'pretrain2d'}", f"--out={tmp_path}", str(mha)]) == 2
+  assert "must be a finished severity or detection workdir" in capsys.readouterr().err
 
 
 def test_missing_checkpoint_names_the_producing_command(root, tmp_path):

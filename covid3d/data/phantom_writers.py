@@ -10,6 +10,8 @@
   (int16 HU) with `..._seg.nii.gz` (uint8 0/1) on the same grid.
 * STOIC (`write_stoic`): `data/mha/<PatientID>.mha` (int16 HU) and
   `metadata/reference.csv` (`PatientID,probCOVID,probSevere`, 0/1 values).
+* A DICOM series of any HU image (`write_dicom_series`): one CT file per
+  slice, stored values HU + 1024 with rescale intercept -1024, as scanners do.
 
 Every writer returns one record (dict) per scan with its ground truth, and
 `write_all` also stores them in `phantom_manifest.json`. Geometry: the phantom
@@ -271,6 +273,40 @@ def _write_mha(task):
   severe = int(info['covid'] and info['severity'] >= 2)
   return _record('stoic', str(task['patient']), path, info, shape=list(vol.shape),
                  origin=list(img.GetOrigin()), probCOVID=info['covid'], probSevere=severe)
+
+
+def write_dicom_series(image, folder, *, series_uid='1.2.826.0.1.3680043.2.1125.7.1'):
+  """Writes a SimpleITK int16 HU image as a DICOM series, one file per slice.
+
+  Files are named in reverse slice order (``0.dcm`` is the top slice), so a
+  reader must sort by the Image Position tags, not by file name.
+
+  Returns:
+    The file paths, slice 0 first.
+  """
+  import SimpleITK as sitk
+
+  folder = Path(folder)
+  folder.mkdir(parents=True, exist_ok=True)
+  writer = sitk.ImageFileWriter()
+  writer.KeepOriginalImageUIDOn()
+  direction = np.reshape(image.GetDirection(), (3, 3))
+  orientation = '\\'.join(f'{v:g}' for v in (*direction[:, 0], *direction[:, 1]))
+  depth, paths = image.GetDepth(), []
+  for k in range(depth):
+    one = image[:, :, k]
+    position = image.TransformIndexToPhysicalPoint((0, 0, k))
+    for tag, value in (('0008|0060', 'CT'), ('0020|000d', series_uid + '.0'),
+                       ('0020|000e', series_uid), ('0020|0013', str(k + 1)),
+                       ('0020|0032', '\\'.join(f'{v:.6f}' for v in position)),
+                       ('0020|0037', orientation), ('0018|0050', f'{image.GetSpacing()[2]:g}'),
+                       ('0028|1052', '-1024'), ('0028|1053', '1')):
+      one.SetMetaData(tag, value)
+    path = folder / f'{depth - 1 - k}.dcm'
+    writer.SetFileName(str(path))
+    writer.Execute(one)
+    paths.append(str(path))
+  return paths
 
 
 def write_stoic(root, n, seed, *, sizes=(64, 128), slices=(40, 90), covid_share=0.6,

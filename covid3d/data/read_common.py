@@ -1,6 +1,7 @@
 """Helpers shared by the dataset readers: folders, label CSVs, volume files, HU scaling."""
 import csv
 import errno
+import logging
 import os
 import stat
 from pathlib import Path
@@ -9,6 +10,8 @@ import numpy as np
 
 from covid3d.data import scan as scan_lib
 from covid3d.data.skips import DataError, SkipLog, note, reject
+
+log = logging.getLogger(__name__)
 
 HU_WINDOW = (-1000.0, 500.0)
 MIN_SLICES = 2  # fewer slices make no volume (and no cubic spline)
@@ -213,10 +216,34 @@ def best_first(paths) -> tuple[list, dict]:
   return ranked, notes
 
 
-def read_volume(path):
-  """Reads a 3-D NIfTI (nibabel) or other SimpleITK image file.
+def read_dicom_series(folder):
+  """A folder's DICOM series as a SimpleITK image in Hounsfield units.
 
-  The file format comes from the extension in any case ('.MHA' is MetaImage).
+  Slices are ordered by their position (GDCM), rescale slope and intercept are
+  applied; of several series the one with the most slices is read (logged).
+
+  Raises:
+    ValueError: the folder holds no DICOM series. Any GDCM error for bad files.
+  """
+  import SimpleITK as sitk  # pylint: disable=g-import-not-at-top
+  reader = sitk.ImageSeriesReader()
+  series = {uid: reader.GetGDCMSeriesFileNames(str(folder), uid)
+            for uid in reader.GetGDCMSeriesIDs(str(folder))}
+  if not series:
+    raise ValueError('no DICOM series (and no .jpg/.png slices) in the folder')
+  uid = max(series, key=lambda u: (len(series[u]), u))
+  if len(series) > 1:
+    log.info('%s: %d DICOM series; reading the largest, %s (%d slices)', folder, len(series),
+             uid, len(series[uid]))
+  reader.SetFileNames(series[uid])
+  return reader.Execute()
+
+
+def read_volume(path):
+  """Reads a 3-D NIfTI (nibabel), another SimpleITK image file, or a DICOM series folder.
+
+  The file format comes from the extension in any case ('.MHA' is MetaImage);
+  a folder is read as a DICOM series (`read_dicom_series`).
 
   Returns:
     (float32 array (I, J, K) in file voxel order, (4, 4) RAS affine).
@@ -230,7 +257,7 @@ def read_volume(path):
     data, affine = img.get_fdata(dtype=np.float32), img.affine
   else:
     import SimpleITK as sitk  # pylint: disable=g-import-not-at-top
-    img = scan_lib.sitk_reader(path).Execute()
+    img = read_dicom_series(path) if Path(path).is_dir() else scan_lib.sitk_reader(path).Execute()
     data = sitk.GetArrayFromImage(img).astype(np.float32, copy=False).T
     affine = scan_lib.itk_to_ras_affine(img.GetSpacing(), img.GetOrigin(), img.GetDirection())
   while data.ndim > 3 and data.shape[-1] == 1:

@@ -9,8 +9,10 @@ per line, as in the authors' submitted files), and where labels
 exist ``metrics_<partition>.json`` and ``confusion_<partition>.png``.
 """
 import csv
+import dataclasses
 import json
 import logging
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -77,16 +79,24 @@ def write_outputs(outdir, partition, ids, probs, names, labels=None):
   return result
 
 
-def predict_finetuned(config, finetune_dir, outdir=None, skips: SkipLog | None = None):
-  """Ensemble predictions of ``finetune_dir``'s folds; returns the labelled partitions' macro F1.
+@dataclasses.dataclass(frozen=True)
+class Ensemble:
+  """The fold models of a fine-tuning workdir: one ``model``, one params tree per fold."""
+  model: Any
+  params: list
+  folds: tuple
+  label: str              # the record label it predicts ('severity' or 'covid')
+  names: tuple            # class names, in output order
 
-  The target (severity or detection) is the stage ``finetune_dir`` ran.
-  ``skips``: the stage's skip report, to which the partitions' scans are added.
+
+def load_ensemble(config, finetune_dir) -> Ensemble:
+  """The best EMA weights of ``finetune_dir``'s folds (``config.predict.folds``, else all).
+
+  Raises:
+    HandOffError: an unfinished fold, or weights that do not fit ``config``'s model.
   """
-  skips = SkipLog() if skips is None else skips
   stage = handoff.stage_info(finetune_dir).get("stage")
   label, names = handoff.target(stage)
-  outdir = outdir or finetune_dir
   folds = tuple(config.predict.folds) or tuple(range(config.data.folds))
   params_list = [handoff.best_params(d) for d in fold_dirs(finetune_dir, folds)]
   model = build.make_model(config, {label: len(names)}, segmentation=False)
@@ -95,7 +105,20 @@ def predict_finetuned(config, finetune_dir, outdir=None, skips: SkipLog | None =
     handoff.check_fits(params, like, f"fold {fold} of {finetune_dir}",
                        f"was it fine-tuned ({stage}, {len(names)} classes) with "
                        f"model.variant={config.model.variant!r}?")
-  summary = {"ensemble_folds": list(folds)}
+  return Ensemble(model, params_list, folds, label, tuple(names))
+
+
+def predict_finetuned(config, finetune_dir, outdir=None, skips: SkipLog | None = None):
+  """Ensemble predictions of ``finetune_dir``'s folds; returns the labelled partitions' macro F1.
+
+  The target (severity or detection) is the stage ``finetune_dir`` ran.
+  ``skips``: the stage's skip report, to which the partitions' scans are added.
+  """
+  skips = SkipLog() if skips is None else skips
+  ensemble = load_ensemble(config, finetune_dir)
+  model, params_list, label, names = ensemble.model, ensemble.params, ensemble.label, ensemble.names
+  outdir = outdir or finetune_dir
+  summary = {"ensemble_folds": list(ensemble.folds)}
   for partition in config.predict.partitions:
     refs = inputs.list_refs(config, "cov19ctdb", (partition,), skips)
     if not refs:
