@@ -35,6 +35,7 @@ setuptools.setup(
         "test": ["pytest>=8.0", "scikit-learn>=1.4", "portpicker>=1.5", "protobuf>=4.21",
                  "ruff>=0.6"],
         "torch": ["torch>=2.1"],
+        "tensorboard": ["tensorboard>=2.15"],
         "tpu": ["jax[tpu]>=0.10.2"],
         "cuda": ["jax[cuda12]>=0.10.2"],
     },

@@ -41,12 +41,13 @@ def get_config(stage: str) -> ml_collections.ConfigDict:
   c.model.variant = "tiny"            # nano, tiny, small, base, large (covid3d.models.VARIANTS)
   c.model.drop_path_rate = 0.1        # the authors' effective value (docs/method.md)
   c.model.layer_scale_init = 1e-6
-  c.model.head_hidden = 768           # authors' extra Linear+ReLU before each classifier; 0: official head
+  # The authors' extra Linear+ReLU before each classifier; 0: the official head.
+  c.model.head_hidden = 768
   # A classification head the init_from source lacks: 'carry' takes the source
   # head's LayerNorm and pre_head (the authors' fine-tuning), re-initialising the
   # classifier; 'fresh' re-initialises the whole head.
   c.model.head_init = "carry"
-  c.model.dwconv_impl = "auto"        # xla, fft, shift, pallas or auto (measured per device and shape)
+  c.model.dwconv_impl = "auto"        # xla, fft, shift, pallas or auto (measured per device, shape)
   c.model.remat = "none"              # none, block, stage: recompute activations to save memory
   c.model.seg_head = ml_collections.ConfigDict()
   c.model.seg_head.style = "upernext"  # upernext (authors) or upernet (Xiao et al. 2018)
@@ -59,7 +60,8 @@ def get_config(stage: str) -> ml_collections.ConfigDict:
   # How a 2-D checkpoint becomes 3-D (covid3d.inflation).
   c.inflation = ml_collections.ConfigDict()
   c.inflation.mode = "full"           # full, 1g, 2g
-  c.inflation.norm = "sum"            # sum (authors' code), sum_per_slice (their in-loop 1G rescale) or l2 (paper's text)
+  # sum (authors' code), sum_per_slice (their in-loop 1G rescale) or l2 (paper's text)
+  c.inflation.norm = "sum"
   # Gaussian of 1g/2g: authors (mean size//2, none below 3 taps: their code) or
   # centred (mean (size-1)/2 for every size). They differ only on the even stem
   # and downsampling kernels.
@@ -96,8 +98,12 @@ def get_config(stage: str) -> ml_collections.ConfigDict:
   return c
 
 
-def pretraining_config(stage: str, arg, num_steps: int, eval_every: int) -> ml_collections.ConfigDict:
-  """A 3-D pretraining stage with the authors' recipe: Adam lr 1e-5, clip 5, EMA 0.99, best by Dice."""
+def pretraining_config(stage: str, arg, num_steps: int,
+                       eval_every: int) -> ml_collections.ConfigDict:
+  """A 3-D pretraining stage with the authors' recipe.
+
+  Adam lr 1e-5, clip 5, EMA 0.99, best by Dice.
+  """
   c = get_config(stage)
   c.train.optimizer = "adam"
   c.train.learning_rate = 1e-5
@@ -126,7 +132,8 @@ def finetune_config(target: str, arg, epochs: int, labelled_scans: int,
   c = get_config(target)
   c.augment.noise.space = "input"     # the authors add fine-tuning noise to the normalised input
   c.predict = ml_collections.ConfigDict()
-  c.predict.folds = ()                # fold models in the ensemble; (): all, (4,): the code's fold 5
+  # Fold models in the ensemble; (): all, (4,): the code's fold 5.
+  c.predict.folds = ()
   c.predict.partitions = ("validation", "test")
   c = finalize(c, arg, presets)
   folds = c.data.folds

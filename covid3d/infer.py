@@ -4,11 +4,12 @@
 
 ``--model``: a finished ``severity`` or ``detection`` workdir; its folds (the
 ones its config's ``predict.folds`` names, else all) form the ensemble, the mean
-of their softmax. Each scan: a NIfTI, MetaImage or NRRD file, a folder holding
-a DICOM series (the largest, if several), or a folder of ``<integer>.jpg`` or
-``.png`` slices (``covid3d.data.readers.read_path``). Each is preprocessed as
-the training records were (HU clipped to [-1000, 500] and scaled to [0, 1], or
-0..255 -> [0, 1] for slice images; a cubic resampling to the model's cube).
+of their softmax. Or a file ``python -m covid3d.export`` wrote. Each scan: a
+NIfTI, MetaImage or NRRD file, a folder holding a DICOM series (the largest, if
+several), or a folder of ``<integer>.jpg`` or ``.png`` slices
+(``covid3d.data.readers.read_path``). Each is preprocessed as the training
+records were (HU clipped to [-1000, 500] and scaled to [0, 1], or 0..255 ->
+[0, 1] for slice images; a cubic resampling to the model's cube).
 
 Writes ``OUT/predictions.csv``: ``scan`` (the path as given), one probability
 column per class (``mild,moderate,severe,critical`` or ``non-covid,covid``),
@@ -27,7 +28,8 @@ from pathlib import Path
 import ml_collections
 import numpy as np
 
-from covid3d.data import pipeline, preprocess, readers, schema
+from covid3d import export
+from covid3d.data import preprocess, readers, schema
 from covid3d.stages import handoff, predict
 
 PROG = "python -m covid3d.infer"
@@ -56,34 +58,47 @@ def load_model(model_dir) -> tuple[ml_collections.ConfigDict, predict.Ensemble]:
   return config, predict.load_ensemble(config, model_dir)
 
 
-def read_scans(paths, size: int) -> tuple[list[Row], list[dict]]:
-  """A Row per path; the records (``volume_<size>``) of those that could be read."""
-  rows, records = [], []
+def load_predictor(model) -> export.Predictor:
+  """The Predictor of a fine-tuning workdir or of a file ``covid3d.export`` wrote.
+
+  Raises:
+    HandOffError: neither.
+  """
+  if Path(model).is_file():
+    try:
+      return export.load(model)
+    except ValueError as e:
+      raise handoff.HandOffError(str(e)) from None
+  return export.workdir_predictor(*load_model(model))
+
+
+def read_scans(paths, size: int) -> tuple[list[Row], list[np.ndarray]]:
+  """A Row per path; the (s, s, s) float32 volumes of those that could be read."""
+  rows, volumes = [], []
   for path in paths:
     row = Row(str(path))
     rows.append(row)
     try:
-      scan = readers.read_path(path)
-      records.append(preprocess.preprocess_scan(scan, (size,)) | {"scan_id": str(path)})
+      record = preprocess.preprocess_scan(readers.read_path(path), (size,))
+      volumes.append(np.asarray(record[schema.volume_key(size)], np.float32))
     except readers.DataError as e:  # the path itself, or a file inside the folder
       row.error = e.reason if e.path == str(path) else str(e)
     except Exception as e:  # pylint: disable=broad-except  # one bad scan is its row's error
       row.error = f"{type(e).__name__}: {e}"
-  return rows, records
+  return rows, volumes
 
 
-def predict_scans(config, ensemble: predict.Ensemble, paths) -> list[Row]:
+def predict_scans(predictor: export.Predictor, paths, batch_size: int = 4) -> list[Row]:
   """Reads and predicts each of ``paths``; a Row each, in order."""
-  rows, records = read_scans(paths, min(config.data.sizes))
-  if records:
-    index = tuple({**schema.index_entry(r), "partition": "infer"} for r in records)
-    source = pipeline.RecordSource(records, index, "the scans given")
-    ids, probs = predict.predict_probs(config, ensemble.model, ensemble.params, source,
-                                       ensemble.label)
-    by_id = dict(zip(ids, probs))
-    for row in rows:
-      if not row.error:
-        row.probs = by_id[row.scan]
+  rows, volumes = read_scans(paths, predictor.input_size)
+  probs = []
+  for start in range(0, len(volumes), batch_size):
+    chunk = volumes[start:start + batch_size]
+    x = np.zeros((batch_size,) + chunk[0].shape + (1,), np.float32)  # one shape: one compile
+    x[:len(chunk), ..., 0] = chunk
+    probs += list(predictor.fn(x)[:len(chunk)])
+  for row in (r for r in rows if not r.error):
+    row.probs = probs.pop(0)
   return rows
 
 
@@ -124,17 +139,17 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
   logging.basicConfig(level=logging.WARNING, format="%(message)s")
   try:
-    config, ensemble = load_model(args.model)
+    predictor = load_predictor(args.model)
   except handoff.HandOffError as e:
     print(f"{PROG}: {e}", file=sys.stderr)
     return 2
-  rows = predict_scans(config, ensemble, args.scans)
+  rows = predict_scans(predictor, args.scans)
   out = Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
-  write_csv(out / "predictions.csv", rows, ensemble.names)
-  print(table(rows, ensemble.names))
+  write_csv(out / "predictions.csv", rows, predictor.names)
+  print(table(rows, predictor.names))
   failed = sum(r.error != "" for r in rows)
-  print(f"{len(rows) - failed} of {len(rows)} scans predicted with {len(ensemble.folds)} fold "
+  print(f"{len(rows) - failed} of {len(rows)} scans predicted with {len(predictor.folds)} fold "
         f"model(s); {out / 'predictions.csv'}")
   return 1 if failed else 0
 

@@ -141,7 +141,8 @@ def inflate_kernel(kernel2d, mode: str, depth: Optional[int] = None, norm: str =
     raise ValueError(f"inflation norm {norm!r} is not one of {NORMS}")
   _check_gaussian(gaussian)
   if new_axis not in (0, 2):
-    raise ValueError(f"new_axis must be 0 (depth, default) or 2 (the authors' code); got {new_axis}")
+    raise ValueError("new_axis must be 0 (depth, default) or 2 (the authors' code); "
+                     f"got {new_axis}")
   k = np.asarray(kernel2d, np.float64)
   if k.ndim != 4:
     raise ValueError(f"expected a 2-D kernel (kH, kW, in, out); got shape {k.shape}")

@@ -9,6 +9,7 @@ import os
 import sys
 
 from absl import app, flags, logging
+from etils import epath
 import jax
 from ml_collections import config_flags
 
@@ -17,6 +18,8 @@ from covid3d import cachedir
 _CONFIG = config_flags.DEFINE_config_file("config", None, "stage config file (configs/*.py[:demo])",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "directory for checkpoints, logs and outputs")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "delete what the workdir holds first, so the "
+                                "stage starts afresh (else a run with other settings is refused)")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -54,6 +57,12 @@ def main(argv):
     logging.info("stage %s, workdir %s, %d devices on %d processes\n%s", config.stage, workdir,
                  jax.device_count(), jax.process_count(), config)
   try:
+    if _OVERWRITE.value and jax.process_index() == 0 and epath.Path(workdir).exists():
+      logging.warning("--overwrite: deleting %s", workdir)
+      epath.Path(workdir).rmtree()
+    if _OVERWRITE.value and jax.process_count() > 1:  # every host waits for the deletion
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices("covid3d.main --overwrite")
     registry.run(config, workdir)
   except (HandOffError, DataError) as e:
     # A missing input or (strict mode) a bad file: one line naming it, no traceback.

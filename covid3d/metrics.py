@@ -108,8 +108,8 @@ def roc_auc(labels, scores) -> float:
   scores = np.asarray(scores, np.float64).ravel()
   n_pos, n_neg = int(labels.sum()), int((~labels).sum())
   if n_pos == 0 or n_neg == 0:
-    return float('nan')
-  order = np.argsort(scores, kind='mergesort')
+    return float("nan")
+  order = np.argsort(scores, kind="mergesort")
   ranks = np.empty(len(scores), np.float64)
   ranks[order] = np.arange(1, len(scores) + 1)
   _, inverse, counts = np.unique(scores, return_inverse=True, return_counts=True)

@@ -13,8 +13,8 @@ def write_slices(folder, slices, names=None, quality=95) -> list[Path]:
   folder.mkdir(parents=True, exist_ok=True)
   paths = []
   for k, sl in enumerate(slices):
-    p = folder / (names[k] if names else f'{k}.jpg')
-    Image.fromarray(np.asarray(sl, np.uint8)).convert('RGB').save(p, quality=quality)
+    p = folder / (names[k] if names else f"{k}.jpg")
+    Image.fromarray(np.asarray(sl, np.uint8)).convert("RGB").save(p, quality=quality)
     paths.append(p)
   return paths
 
@@ -25,7 +25,7 @@ def ramp_scan(n_slices, size=32, step=10) -> np.ndarray:
       n_slices, size, size)
 
 
-def write_cov19ctdb(root, *, csv_text=None, csv_name='train_partition_covid_categories.csv'):
+def write_cov19ctdb(root, *, csv_text=None, csv_name="train_partition_covid_categories.csv"):
   """A small COV19-CT-DB tree; returns {scan_id: uint8 volume} of train.
 
   train: covid/ct_scan_0 (12 slices), covid/ct_scan_1 (8), covid/ct_scan_2 (9,
@@ -34,14 +34,14 @@ def write_cov19ctdb(root, *, csv_text=None, csv_name='train_partition_covid_cate
   -> 3, ct_scan_1 -> 1) is written at the root.
   """
   root = Path(root)
-  scans = {'covid/ct_scan_0': ramp_scan(12), 'covid/ct_scan_1': ramp_scan(8, step=20),
-           'covid/ct_scan_2': ramp_scan(9, step=5), 'non-covid/ct_scan_0': ramp_scan(10, step=7)}
+  scans = {"covid/ct_scan_0": ramp_scan(12), "covid/ct_scan_1": ramp_scan(8, step=20),
+           "covid/ct_scan_2": ramp_scan(9, step=5), "non-covid/ct_scan_0": ramp_scan(10, step=7)}
   for scan_id, vol in scans.items():
-    write_slices(root / 'train' / scan_id, vol)
-  write_slices(root / 'validation' / 'covid' / 'ct_scan_5', ramp_scan(8))
-  write_slices(root / 'test' / 'ct_scan_7', ramp_scan(8))
+    write_slices(root / "train" / scan_id, vol)
+  write_slices(root / "validation" / "covid" / "ct_scan_5", ramp_scan(8))
+  write_slices(root / "test" / "ct_scan_7", ramp_scan(8))
   if csv_text is None:
-    csv_text = 'Name;Category\nct_scan_0;3\nct_scan_1;1\n'
+    csv_text = "Name;Category\nct_scan_0;3\nct_scan_1;1\n"
   (root / csv_name).write_text(csv_text)
   return scans
 
@@ -68,8 +68,10 @@ def write_nifti(path, data_ijk, affine, dtype=np.int16) -> Path:
 
 
 def write_mha(path, data_zyx, spacing_xyz=(0.8, 0.7, 2.5), origin=(1., 2., 3.),
-              direction=np.eye(3), dtype=np.int16) -> Path:
+              direction=None, dtype=np.int16) -> Path:
   """An MHA whose numpy (z, y, x) array is `data_zyx` with the given geometry."""
+  if direction is None:
+    direction = np.eye(3)
   img = sitk.GetImageFromArray(np.asarray(data_zyx).astype(dtype))
   img.SetSpacing(tuple(spacing_xyz))
   img.SetOrigin(tuple(origin))
@@ -84,8 +86,8 @@ def write_stoic(root, volumes: dict, labels: dict) -> Path:
   `metadata/reference.csv` with `labels` ({id: (probCOVID, probSevere)})."""
   root = Path(root)
   for pid, vol in volumes.items():
-    write_mha(root / 'data' / 'mha' / f'{pid}.mha', vol)
-  (root / 'metadata').mkdir(parents=True, exist_ok=True)
-  lines = ['PatientID,probCOVID,probSevere'] + [f'{p},{c},{s}' for p, (c, s) in labels.items()]
-  (root / 'metadata' / 'reference.csv').write_text('\n'.join(lines) + '\n')
+    write_mha(root / "data" / "mha" / f"{pid}.mha", vol)
+  (root / "metadata").mkdir(parents=True, exist_ok=True)
+  lines = ["PatientID,probCOVID,probSevere"] + [f"{p},{c},{s}" for p, (c, s) in labels.items()]
+  (root / "metadata" / "reference.csv").write_text("\n".join(lines) + "\n")
   return root

@@ -227,7 +227,7 @@ def test_default_elastic_field_has_the_exact_smoothed_noise_covariance():
     cross += np.asarray(c, np.float64)
 
   worst = 0.0
-  for axis, n in enumerate(shape):
+  for axis, _n in enumerate(shape):
     other = [corr[j][np.ix_(knots[j], knots[j])] for j in range(3) if j != axis]
     m = other[0].shape[0] * other[1].shape[0]
     emp = second[axis] / (3 * n_fields * m)  # normalised covariance along the axis

@@ -53,7 +53,8 @@ def test_head_init_fresh_reinitialises_the_whole_head():
   source = jax.tree.map(lambda a: np.asarray(a) + 1.0, params_of("multitask"))
   fresh = params_of("severity")
   merged = handoff.merge_source(source, fresh, c, "src")
-  for a, b in zip(jax.tree.leaves(merged["head_severity"]), jax.tree.leaves(fresh["head_severity"])):
+  for a, b in zip(jax.tree.leaves(merged["head_severity"]),
+                  jax.tree.leaves(fresh["head_severity"])):
     np.testing.assert_array_equal(a, b)
 
 

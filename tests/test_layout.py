@@ -81,4 +81,5 @@ def test_the_cycle_finder_finds_a_cycle():
 @pytest.mark.parametrize("name", sorted(MODULES))
 def test_every_module_opens_with_a_docstring(name):
   docstring = ast.get_docstring(ast.parse(MODULES[name].read_text()))
-  assert docstring and len(docstring.split()) >= 3, f"{MODULES[name]} needs a docstring saying its concern"
+  assert docstring and len(docstring.split()) >= 3, (
+      f"{MODULES[name]} needs a docstring saying its concern")

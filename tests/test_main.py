@@ -4,6 +4,7 @@ The subprocesses (started side by side) fail during flag parsing or before the
 stage runs, so none trains anything.
 """
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -99,7 +100,7 @@ def test_a_missing_required_flag_is_a_usage_error(runs, missing, given):
 def test_an_unknown_config_argument_is_named(runs):
   code, text, workdir = runs["bad_suffix"]
   assert code != 0 and "Flags parsing error" in text
-  assert "unknown config argument 'nope': use ':demo' or nothing" in text
+  assert "unknown config argument 'nope': use one of demo, authors1" in text
   assert not workdir.exists()
 
 
@@ -118,3 +119,30 @@ def test_the_demo_config_reaches_the_stage_dispatch(runs):
   assert "variant: nano" in text and "num_steps: 3" in text and "variant: tiny" not in text
   assert "config.stage='nope' is not one of" in text and "'severity'" in text
   assert not (workdir / "config.json").exists()
+
+
+def test_a_workdir_holding_another_run_is_refused_until_overwrite(tmp_path):
+  """A rerun with other settings stops with one line; --overwrite deletes the old run."""
+  work = tmp_path / "work"
+  work.mkdir()
+  other = _get_config("demo")
+  other.train.learning_rate = 1.0
+  (work / "config.json").write_text(other.to_json_best_effort())
+  (work / "DONE").write_text("{}")
+  cmd = [sys.executable, "-m", "covid3d.main", f"--config={SEVERITY}:demo", f"--workdir={work}",
+         "--config.train.log_every=7", f"--config.data.cov19ctdb_dir={tmp_path / 'none'}",
+         "--config.data.phantom=False"]
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  refused = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+  assert refused.returncode == 2
+  last = refused.stderr.strip().splitlines()[-1]
+  assert last.startswith(f"covid3d.main: stage severity: {work} holds a run with other settings")
+  assert "train.learning_rate: 1.0 -> 0.0003" in last and "--overwrite" in last
+  assert "log_every" not in last                        # a logging field is no reason to stop
+  assert (work / "DONE").exists()
+  assert json.loads((work / "config.json").read_text())["train"]["learning_rate"] == 1.0
+  fresh = subprocess.run(cmd + ["--overwrite"], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=120)
+  assert fresh.returncode == 2 and "config.data.cov19ctdb_dir" in fresh.stderr  # then no data
+  assert not (work / "DONE").exists()
+  assert json.loads((work / "config.json").read_text())["train"]["learning_rate"] == 0.0003

@@ -50,7 +50,8 @@ def test_stem_is_patchify_and_layer_scale_initialised():
 
 
 def test_drop_path_only_when_not_deterministic():
-  model = ConvNeXt(**NANO, num_classes=3, drop_path_rate=0.9, layer_scale_init=1.0, dwconv_impl="fft")
+  model = ConvNeXt(**NANO, num_classes=3, drop_path_rate=0.9, layer_scale_init=1.0,
+                   dwconv_impl="fft")
   x = jax.random.normal(jax.random.key(1), (4, 32, 32, 32, 1))
   variables = model.init(jax.random.key(0), x)
   a = model.apply(variables, x, deterministic=True)
@@ -92,7 +93,8 @@ def test_backends_agree_through_the_model():
   model = ConvNeXt(**NANO, num_classes=2, layer_scale_init=0.5, dwconv_impl="xla")
   variables = model.init(jax.random.key(0), x)
   ref = model.apply(variables, x)
-  np.testing.assert_allclose(model.clone(dwconv_impl="fft").apply(variables, x), ref, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(model.clone(dwconv_impl="fft").apply(variables, x), ref,
+                             rtol=1e-4, atol=1e-5)
 
 
 def test_bad_inputs_raise():

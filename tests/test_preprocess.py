@@ -14,11 +14,11 @@ SIZES = (32, 24)
 
 
 def _zoom(x, shape, order):
-  return scipy.ndimage.zoom(x, np.divide(shape, x.shape), order=order, mode='mirror',
+  return scipy.ndimage.zoom(x, np.divide(shape, x.shape), order=order, mode="mirror",
                             grid_mode=False)
 
 
-@pytest.mark.parametrize('shape_in,shape_out', [((9, 20, 17), (16, 16, 16)),
+@pytest.mark.parametrize("shape_in,shape_out", [((9, 20, 17), (16, 16, 16)),
                                                  ((16, 40, 40), (24, 24, 24)),
                                                  ((2, 5, 33), (7, 6, 4))])
 def test_resample_cubic_equals_scipy_zoom(shape_in, shape_out):
@@ -39,7 +39,7 @@ def test_resample_nearest_equals_scipy_zoom():
 def _scan(mask=True, labels=None):
   rng = np.random.default_rng(2)
   vol = (rng.random((10, 20, 18)) > 0.5).astype(np.float32)  # edges make the spline overshoot
-  return Scan('s1', vol, (1., 1., 1.), (0., 0., 0.), np.eye(3), labels or {'covid': 1},
+  return Scan("s1", vol, (1., 1., 1.), (0., 0., 0.), np.eye(3), labels or {"covid": 1},
               mask=(vol > 0).astype(np.uint8) if mask else None)
 
 
@@ -49,20 +49,20 @@ def test_preprocess_scan_record():
   for s in SIZES:
     raw = _zoom(scan.volume.astype(np.float64), (s,) * 3, 3)
     assert raw.max() > 1 and raw.min() < 0  # the clip below is exercised
-    v = rec[f'volume_{s}']
+    v = rec[f"volume_{s}"]
     assert v.dtype == np.float16 and v.shape == (s, s, s)
     np.testing.assert_allclose(v, np.clip(raw, 0, 1), atol=1e-3)
-    np.testing.assert_array_equal(rec[f'mask_{s}'], _zoom(scan.mask, (s,) * 3, 0))
-  assert (rec['scan_id'], rec['has_mask'], rec['covid'], rec['severity'], rec['stoic_severe']) == (
-      's1', 1, 1, -1, -1)
-  bare = preprocess.preprocess_scan(_scan(mask=False, labels={'severity': 2}), (16,))
-  assert bare['has_mask'] == 0 and not bare['mask_16'].any() and bare['severity'] == 2
-  assert bare['mask_16'].shape == (16, 16, 16) and 'volume_32' not in bare
+    np.testing.assert_array_equal(rec[f"mask_{s}"], _zoom(scan.mask, (s,) * 3, 0))
+  assert (rec["scan_id"], rec["has_mask"], rec["covid"], rec["severity"], rec["stoic_severe"]) == (
+      "s1", 1, 1, -1, -1)
+  bare = preprocess.preprocess_scan(_scan(mask=False, labels={"severity": 2}), (16,))
+  assert bare["has_mask"] == 0 and not bare["mask_16"].any() and bare["severity"] == 2
+  assert bare["mask_16"].shape == (16, 16, 16) and "volume_32" not in bare
 
 
 def _tree(root):
   fx.write_cov19ctdb(root)
-  return readers.list_cov19ctdb(root, 'train')
+  return readers.list_cov19ctdb(root, "train")
 
 
 def _mtimes(paths):
@@ -70,8 +70,8 @@ def _mtimes(paths):
 
 
 def test_build_cache_reuses_and_rebuilds(tmp_path, capsys):
-  refs = _tree(tmp_path / 'data')
-  out = tmp_path / 'cache'
+  refs = _tree(tmp_path / "data")
+  out = tmp_path / "cache"
   paths = preprocess.build_cache(refs, out, SIZES, workers=1, progress=False)
   assert len(paths) == len(refs) and len(set(paths)) == len(refs)
   for ref, path in zip(refs, paths):
@@ -80,26 +80,26 @@ def test_build_cache_reuses_and_rebuilds(tmp_path, capsys):
     assert sorted(got) == sorted(expect)
     for k in expect:
       np.testing.assert_array_equal(got[k], expect[k])
-  assert '4 preprocessed' in capsys.readouterr().out
+  assert "4 preprocessed" in capsys.readouterr().out
   index = cache.read_index(out)
-  assert [(r['scan_id'], r['covid'], r['severity'], r['has_mask'], r['file']) for r in index] == [
-      (r.scan_id, r.labels['covid'], r.labels.get('severity', -1), 0, os.path.basename(p))
+  assert [(r["scan_id"], r["covid"], r["severity"], r["has_mask"], r["file"]) for r in index] == [
+      (r.scan_id, r.labels["covid"], r.labels.get("severity", -1), 0, os.path.basename(p))
       for r, p in zip(refs, paths)]
-  assert not [f for f in os.listdir(out) if '.tmp' in f]
+  assert not [f for f in os.listdir(out) if ".tmp" in f]
   before = _mtimes(paths)
   # A rerun finds every scan.
   assert preprocess.build_cache(refs, out, SIZES, workers=1, progress=False) == paths
-  assert _mtimes(paths) == before and '4 from the cache' in capsys.readouterr().out
+  assert _mtimes(paths) == before and "4 from the cache" in capsys.readouterr().out
   # Changed slice bytes rebuild that scan only.
-  fx.write_slices(tmp_path / 'data' / 'train' / 'covid' / 'ct_scan_1', fx.ramp_scan(8, step=21))
-  again = preprocess.build_cache(readers.list_cov19ctdb(tmp_path / 'data', 'train'), out, SIZES,
+  fx.write_slices(tmp_path / "data" / "train" / "covid" / "ct_scan_1", fx.ramp_scan(8, step=21))
+  again = preprocess.build_cache(readers.list_cov19ctdb(tmp_path / "data", "train"), out, SIZES,
                                  workers=1, progress=False)
   changed = [a != b for a, b in zip(again, paths)]
-  assert changed == [r.scan_id == 'covid/ct_scan_1' for r in refs]
+  assert changed == [r.scan_id == "covid/ct_scan_1" for r in refs]
   # Other settings rebuild everything.
   other = preprocess.build_cache(refs, out, (16,), workers=1, progress=False)
   assert not set(other) & set(paths)
-  assert preprocess.read_record(other[0])['volume_16'].shape == (16, 16, 16)
+  assert preprocess.read_record(other[0])["volume_16"].shape == (16, 16, 16)
 
 
 def test_cache_key_depends_on_labels_and_settings(tmp_path):
@@ -107,31 +107,31 @@ def test_cache_key_depends_on_labels_and_settings(tmp_path):
   key = cache.cache_key(ref, preprocess.settings(SIZES))
   assert key == cache.cache_key(ref, preprocess.settings(SIZES))
   assert key != cache.cache_key(ref, preprocess.settings((32,)))
-  relabelled = readers.ScanRef(ref.dataset, ref.scan_id, ref.paths, {'covid': 0}, ref.partition)
+  relabelled = readers.ScanRef(ref.dataset, ref.scan_id, ref.paths, {"covid": 0}, ref.partition)
   assert key != cache.cache_key(relabelled, preprocess.settings(SIZES))
 
 
 def test_build_cache_parallel_equals_serial(tmp_path):
-  refs = _tree(tmp_path / 'data')
+  refs = _tree(tmp_path / "data")
   skips = SkipLog()
-  serial = preprocess.build_cache(refs, tmp_path / 'a', SIZES, workers=1, progress=False)
-  parallel = preprocess.build_cache(refs, tmp_path / 'b', SIZES, workers=2, skips=skips,
+  serial = preprocess.build_cache(refs, tmp_path / "a", SIZES, workers=1, progress=False)
+  parallel = preprocess.build_cache(refs, tmp_path / "b", SIZES, workers=2, skips=skips,
                                     progress=False)
   assert [os.path.basename(p) for p in serial] == [os.path.basename(p) for p in parallel]
   for a, b in zip(serial, parallel):
-    assert open(a, 'rb').read() == open(b, 'rb').read()
+    assert open(a, "rb").read() == open(b, "rb").read()
   assert len(skips) == 0
 
 
-@pytest.mark.parametrize('compressed', [False, True])
+@pytest.mark.parametrize("compressed", [False, True])
 def test_read_npz_equals_np_load(tmp_path, compressed):
   """The thread-safe reader of record and mask files gives np.load's arrays."""
-  arrays = {'volume_8': np.random.default_rng(0).random((8, 8, 8)).astype(np.float16),
-            'mask_8': (np.arange(512).reshape(8, 8, 8) % 3 == 0).astype(np.uint8),
-            'fortran': np.asfortranarray(np.arange(12.0).reshape(3, 4)), 'scalar': np.int32(7)}
-  path = tmp_path / 'r.npz'
+  arrays = {"volume_8": np.random.default_rng(0).random((8, 8, 8)).astype(np.float16),
+            "mask_8": (np.arange(512).reshape(8, 8, 8) % 3 == 0).astype(np.uint8),
+            "fortran": np.asfortranarray(np.arange(12.0).reshape(3, 4)), "scalar": np.int32(7)}
+  path = tmp_path / "r.npz"
   (np.savez_compressed if compressed else np.savez)(path, **arrays)
-  with open(path, 'rb') as f:
+  with open(path, "rb") as f:
     for got in (cache.read_npz(str(path)), cache.read_npz(f)):
       assert set(got) == set(arrays)
       for k, v in arrays.items():

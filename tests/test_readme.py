@@ -21,6 +21,6 @@ def test_notebook_example_runs():
 def test_readme_commands_match_ci():
   text = README.read_text()
   ci = (README.parent / ".ci" / "run").read_text()
-  assert 'pip install -e ".[test]" && python -m pytest -q tests' in text
-  assert 'pip install -e ".[test]" && python -m pytest -q tests' in ci
+  command = 'pip install -e ".[test]" && ruff check . && python -m pytest -q tests'
+  assert command in text and command in ci
   assert "bash launch/demo.sh" in text

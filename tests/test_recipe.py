@@ -112,7 +112,8 @@ def test_roc_auc_equals_scikit_learn_with_ties():
   for _ in range(50):
     labels = rng.integers(0, 2, 30)
     scores = np.round(rng.random(30), 1)           # many ties
-    assert metrics.roc_auc(labels, scores) == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
+    assert metrics.roc_auc(labels, scores) == pytest.approx(roc_auc_score(labels, scores),
+                                                            abs=1e-12)
   assert np.isnan(metrics.roc_auc([1, 1], [0.2, 0.3]))
 
 
@@ -123,7 +124,8 @@ def test_multitask_counts_covid_positive_scans_only_and_scores_by_auc():
   n = 6
   outputs = {"stoic_severe": rng.normal(size=(n, 2)).astype(np.float32),
              "segmentation": rng.normal(size=(n, 4, 4, 4, 1)).astype(np.float32)}
-  batch = {"stoic_covid": np.array([1, 1, 0, 1, 0, 1]), "stoic_severe": np.array([0, 1, 1, 1, 0, 0]),
+  batch = {"stoic_covid": np.array([1, 1, 0, 1, 0, 1]),
+           "stoic_severe": np.array([0, 1, 1, 1, 0, 0]),
            "mask": rng.integers(0, 2, (n, 4, 4, 4, 1)).astype(np.uint8),
            "valid": np.array([1, 1, 1, 1, 1, 0], bool)}
   task = multitask_task(load_config("multitask").loss.weights)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from covid3d import inflation
-from covid3d.data import readers
+from covid3d.data import preprocess, readers
 from covid3d.data.skips import SkipLog
 from covid3d.models import VARIANTS, build
 from covid3d.stages import handoff, inputs, pseudolabel, registry
@@ -88,6 +88,9 @@ def test_chain_writes_every_output(chain):
   for stage in ("pretrain2d", "segmentation", "pseudolabel", "segmia", "multitask", "severity"):
     assert (chain / stage / "DONE").exists(), stage
     assert (chain / stage / "config.json").exists(), stage
+  for stage in ("pretrain2d", "segmentation", "segmia", "multitask"):
+    done = json.loads((chain / stage / "DONE").read_text())
+    assert done["best_eval"]["step"] == done["best_step"], stage   # one step's figures
   cv = json.loads((chain / "severity" / "cv.json").read_text())
   assert len(cv["folds"]) == 2 and 0.0 <= cv["mean_macro_f1"] <= 1.0
   rows = (chain / "severity" / "predictions_validation.csv").read_text().splitlines()
@@ -101,7 +104,8 @@ def test_chain_writes_every_output(chain):
            for c in ("mild", "moderate", "severe", "critical")]
   assert all(lines[0] == "patient" for lines in files)        # the authors' submission format
   submitted = sum(len(lines) - 1 for lines in files)
-  assert submitted == len((chain / "severity" / "predictions_test.csv").read_text().splitlines()) - 1
+  test_csv = chain / "severity" / "predictions_test.csv"
+  assert submitted == len(test_csv.read_text().splitlines()) - 1
 
 
 def test_pseudo_labels_keep_the_scan_geometry(chain):
@@ -115,7 +119,8 @@ def test_pseudo_labels_keep_the_scan_geometry(chain):
   original = sitk.ReadImage(str(chain / "data" / "stoic" / "data" / "mha" / f"{stem}.mha"))
   written = nib.load(str(niftis[0]))
   assert written.shape == original.GetSize()
-  np.testing.assert_allclose(nib.affines.voxel_sizes(written.affine), original.GetSpacing(), rtol=1e-5)
+  np.testing.assert_allclose(nib.affines.voxel_sizes(written.affine), original.GetSpacing(),
+                             rtol=1e-5)
   # Origin and direction: ITK (MHA) world coordinates are LPS, NIfTI's RAS, so
   # x and y change sign. NIfTI voxel axes (i, j, k) are ITK's index (x, y, z).
   to_ras = np.diag([-1.0, -1.0, 1.0])
@@ -260,6 +265,25 @@ def test_infer_gives_one_answer_per_volume_whatever_the_format(chain, tmp_path, 
   assert infer.main([f"--model={chain / 'pretrain2d'}", f"--out={tmp_path}", str(mha)]) == 2
   assert "must be a finished severity or detection workdir" in capsys.readouterr().err
 
+  # The exported ensemble: through infer, and with plain JAX as export's docstring shows.
+  from covid3d import export
+  exported = tmp_path / "severity.covid3d"
+  assert export.main([f"--model={chain / 'severity'}", f"--out={exported}"]) == 0
+  assert infer.main([f"--model={exported}", f"--out={tmp_path / 'out2'}",
+                     *map(str, paths[3:5])]) == 0
+  with open(tmp_path / "out2" / "predictions.csv") as f:
+    again = np.array([[float(r[n]) for n in names] for r in csv.DictReader(f)])
+  np.testing.assert_allclose(again, probs[3:5], atol=2e-6)
+  import zipfile
+  z = zipfile.ZipFile(exported)
+  f = jax.export.deserialize(bytearray(z.read("model.stablehlo")))
+  params = np.load(z.open("params.npz"))
+  leaves = tuple(params[k] for k in sorted(params.files))
+  size = json.loads(z.read("meta.json"))["input_size"]
+  x = np.stack([preprocess.preprocess_scan(readers.read_path(p), (size,))[f"volume_{size}"]
+                for p in paths[3:5]]).astype(np.float32)[..., None]
+  np.testing.assert_allclose(np.asarray(f.call(leaves, x)), probs[3:5], atol=2e-6)
+
 
 def test_missing_checkpoint_names_the_producing_command(root, tmp_path):
   with pytest.raises(HandOffError, match="run that stage first"):
@@ -272,7 +296,8 @@ def test_missing_checkpoint_names_the_producing_command(root, tmp_path):
   with pytest.raises(HandOffError, match="pseudolabel stage"):
     run("segmia", root, "segmia_bad", pseudo_labels=str(tmp_path))
   with pytest.raises(HandOffError, match="config.data.cov19ctdb_dir"):
-    run("severity", root, "sev_bad", **{"data.phantom": False, "data.cov19ctdb_dir": str(tmp_path / "x")})
+    run("severity", root, "sev_bad",
+        **{"data.phantom": False, "data.cov19ctdb_dir": str(tmp_path / "x")})
 
 
 def test_wrong_variant_is_a_clear_error(chain):

@@ -9,8 +9,8 @@ import train_helpers as h
 
 @pytest.mark.slow
 def test_one_and_eight_devices_agree(tmp_path):
-  procs = {devices: h.run_worker(h.worker_args(str(tmp_path / f'd{devices}'),
-                                                str(tmp_path / f'd{devices}.npz'), num_steps=3,
+  procs = {devices: h.run_worker(h.worker_args(str(tmp_path / f"d{devices}"),
+                                                str(tmp_path / f"d{devices}.npz"), num_steps=3,
                                                 micro_batches=micro, checkpoint_every=100),
                                   devices=devices, wait=False)
            for devices, micro in ((1, 2), (8, 1))}  # run side by side
@@ -18,10 +18,10 @@ def test_one_and_eight_devices_agree(tmp_path):
   for devices, proc in procs.items():
     output = proc.communicate(timeout=600)[0]
     assert proc.returncode == 0, output
-    runs[devices] = h.load_params(str(tmp_path / f'd{devices}.npz'))
+    runs[devices] = h.load_params(str(tmp_path / f"d{devices}.npz"))
   assert runs[1].keys() == runs[8].keys()
   for k in runs[1]:
     np.testing.assert_allclose(runs[8][k], runs[1][k], rtol=1e-4, atol=1e-6, err_msg=k)
-  losses = [[json.loads(l)['loss'] for l in open(tmp_path / f'd{d}' / 'metrics.jsonl')]
+  losses = [[json.loads(l)["loss"] for l in open(tmp_path / f"d{d}" / "metrics.jsonl")]
             for d in (1, 8)]
   np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)

@@ -14,101 +14,101 @@ from covid3d.train.iterators import ArrayIterator
 
 def _event_class():
   """tensorflow.Event/Summary built from a descriptor here (field numbers of TF's event.proto)."""
-  f = descriptor_pb2.FileDescriptorProto(name='event_test.proto', package='tft')
+  f = descriptor_pb2.FileDescriptorProto(name="event_test.proto", package="tft")
   T = descriptor_pb2.FieldDescriptorProto
-  value = descriptor_pb2.DescriptorProto(name='Value')
-  value.field.add(name='tag', number=1, type=T.TYPE_STRING, label=T.LABEL_OPTIONAL)
-  value.field.add(name='simple_value', number=2, type=T.TYPE_FLOAT, label=T.LABEL_OPTIONAL)
-  summary = f.message_type.add(name='Summary')
+  value = descriptor_pb2.DescriptorProto(name="Value")
+  value.field.add(name="tag", number=1, type=T.TYPE_STRING, label=T.LABEL_OPTIONAL)
+  value.field.add(name="simple_value", number=2, type=T.TYPE_FLOAT, label=T.LABEL_OPTIONAL)
+  summary = f.message_type.add(name="Summary")
   summary.nested_type.append(value)
-  summary.field.add(name='value', number=1, type=T.TYPE_MESSAGE, label=T.LABEL_REPEATED,
-                    type_name='.tft.Summary.Value')
-  event = f.message_type.add(name='Event')
-  event.field.add(name='wall_time', number=1, type=T.TYPE_DOUBLE, label=T.LABEL_OPTIONAL)
-  event.field.add(name='step', number=2, type=T.TYPE_INT64, label=T.LABEL_OPTIONAL)
-  event.field.add(name='file_version', number=3, type=T.TYPE_STRING, label=T.LABEL_OPTIONAL)
-  event.field.add(name='summary', number=5, type=T.TYPE_MESSAGE, label=T.LABEL_OPTIONAL,
-                  type_name='.tft.Summary')
+  summary.field.add(name="value", number=1, type=T.TYPE_MESSAGE, label=T.LABEL_REPEATED,
+                    type_name=".tft.Summary.Value")
+  event = f.message_type.add(name="Event")
+  event.field.add(name="wall_time", number=1, type=T.TYPE_DOUBLE, label=T.LABEL_OPTIONAL)
+  event.field.add(name="step", number=2, type=T.TYPE_INT64, label=T.LABEL_OPTIONAL)
+  event.field.add(name="file_version", number=3, type=T.TYPE_STRING, label=T.LABEL_OPTIONAL)
+  event.field.add(name="summary", number=5, type=T.TYPE_MESSAGE, label=T.LABEL_OPTIONAL,
+                  type_name=".tft.Summary")
   pool = descriptor_pool.DescriptorPool()
   pool.Add(f)
-  return message_factory.GetMessageClass(pool.FindMessageTypeByName('tft.Event'))
+  return message_factory.GetMessageClass(pool.FindMessageTypeByName("tft.Event"))
 
 
 def test_crc32c_known_values():
-  assert log.crc32c(b'123456789') == 0xE3069283  # the CRC-32C check value
-  assert log.crc32c(b'') == 0
+  assert log.crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
+  assert log.crc32c(b"") == 0
   assert log.crc32c(bytes(32)) == 0x8A9136AA  # RFC 3720 B.4: 32 bytes of zeros
 
 
 def test_event_file_parses_as_tensorflow_events(tmp_path):
   logger = log.MetricLogger(str(tmp_path))
-  logger.write(3, 'train', {'loss': 0.5, 'lr': np.float32(1e-4), 'skip_me': np.zeros(3)})
-  logger.write(300, 'eval', {'macro_f1': 0.25})
+  logger.write(3, "train", {"loss": 0.5, "lr": np.float32(1e-4), "skip_me": np.zeros(3)})
+  logger.write(300, "eval", {"macro_f1": 0.25})
   logger.close()
-  lines = [json.loads(l) for l in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
-  assert lines == [{'step': 3, 'split': 'train', 'loss': 0.5, 'lr': pytest.approx(1e-4)},
-                   {'step': 300, 'split': 'eval', 'macro_f1': 0.25}]
-  (path,) = (tmp_path / 'tensorboard').glob('events.out.tfevents.*')
+  lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert lines == [{"step": 3, "split": "train", "loss": 0.5, "lr": pytest.approx(1e-4)},
+                   {"step": 300, "split": "eval", "macro_f1": 0.25}]
+  (path,) = (tmp_path / "tensorboard").glob("events.out.tfevents.*")
   data, records = path.read_bytes(), []
   while data:
-    (n,) = struct.unpack('<Q', data[:8])
-    assert struct.unpack('<I', data[8:12])[0] == log.masked_crc32c(data[:8])
+    (n,) = struct.unpack("<Q", data[:8])
+    assert struct.unpack("<I", data[8:12])[0] == log.masked_crc32c(data[:8])
     body = data[12:12 + n]
-    assert struct.unpack('<I', data[12 + n:16 + n])[0] == log.masked_crc32c(body)
+    assert struct.unpack("<I", data[12 + n:16 + n])[0] == log.masked_crc32c(body)
     records.append(body)
     data = data[16 + n:]
   Event = _event_class()
   events = [Event.FromString(r) for r in records]
-  assert events[0].file_version == 'brain.Event:2'
+  assert events[0].file_version == "brain.Event:2"
   assert events[1].step == 3
   assert {v.tag: v.simple_value for v in events[1].summary.value} == {
-      'train/loss': 0.5, 'train/lr': pytest.approx(1e-4)}
-  assert events[2].step == 300 and events[2].summary.value[0].tag == 'eval/macro_f1'
+      "train/loss": 0.5, "train/lr": pytest.approx(1e-4)}
+  assert events[2].step == 300 and events[2].summary.value[0].tag == "eval/macro_f1"
 
 
 def test_disabled_logger_writes_nothing(tmp_path):
-  logger = log.MetricLogger(str(tmp_path / 'x'), enabled=False)
-  logger.write(1, 'train', {'loss': 1.0})
+  logger = log.MetricLogger(str(tmp_path / "x"), enabled=False)
+  logger.write(1, "train", {"loss": 1.0})
   logger.close()
-  assert not (tmp_path / 'x').exists()
+  assert not (tmp_path / "x").exists()
 
 
 def test_checkpointer_keeps_latest_and_best(tmp_path):
-  ckpt = checkpoint.Checkpointer(str(tmp_path), keep=2, best_metric='macro_f1')
+  ckpt = checkpoint.Checkpointer(str(tmp_path), keep=2, best_metric="macro_f1")
   config = train.default_config()
   scores = {2: 0.9, 4: 0.5, 6: 0.7}
   for step in range(1, 8):
-    state = {'w': jnp.full((3,), float(step))}
-    metrics = {'macro_f1': scores[step]} if step in scores else None
-    ckpt.save(step, state, {'batch': step}, config, metrics)
+    state = {"w": jnp.full((3,), float(step))}
+    metrics = {"macro_f1": scores[step]} if step in scores else None
+    ckpt.save(step, state, {"batch": step}, config, metrics)
   ckpt.wait()
   assert ckpt.manager.all_steps() == [2, 6, 7]
   assert ckpt.best_step() == 2
-  state, it = ckpt.restore(6, {'w': jnp.zeros(3)})
-  np.testing.assert_array_equal(state['w'], [6.0, 6.0, 6.0])
-  assert it == {'batch': 6}
+  state, it = ckpt.restore(6, {"w": jnp.zeros(3)})
+  np.testing.assert_array_equal(state["w"], [6.0, 6.0, 6.0])
+  assert it == {"batch": 6}
   ckpt.close()
-  reopened = checkpoint.Checkpointer(str(tmp_path), keep=2, best_metric='macro_f1')
+  reopened = checkpoint.Checkpointer(str(tmp_path), keep=2, best_metric="macro_f1")
   assert reopened.best_step() == 2 and reopened.latest_step() == 7
-  np.testing.assert_array_equal(reopened.restore(2, {'w': jnp.zeros(3)})[0]['w'], [2.0] * 3)
-  cfg = json.loads((tmp_path / '7' / 'config' / 'metadata').read_text())
-  assert cfg['batch_size'] == config.batch_size
+  np.testing.assert_array_equal(reopened.restore(2, {"w": jnp.zeros(3)})[0]["w"], [2.0] * 3)
+  cfg = json.loads((tmp_path / "7" / "config" / "metadata").read_text())
+  assert cfg["batch_size"] == config.batch_size
   reopened.close()
 
 
 def test_a_reader_picks_the_best_checkpoint_by_the_metric_its_run_recorded(tmp_path):
-  ckpt = checkpoint.Checkpointer(str(tmp_path), keep=1, best_metric='dice')
+  ckpt = checkpoint.Checkpointer(str(tmp_path), keep=1, best_metric="dice")
   for step, dice, f1 in ((1, 0.2, 0.9), (2, 0.8, 0.1), (3, 0.5, 0.5)):
-    ckpt.save(step, {'w': jnp.full((2,), float(step))}, {}, train.default_config(),
-              {'dice': dice, 'macro_f1': f1})
+    ckpt.save(step, {"w": jnp.full((2,), float(step))}, {}, train.default_config(),
+              {"dice": dice, "macro_f1": f1})
   ckpt.wait()
   ckpt.close()
   reader = checkpoint.Checkpointer.open(str(tmp_path))
-  assert reader.best_metric == 'dice' and reader.best_step() == 2 and reader.latest_step() == 3
+  assert reader.best_metric == "dice" and reader.best_step() == 2 and reader.latest_step() == 3
   reader.close()
-  unrecorded = tmp_path / 'imported'
+  unrecorded = tmp_path / "imported"
   ckpt = checkpoint.Checkpointer(str(unrecorded), keep=1, best_metric=None)
-  ckpt.save(0, {'w': jnp.ones(2)}, {}, train.default_config())
+  ckpt.save(0, {"w": jnp.ones(2)}, {}, train.default_config())
   ckpt.wait()
   ckpt.close()
   reader = checkpoint.Checkpointer.open(str(unrecorded))
@@ -124,31 +124,31 @@ def test_itstime():
 def test_checkpointer_takes_a_relative_directory(tmp_path, monkeypatch):
   """The README's demo passes ./covid3d_demo/...; Orbax itself wants absolute paths."""
   monkeypatch.chdir(tmp_path)
-  ckpt = checkpoint.Checkpointer('run/checkpoints', keep=1, best_metric='dice')
-  ckpt.save(1, {'w': jnp.ones(2)}, {'batch': 1}, train.default_config(), {'dice': 0.5})
+  ckpt = checkpoint.Checkpointer("run/checkpoints", keep=1, best_metric="dice")
+  ckpt.save(1, {"w": jnp.ones(2)}, {"batch": 1}, train.default_config(), {"dice": 0.5})
   ckpt.wait()
   ckpt.close()
-  reopened = checkpoint.Checkpointer('run/checkpoints', keep=1, best_metric='dice')
-  np.testing.assert_array_equal(reopened.restore(1, {'w': jnp.zeros(2)})[0]['w'], [1.0, 1.0])
+  reopened = checkpoint.Checkpointer("run/checkpoints", keep=1, best_metric="dice")
+  np.testing.assert_array_equal(reopened.restore(1, {"w": jnp.zeros(2)})[0]["w"], [1.0, 1.0])
   reopened.close()
-  assert (tmp_path / 'run' / 'checkpoints' / '1').is_dir()
-  assert str(checkpoint.absolute('gs://bucket/run')) == 'gs://bucket/run'
+  assert (tmp_path / "run" / "checkpoints" / "1").is_dir()
+  assert str(checkpoint.absolute("gs://bucket/run")) == "gs://bucket/run"
 
 
 def test_array_iterator_resume_and_process_split():
-  data = {'x': np.arange(10), 'y': np.arange(10) * 2}
+  data = {"x": np.arange(10), "y": np.arange(10) * 2}
   full = ArrayIterator(data, 4, seed=3)
   batches = [next(full) for _ in range(5)]  # crosses an epoch (2 batches per epoch)
-  assert sorted(np.concatenate([b['x'] for b in batches[:2]]).tolist()) != list(range(8))
-  np.testing.assert_array_equal(batches[0]['y'], batches[0]['x'] * 2)
+  assert sorted(np.concatenate([b["x"] for b in batches[:2]]).tolist()) != list(range(8))
+  np.testing.assert_array_equal(batches[0]["y"], batches[0]["x"] * 2)
   resumed = ArrayIterator(data, 4, seed=3)
   resumed.set_state(json.loads(json.dumps(full.get_state())))
   again = ArrayIterator(data, 4, seed=3)
   for _ in range(5):
     next(again)
-  np.testing.assert_array_equal(next(resumed)['x'], next(again)['x'])
+  np.testing.assert_array_equal(next(resumed)["x"], next(again)["x"])
   halves = [ArrayIterator(data, 4, seed=3, process_index=p, process_count=2) for p in (0, 1)]
   for b in batches:
-    np.testing.assert_array_equal(np.concatenate([next(h)['x'] for h in halves]), b['x'])
-  with pytest.raises(ValueError, match='differ in length'):
-    ArrayIterator({'x': np.arange(3), 'y': np.arange(4)}, 2)
+    np.testing.assert_array_equal(np.concatenate([next(h)["x"] for h in halves]), b["x"])
+  with pytest.raises(ValueError, match="differ in length"):
+    ArrayIterator({"x": np.arange(3), "y": np.arange(4)}, 2)

@@ -10,24 +10,24 @@ import train_helpers as h
 def test_two_processes_match_one_process_with_four_devices(tmp_path):
   port = portpicker.pick_unused_port()
   common = dict(num_steps=2, checkpoint_every=2, eval_every=2)
-  jobs = [(str(tmp_path / 'multi'), f'p{pid}', dict(coordinator=f'127.0.0.1:{port}',
+  jobs = [(str(tmp_path / "multi"), f"p{pid}", dict(coordinator=f"127.0.0.1:{port}",
                                                      num_processes=2, process_id=pid), 2)
-          for pid in (0, 1)] + [(str(tmp_path / 'single'), 'single', {}, 4)]
-  procs = [h.run_worker(h.worker_args(work, str(tmp_path / f'{name}.npz'), **common, **dist),
+          for pid in (0, 1)] + [(str(tmp_path / "single"), "single", {}, 4)]
+  procs = [h.run_worker(h.worker_args(work, str(tmp_path / f"{name}.npz"), **common, **dist),
                         devices=devices, wait=False)
            for work, name, dist, devices in jobs]  # all three side by side
   for proc in procs:
     output = proc.communicate(timeout=600)[0]
     assert proc.returncode == 0, output
-  p0, p1 = (h.load_params(str(tmp_path / f'p{pid}.npz')) for pid in (0, 1))
-  single = h.load_params(str(tmp_path / 'single.npz'))
+  p0, p1 = (h.load_params(str(tmp_path / f"p{pid}.npz")) for pid in (0, 1))
+  single = h.load_params(str(tmp_path / "single.npz"))
   h.assert_trees_equal(p0, p1)
   for k in single:
     np.testing.assert_allclose(p0[k], single[k], rtol=1e-5, atol=1e-7, err_msg=k)
-  multi_eval = json.load(open(tmp_path / 'p0.npz.json'))['eval']
-  single_eval = json.load(open(tmp_path / 'single.npz.json'))['eval']
+  multi_eval = json.load(open(tmp_path / "p0.npz.json"))["eval"]
+  single_eval = json.load(open(tmp_path / "single.npz.json"))["eval"]
   assert multi_eval.keys() == single_eval.keys()
   for k in single_eval:
     np.testing.assert_allclose(multi_eval[k], single_eval[k], rtol=1e-5, err_msg=k)
-  assert (tmp_path / 'multi' / 'checkpoints' / '2' / 'data' / 'process_1-of-2.json').exists()
-  assert not list((tmp_path / 'multi').glob('tensorboard/*'))[1:]  # one writer: process 0
+  assert (tmp_path / "multi" / "checkpoints" / "2" / "data" / "process_1-of-2.json").exists()
+  assert not list((tmp_path / "multi").glob("tensorboard/*"))[1:]  # one writer: process 0

@@ -18,7 +18,7 @@ class TinyNet(nn.Module):
     h = nn.Conv(4, (3, 3, 3))(x)
     h = jnp.mean(jax.nn.gelu(h), axis=(1, 2, 3))
     if not deterministic:
-      keep = jax.random.bernoulli(self.make_rng('dropout'), 0.7, (h.shape[0], 1))
+      keep = jax.random.bernoulli(self.make_rng("dropout"), 0.7, (h.shape[0], 1))
       h = jnp.where(keep, h / 0.7, 0.0)
     return nn.Dense(3)(h)
 
@@ -28,8 +28,8 @@ def _setup(batch=8, seed=0):
   x = rng.normal(size=(batch, 4, 4, 4, 1)).astype(np.float32)
   y = np.array([0, 0, 0, 0, 0, 1, 1, 2][:batch], np.int32)
   model = TinyNet()
-  params = model.init(jax.random.PRNGKey(0), x[:1])['params']
-  return model, params, {'image': x, 'label': y}
+  params = model.init(jax.random.PRNGKey(0), x[:1])["params"]
+  return model, params, {"image": x, "label": y}
 
 
 def _step(model, tx, task, mesh, **kw):
@@ -38,7 +38,7 @@ def _step(model, tx, task, mesh, **kw):
 
 def test_schedules():
   config = train.default_config()
-  config.update(learning_rate=1e-3, num_steps=100, schedule='cosine', warmup_steps=10,
+  config.update(learning_rate=1e-3, num_steps=100, schedule="cosine", warmup_steps=10,
                 final_learning_rate=1e-6)
   s = optim.make_schedule(config)
   assert float(s(0)) == 0.0
@@ -47,10 +47,10 @@ def test_schedules():
   expected = 1e-6 + (1e-3 - 1e-6) * 0.5 * (1 + np.cos(np.pi * 45 / 90))
   np.testing.assert_allclose(float(s(55)), expected, rtol=1e-5)
   np.testing.assert_allclose(float(s(100)), 1e-6, rtol=1e-5)
-  config.schedule = 'constant'
+  config.schedule = "constant"
   assert float(optim.make_schedule(config)(77)) == pytest.approx(1e-3)
-  config.schedule = 'linear'
-  with pytest.raises(ValueError, match='schedule'):
+  config.schedule = "linear"
+  with pytest.raises(ValueError, match="schedule"):
     optim.make_schedule(config)
 
 
@@ -58,8 +58,8 @@ def test_ema_decay_defaults_and_update():
   assert optim.resolve_ema_decay(None, 4) == 0.99
   assert optim.resolve_ema_decay(None, 2) == 0.995
   assert optim.resolve_ema_decay(0.9, 2) == 0.9
-  out = optim.ema_update({'a': jnp.array([1.0, 2.0])}, {'a': jnp.array([3.0, -2.0])}, 0.75)
-  np.testing.assert_allclose(out['a'], [0.75 * 1 + 0.25 * 3, 0.75 * 2 - 0.25 * 2], rtol=1e-7)
+  out = optim.ema_update({"a": jnp.array([1.0, 2.0])}, {"a": jnp.array([3.0, -2.0])}, 0.75)
+  np.testing.assert_allclose(out["a"], [0.75 * 1 + 0.25 * 3, 0.75 * 2 - 0.25 * 2], rtol=1e-7)
 
 
 def test_gradient_is_the_global_weighted_mean_for_any_micro_batch_split():
@@ -72,9 +72,9 @@ def test_gradient_is_the_global_weighted_mean_for_any_micro_batch_split():
       jax.random.fold_in(jax.random.PRNGKey(3), 0), i)))(jnp.arange(8))
 
   def full_loss(p):  # independent: the model per example with the step's drop-path keys
-    logits = jax.vmap(lambda x, k: model.apply({'params': p}, x[None], deterministic=False,
-                                               rngs={'dropout': k})[0])(batch['image'], keys[:, 1])
-    return losses.balanced_cross_entropy(logits, batch['label'], counts)
+    logits = jax.vmap(lambda x, k: model.apply({"params": p}, x[None], deterministic=False,
+                                               rngs={"dropout": k})[0])(batch["image"], keys[:, 1])
+    return losses.balanced_cross_entropy(logits, batch["label"], counts)
 
   expected = jax.tree.map(lambda p, g: p - g, params, jax.grad(full_loss)(params))
   for micro in (1, 2, 4):
@@ -84,7 +84,7 @@ def test_gradient_is_the_global_weighted_mean_for_any_micro_batch_split():
     state, metrics = step(state, steps.shard_batch(batch, mesh))
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6),
                  jax.device_get(state.params), expected)
-    np.testing.assert_allclose(metrics['loss'], full_loss(params), rtol=1e-5)
+    np.testing.assert_allclose(metrics["loss"], full_loss(params), rtol=1e-5)
 
 
 def test_ema_and_nonfinite_steps():
@@ -106,18 +106,18 @@ def test_ema_and_nonfinite_steps():
   assert not np.allclose(jax.tree.leaves(p2)[0], jax.tree.leaves(p0)[0])
 
   before = jax.device_get(state)
-  bad = dict(batch, image=batch['image'].copy())
-  bad['image'][3] = np.nan
+  bad = dict(batch, image=batch["image"].copy())
+  bad["image"][3] = np.nan
   for run in (1, 2):
     state, metrics = step(state, steps.shard_batch(bad, mesh))
-    assert not metrics['finite']
-    assert int(metrics['nonfinite_run']) == run and int(metrics['nonfinite_total']) == run
+    assert not metrics["finite"]
+    assert int(metrics["nonfinite_run"]) == run and int(metrics["nonfinite_total"]) == run
   after = jax.device_get(state)
-  for name in ('step', 'params', 'ema_params', 'opt_state', 'rng'):
+  for name in ("step", "params", "ema_params", "opt_state", "rng"):
     jax.tree.map(np.testing.assert_array_equal, getattr(after, name), getattr(before, name))
   state, metrics = step(state, steps.shard_batch(batch, mesh))
-  assert metrics['finite'] and int(metrics['step']) == 3
-  assert int(metrics['nonfinite_run']) == 0 and int(metrics['nonfinite_total']) == 2
+  assert metrics["finite"] and int(metrics["step"]) == 3
+  assert int(metrics["nonfinite_run"]) == 0 and int(metrics["nonfinite_total"]) == 2
 
 
 def test_bfloat16_compute_keeps_float32_master_params():
@@ -131,7 +131,7 @@ def test_bfloat16_compute_keeps_float32_master_params():
     state, metrics = _step(model, tx, task, mesh, ema_decay=0.9, compute_dtype=dtype)(
         state, steps.shard_batch(batch, mesh))
     assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(state.params))
-    losses_by_dtype[dtype] = float(metrics['loss'])
+    losses_by_dtype[dtype] = float(metrics["loss"])
   assert losses_by_dtype[jnp.bfloat16] == pytest.approx(losses_by_dtype[jnp.float32], rel=2e-2)
 
 
@@ -142,10 +142,10 @@ def test_augment_keys_are_per_example_and_step():
   tx = optax.sgd(0.0)
 
   def shift_augment(key, example):
-    return {**example, 'image': jnp.zeros_like(example['image']) + jax.random.uniform(key)}
+    return {**example, "image": jnp.zeros_like(example["image"]) + jax.random.uniform(key)}
 
   def image_mean_loss(outputs, b):  # reports what the augmentation produced
-    return jnp.mean(b['image']) + 0.0 * jnp.sum(outputs), jnp.float32(b['image'].shape[0])
+    return jnp.mean(b["image"]) + 0.0 * jnp.sum(outputs), jnp.float32(b["image"].shape[0])
 
   state = steps.replicate(train.create_state(params, tx, seed=5), mesh)
   step = steps.make_train_step(train.flax_apply_fn(model), image_mean_loss, tx, mesh,
@@ -155,7 +155,7 @@ def test_augment_keys_are_per_example_and_step():
     base = jax.random.fold_in(jax.random.PRNGKey(5), n)
     shifts = [float(jax.random.uniform(jax.random.split(jax.random.fold_in(base, i))[0]))
               for i in range(4)]
-    np.testing.assert_allclose(float(metrics['loss']), np.mean(shifts), rtol=1e-6)
+    np.testing.assert_allclose(float(metrics["loss"]), np.mean(shifts), rtol=1e-6)
 
 
 def test_eval_step_sums_confusion_with_padding():
@@ -167,12 +167,12 @@ def test_eval_step_sums_confusion_with_padding():
   sums, examples = jax.device_get(eval_step(params,
                                             steps.shard_batch(dict(batch, valid=valid), mesh)))
   assert examples == {}                       # classification sums only
-  logits = model.apply({'params': params}, batch['image'])
+  logits = model.apply({"params": params}, batch["image"])
   preds = np.argmax(np.asarray(logits), -1)
   cm = np.zeros((3, 3), int)
-  for t, p in zip(batch['label'][:6], preds[:6]):
+  for t, p in zip(batch["label"][:6], preds[:6]):
     cm[t, p] += 1
-  np.testing.assert_array_equal(sums['confusion'], cm)
-  assert sums['count'] == 6
+  np.testing.assert_array_equal(sums["confusion"], cm)
+  assert sums["count"] == 6
   summary = task.summarize(sums)
-  assert summary['accuracy'] == pytest.approx(np.trace(cm) / 6)
+  assert summary["accuracy"] == pytest.approx(np.trace(cm) / 6)

@@ -107,7 +107,7 @@ def make_torch_convnext(torch, spatial_dims, in_chans, num_classes, head_hidden,
   net = Net().eval()
   gen = torch.Generator().manual_seed(0)
   with torch.no_grad():
-    for name, p in net.named_parameters():
+    for p in net.parameters():
       noise = 0.3 * torch.randn(p.shape, generator=gen)
       p.copy_(noise + 1.0 if p.ndim == 1 else noise)
   return net

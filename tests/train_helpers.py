@@ -24,7 +24,7 @@ def dataset(n: int = 16, seed: int = 0) -> dict:
   labels = rng.integers(0, NUM_CLASSES, n).astype(np.int32)
   images = rng.normal(size=(n, SIZE, SIZE, SIZE, 1)).astype(np.float32) + labels[:, None, None,
                                                                                  None, None]
-  return {'image': images, 'label': labels}
+  return {"image": images, "label": labels}
 
 
 def flip_noise_augment(key, example):
@@ -32,10 +32,10 @@ def flip_noise_augment(key, example):
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   k_flip, k_noise = jax.random.split(key)
-  image = example['image']
+  image = example["image"]
   image = jnp.where(jax.random.bernoulli(k_flip), image[::-1], image)
   image = image + 0.1 * jax.random.normal(k_noise, image.shape)
-  return {**example, 'image': image}
+  return {**example, "image": image}
 
 
 def run_worker(args: dict, devices: int = 1, cache_dir: str | None = None, wait: bool = True,
@@ -45,13 +45,13 @@ def run_worker(args: dict, devices: int = 1, cache_dir: str | None = None, wait:
   Returns the completed process (``wait``) or the Popen object.
   """
   env = dict(os.environ)
-  env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
-  env['JAX_PLATFORMS'] = 'cpu'
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  env["JAX_PLATFORMS"] = "cpu"
   if cache_dir:
-    env.update(JAX_COMPILATION_CACHE_DIR=cache_dir, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
-               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
+    env.update(JAX_COMPILATION_CACHE_DIR=cache_dir, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
   env.update(extra_env or {})
-  cmd = [sys.executable, os.path.join(HERE, 'train_helpers.py'), json.dumps(args)]
+  cmd = [sys.executable, os.path.join(HERE, "train_helpers.py"), json.dumps(args)]
   if not wait:
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
@@ -78,20 +78,20 @@ class _ScriptedIterator:
   def __next__(self):
     self.drawn += 1
     if self.count == self.hang_at_batch:
-      print('HANGING', flush=True)
+      print("HANGING", flush=True)
       time.sleep(3600)
     batch = next(self.inner)
     if self.count in self.nan_batches:
-      batch = {**batch, 'image': np.full_like(batch['image'], np.nan)}
+      batch = {**batch, "image": np.full_like(batch["image"], np.nan)}
     self.count += 1
     return batch
 
   def get_state(self):
-    return {'inner': self.inner.get_state(), 'count': self.count}
+    return {"inner": self.inner.get_state(), "count": self.count}
 
   def set_state(self, state):
-    self.inner.set_state(state['inner'])
-    self.count = state['count']
+    self.inner.set_state(state["inner"])
+    self.count = state["count"]
 
 
 def small_convnext():
@@ -99,66 +99,66 @@ def small_convnext():
   block gradients far above float32 rounding noise."""
   from covid3d.models import ConvNeXt  # pylint: disable=import-outside-toplevel
   return ConvNeXt(depths=(1, 1, 1, 1), dims=(8, 8, 8, 8), num_classes=NUM_CLASSES,
-                  drop_path_rate=0.2, layer_scale_init=1.0, dwconv_impl='fft')
+                  drop_path_rate=0.2, layer_scale_init=1.0, dwconv_impl="fft")
 
 
 def _worker(args: dict):
   import jax  # pylint: disable=import-outside-toplevel
-  if args['log_info']:
+  if args["log_info"]:
     from absl import logging  # pylint: disable=import-outside-toplevel
     logging.set_verbosity(logging.INFO)
-  if args['coordinator']:
-    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  if args["coordinator"]:
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
   from covid3d import train  # pylint: disable=import-outside-toplevel
   from covid3d.train.iterators import ArrayIterator  # pylint: disable=import-outside-toplevel
 
   config = train.default_config()
-  config.update(num_steps=args['num_steps'], batch_size=args['batch_size'],
-                eval_batch_size=args['batch_size'], micro_batches=args['micro_batches'],
-                checkpoint_every=args['checkpoint_every'], eval_every=args['eval_every'],
-                max_nonfinite_in_a_row=args['max_nonfinite'],
-                seed=args['seed'], learning_rate=args['learning_rate'], eps=args['eps'], log_every=1,
-                progress_bar=False)
-  if args['coordinator']:
-    config.distributed.update(initialize=True, coordinator_address=args['coordinator'],
-                              num_processes=args['num_processes'], process_id=args['process_id'])
+  config.update(num_steps=args["num_steps"], batch_size=args["batch_size"],
+                eval_batch_size=args["batch_size"], micro_batches=args["micro_batches"],
+                checkpoint_every=args["checkpoint_every"], eval_every=args["eval_every"],
+                max_nonfinite_in_a_row=args["max_nonfinite"],
+                seed=args["seed"], learning_rate=args["learning_rate"], eps=args["eps"],
+                log_every=1, progress_bar=False)
+  if args["coordinator"]:
+    config.distributed.update(initialize=True, coordinator_address=args["coordinator"],
+                              num_processes=args["num_processes"], process_id=args["process_id"])
   train.init_distributed(config)
 
   model = small_convnext()
   data = dataset()
-  params = jax.jit(model.init)(jax.random.PRNGKey(0), data['image'][:1])['params']
+  params = jax.jit(model.init)(jax.random.PRNGKey(0), data["image"][:1])["params"]
   pid, nproc = jax.process_index(), jax.process_count()
   iterator = _ScriptedIterator(
-      ArrayIterator(data, args['batch_size'], seed=1, process_index=pid, process_count=nproc),
-      args['hang_at_batch'], args['nan_batches'])
+      ArrayIterator(data, args["batch_size"], seed=1, process_index=pid, process_count=nproc),
+      args["hang_at_batch"], args["nan_batches"])
   eval_batches = None
-  if args['eval_every']:
+  if args["eval_every"]:
     # 6 validation examples split over the processes: one padded batch each.
     n_eval = 6 // nproc
     eval_batches = lambda: [{k: v[pid * n_eval:(pid + 1) * n_eval] for k, v in data.items()}]
   task = train.classification_task(NUM_CLASSES, class_counts=[3, 5, 4, 4])
   summary = {}
   try:
-    result = train.train_and_evaluate(config, args['workdir'], model, params, iterator, task,
+    result = train.train_and_evaluate(config, args["workdir"], model, params, iterator, task,
                                       eval_batches=eval_batches,
-                                      augment_fn=flip_noise_augment if args['augment'] else None)
-    state = result['state']
-    summary.update(step=result['step'], best_step=result['best_step'], eval=result['eval'],
-                   nonfinite_total=result['nonfinite_total'])
+                                      augment_fn=flip_noise_augment if args["augment"] else None)
+    state = result["state"]
+    summary.update(step=result["step"], best_step=result["best_step"], eval=result["eval"],
+                   nonfinite_total=result["nonfinite_total"])
   except train.NonFiniteError as e:
     summary.update(error=str(e))
     state = None
-  summary['batches_drawn'] = iterator.drawn
+  summary["batches_drawn"] = iterator.drawn
   if state is not None:
-    host = jax.device_get({'params': state.params, 'ema': state.ema_params})
+    host = jax.device_get({"params": state.params, "ema": state.ema_params})
     flat = {jax.tree_util.keystr(path): np.asarray(leaf)
             for path, leaf in jax.tree_util.tree_leaves_with_path(host)}
-    np.savez(args['out'], **flat)
-  with open(args['out'] + '.json', 'w', encoding='utf-8') as f:
+    np.savez(args["out"], **flat)
+  with open(args["out"] + ".json", "w", encoding="utf-8") as f:
     json.dump(summary, f)
 
 
-if __name__ == '__main__':
+if __name__ == "__main__":
   _worker(json.loads(sys.argv[1]))
 
 

@@ -10,8 +10,8 @@ import jax
 def device_line() -> str:
   """What the figures were measured on, e.g. ``device: cpu (cpu) x1, jax 0.10.2, 2 host cores``."""
   devs = jax.devices()
-  return (f"device: {devs[0].platform} ({devs[0].device_kind}) x{len(devs)}, jax {jax.__version__}, "
-          f"{os.cpu_count()} host cores, {platform.machine()}")
+  return (f"device: {devs[0].platform} ({devs[0].device_kind}) x{len(devs)}, "
+          f"jax {jax.__version__}, {os.cpu_count()} host cores, {platform.machine()}")
 
 
 def _fmt(v):

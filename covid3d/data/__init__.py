@@ -1,1 +1,1 @@
-"""Reading, cleaning and preprocessing CT scans; the synthetic phantom; folds; the input pipeline."""
+"""Reading, cleaning, preprocessing CT scans; the synthetic phantom; folds; the input pipeline."""

@@ -25,10 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
-INDEX_FILE = 'index.csv'
-INDEX_FIELDS = ('dataset', 'partition', 'scan_id', 'covid', 'severity', 'stoic_covid',
-                'stoic_severe', 'has_mask', 'file')
-INT_INDEX_FIELDS = ('covid', 'severity', 'stoic_covid', 'stoic_severe', 'has_mask')
+INDEX_FILE = "index.csv"
+INDEX_FIELDS = ("dataset", "partition", "scan_id", "covid", "severity", "stoic_covid",
+                "stoic_severe", "has_mask", "file")
+INT_INDEX_FIELDS = ("covid", "severity", "stoic_covid", "stoic_severe", "has_mask")
 _CHUNK = 1 << 20
 
 
@@ -40,13 +40,13 @@ def cache_key(ref, settings: dict) -> str:
   """
   h = hashlib.blake2b(digest_size=20)
   files = [*ref.paths, *([ref.mask_path] if ref.mask_path else [])]
-  head = {'settings': settings, 'dataset': ref.dataset, 'scan_id': ref.scan_id,
-          'labels': ref.labels, 'files': [os.path.basename(p) for p in files],
-          'mask': bool(ref.mask_path)}
+  head = {"settings": settings, "dataset": ref.dataset, "scan_id": ref.scan_id,
+          "labels": ref.labels, "files": [os.path.basename(p) for p in files],
+          "mask": bool(ref.mask_path)}
   h.update(json.dumps(head, sort_keys=True).encode())
   for p in files:
-    with open(p, 'rb') as f:
-      h.update(os.fstat(f.fileno()).st_size.to_bytes(8, 'little'))
+    with open(p, "rb") as f:
+      h.update(os.fstat(f.fileno()).st_size.to_bytes(8, "little"))
       while chunk := f.read(_CHUNK):
         h.update(chunk)
   return h.hexdigest()
@@ -54,15 +54,15 @@ def cache_key(ref, settings: dict) -> str:
 
 def record_file(ref, key: str) -> str:
   """File name of a ScanRef's record under `key`."""
-  safe = re.sub(r'[^A-Za-z0-9._-]+', '_', ref.scan_id)
-  return f'{ref.dataset}-{ref.partition}-{safe}-{key[:16]}.npz'
+  safe = re.sub(r"[^A-Za-z0-9._-]+", "_", ref.scan_id)
+  return f"{ref.dataset}-{ref.partition}-{safe}-{key[:16]}.npz"
 
 
 def write_npz(path, arrays: dict) -> None:
   """Writes an uncompressed .npz atomically (temporary file + rename)."""
-  tmp = f'{path}.tmp-{os.getpid()}'
+  tmp = f"{path}.tmp-{os.getpid()}"
   try:
-    with open(tmp, 'wb') as f:
+    with open(tmp, "wb") as f:
       np.savez(f, **arrays)
     os.replace(tmp, path)
   finally:
@@ -93,7 +93,7 @@ def read_npz(source) -> dict:
                                          if version == (1, 0) else
                                          np.lib.format.read_array_header_2_0(f))
         data = np.frombuffer(bytearray(f.read()), dtype=dtype)  # writable, like np.load's
-      out[member.removesuffix('.npy')] = data.reshape(shape, order='F' if fortran_order else 'C')
+      out[member.removesuffix(".npy")] = data.reshape(shape, order="F" if fortran_order else "C")
   return out
 
 
@@ -102,7 +102,7 @@ def read_index(cache_dir) -> list[dict]:
   path = Path(cache_dir) / INDEX_FILE
   if not path.is_file():
     return []
-  with open(path, newline='', encoding='utf-8') as f:
+  with open(path, newline="", encoding="utf-8") as f:
     rows = list(csv.DictReader(f))
   for row in rows:
     for k in INT_INDEX_FIELDS:
@@ -112,12 +112,12 @@ def read_index(cache_dir) -> list[dict]:
 
 def update_index(cache_dir, rows: list[dict]) -> str:
   """Merges `rows` into the index (same dataset/partition/scan_id replaced)."""
-  key = lambda r: (r['dataset'], r['partition'], r['scan_id'])
+  key = lambda r: (r["dataset"], r["partition"], r["scan_id"])
   merged = {key(r): r for r in read_index(cache_dir)}
   merged.update((key(r), r) for r in rows)
   path = Path(cache_dir) / INDEX_FILE
-  tmp = f'{path}.tmp-{os.getpid()}'
-  with open(tmp, 'w', newline='', encoding='utf-8') as f:
+  tmp = f"{path}.tmp-{os.getpid()}"
+  with open(tmp, "w", newline="", encoding="utf-8") as f:
     writer = csv.DictWriter(f, INDEX_FIELDS)
     writer.writeheader()
     writer.writerows(merged[k] for k in sorted(merged))

@@ -27,8 +27,8 @@ import numpy as np
 
 from covid3d.data import read_cov19ctdb
 
-FOLDS_FILE = 'folds.csv'
-PARTITION_SUFFIX = '_cov19d'  # the authors' partition folders: train_cov19d, validation_cov19d
+FOLDS_FILE = "folds.csv"
+PARTITION_SUFFIX = "_cov19d"  # the authors' partition folders: train_cov19d, validation_cov19d
 
 
 def make_folds(scan_ids: Sequence[str], labels: Sequence[Hashable], k: int = 5,
@@ -53,16 +53,16 @@ def make_folds(scan_ids: Sequence[str], labels: Sequence[Hashable], k: int = 5,
   scan_ids = [str(s) for s in scan_ids]
   labels = list(labels)
   if len(scan_ids) != len(labels):
-    raise ValueError(f'scan_ids ({len(scan_ids)}) and labels ({len(labels)}) '
-                     'differ in length')
+    raise ValueError(f"scan_ids ({len(scan_ids)}) and labels ({len(labels)}) "
+                     "differ in length")
   if len(set(scan_ids)) != len(scan_ids):
     seen, dups = set(), set()
     for s in scan_ids:
       (dups if s in seen else seen).add(s)
-    raise ValueError(f'duplicate scan ids: {sorted(dups)[:10]}')
+    raise ValueError(f"duplicate scan ids: {sorted(dups)[:10]}")
   if not 2 <= k <= len(scan_ids):
-    raise ValueError(f'k={k} must be between 2 and the number of scans '
-                     f'({len(scan_ids)})')
+    raise ValueError(f"k={k} must be between 2 and the number of scans "
+                     f"({len(scan_ids)})")
   rng = np.random.default_rng(seed)
   position = {s: i for i, s in enumerate(scan_ids)}
   folds = np.empty(len(scan_ids), np.int64)
@@ -77,17 +77,17 @@ def make_folds(scan_ids: Sequence[str], labels: Sequence[Hashable], k: int = 5,
 
 
 def _read_folds_csv(path: str) -> tuple[list[str], list[str], np.ndarray]:
-  with open(path, newline='', encoding='utf-8') as f:
+  with open(path, newline="", encoding="utf-8") as f:
     reader = csv.DictReader(f)
-    if reader.fieldnames != ['scan_id', 'label', 'fold']:
-      raise ValueError(f'{path}: expected the header scan_id,label,fold, '
-                       f'found {reader.fieldnames}')
+    if reader.fieldnames != ["scan_id", "label", "fold"]:
+      raise ValueError(f"{path}: expected the header scan_id,label,fold, "
+                       f"found {reader.fieldnames}")
     rows = list(reader)
   try:
-    folds = np.array([int(r['fold']) for r in rows], np.int64)
+    folds = np.array([int(r["fold"]) for r in rows], np.int64)
   except ValueError as e:
-    raise ValueError(f'{path}: a fold is not an integer ({e})') from e
-  return [r['scan_id'] for r in rows], [r['label'] for r in rows], folds
+    raise ValueError(f"{path}: a fold is not an integer ({e})") from e
+  return [r["scan_id"] for r in rows], [r["label"] for r in rows], folds
 
 
 def _check_same_scans(path: str, csv_ids: list[str], csv_labels: list[str],
@@ -98,15 +98,15 @@ def _check_same_scans(path: str, csv_ids: list[str], csv_labels: list[str],
   extra = sorted(set(stored) - set(requested))
   if missing or extra:
     raise ValueError(
-        f'{path} holds other scans than requested: {len(missing)} requested '
-        f'scans are not in it (e.g. {missing[:5]}), {len(extra)} of its scans '
-        f'were not requested (e.g. {extra[:5]}); delete it or use another '
-        'workdir')
+        f"{path} holds other scans than requested: {len(missing)} requested "
+        f"scans are not in it (e.g. {missing[:5]}), {len(extra)} of its scans "
+        f"were not requested (e.g. {extra[:5]}); delete it or use another "
+        "workdir")
   relabelled = sorted(s for s in requested if requested[s] != stored[s])
   if relabelled:
-    raise ValueError(f'{path}: {len(relabelled)} scans have another label '
-                     f'than requested (e.g. {relabelled[:5]}); delete it or '
-                     'use another workdir')
+    raise ValueError(f"{path}: {len(relabelled)} scans have another label "
+                     f"than requested (e.g. {relabelled[:5]}); delete it or "
+                     "use another workdir")
 
 
 def _partition_of(name: str) -> str | None:
@@ -126,16 +126,16 @@ def _authors_scan_id(path_value: str, set_value: str) -> tuple[str | None, str]:
   `[...]/<partition>_cov19d/<class>/<scan>` (labelled) or `[...]/<partition>_cov19d/<scan>`
   (test); without a partition folder, `<class>/<scan>` with the partition from `Set`.
   """
-  parts = [p for p in path_value.strip().replace('\\', '/').split('/') if p]
+  parts = [p for p in path_value.strip().replace("\\", "/").split("/") if p]
   classes = read_cov19ctdb.CLASS_DIRS
   if len(parts) >= 3 and parts[-2].lower() in classes and _partition_of(parts[-3]):
     partition, labelled = _partition_of(parts[-3]), True
   elif len(parts) >= 2 and parts[-2].lower() in classes:
     partition, labelled = (_partition_of(set_value) if set_value else None), True
-  elif len(parts) >= 2 and _partition_of(parts[-2]) == 'test':
-    partition, labelled = 'test', False
+  elif len(parts) >= 2 and _partition_of(parts[-2]) == "test":
+    partition, labelled = "test", False
   else:
-    raise ValueError(f'Path {path_value!r} is not <partition>_cov19d/<covid|non-covid>/<scan>')
+    raise ValueError(f"Path {path_value!r} is not <partition>_cov19d/<covid|non-covid>/<scan>")
   if not labelled:
     return partition, parts[-1]
   return partition, f"{'covid' if classes[parts[-2].lower()] else 'non-covid'}/{parts[-1]}"
@@ -143,44 +143,44 @@ def _authors_scan_id(path_value: str, set_value: str) -> tuple[str | None, str]:
 
 def _read_split_rows(path: str, partition: str):
   """(format, [(line, scan_id, fold)], rows of other partitions) of a split file."""
-  with open(path, newline='', encoding='utf-8-sig') as f:
+  with open(path, newline="", encoding="utf-8-sig") as f:
     reader = csv.DictReader(f)
     header = reader.fieldnames or []
     rows = list(reader)
   by_lower = {h.strip().lower(): h for h in header}
-  if 'scan_id' in by_lower and 'fold' in by_lower:
-    fmt, fold_col = 'covid3d', by_lower['fold']
-  elif 'path' in by_lower and 'cv' in by_lower:
-    fmt, fold_col = 'authors', by_lower['cv']
+  if "scan_id" in by_lower and "fold" in by_lower:
+    fmt, fold_col = "covid3d", by_lower["fold"]
+  elif "path" in by_lower and "cv" in by_lower:
+    fmt, fold_col = "authors", by_lower["cv"]
   else:
-    raise ValueError(f'{path}: not a folds file: expected the columns scan_id,label,fold '
+    raise ValueError(f"{path}: not a folds file: expected the columns scan_id,label,fold "
                      f"(covid3d) or patient,Path,Set,Inf,Sev,cv (the authors' split files); "
-                     f'found {header}')
+                     f"found {header}")
   out, other = [], 0
   for line, row in enumerate(rows, start=2):
-    where = f'{path}:{line}'
-    if fmt == 'covid3d':
-      scan_id = (row[by_lower['scan_id']] or '').strip()
+    where = f"{path}:{line}"
+    if fmt == "covid3d":
+      scan_id = (row[by_lower["scan_id"]] or "").strip()
     else:
       try:
-        set_value = (row[by_lower['set']] or '') if 'set' in by_lower else ''
-        part, scan_id = _authors_scan_id(row[by_lower['path']] or '', set_value)
+        set_value = (row[by_lower["set"]] or "") if "set" in by_lower else ""
+        part, scan_id = _authors_scan_id(row[by_lower["path"]] or "", set_value)
       except ValueError as e:
-        raise ValueError(f'{where}: {e}') from None
+        raise ValueError(f"{where}: {e}") from None
       if part is not None and part != partition:
         other += 1
         continue
     try:
-      fold = int((row[fold_col] or '').strip())
+      fold = int((row[fold_col] or "").strip())
     except ValueError:
-      raise ValueError(f'{where}: fold {row[fold_col]!r} of {scan_id!r} is not an integer'
+      raise ValueError(f"{where}: fold {row[fold_col]!r} of {scan_id!r} is not an integer"
                        ) from None
     out.append((line, scan_id, fold))
   return fmt, out, other
 
 
 def read_folds_csv(path: str, scan_ids: Sequence[str], *, k: int | None = None,
-                   partition: str = 'train',
+                   partition: str = "train",
                    allow_unused_rows: bool = False) -> dict[str, int]:
   """scan_id -> fold of `scan_ids`, read from a split file in either format.
 
@@ -210,46 +210,46 @@ def read_folds_csv(path: str, scan_ids: Sequence[str], *, k: int | None = None,
   where = {}
   for line, scan_id, _ in rows:
     if scan_id in where:
-      raise ValueError(f'{path}:{line}: scan {scan_id!r} is named again (first on line '
-                       f'{where[scan_id]})')
+      raise ValueError(f"{path}:{line}: scan {scan_id!r} is named again (first on line "
+                       f"{where[scan_id]})")
     where[scan_id] = line
   fold_of = {scan_id: fold for _, scan_id, fold in rows}
-  skipped = f' ({other} rows of other partitions than {partition!r} ignored)' if other else ''
+  skipped = f" ({other} rows of other partitions than {partition!r} ignored)" if other else ""
   missing = [s for s in scan_ids if s not in fold_of]
   if missing:
-    raise ValueError(f'{path}: {len(missing)} of the {len(scan_ids)} scans to split are not in '
-                     f'this {fmt} folds file (e.g. {missing[:5]}){skipped}')
+    raise ValueError(f"{path}: {len(missing)} of the {len(scan_ids)} scans to split are not in "
+                     f"this {fmt} folds file (e.g. {missing[:5]}){skipped}")
   wanted = set(scan_ids)
-  unused = [f'{s!r} (line {where[s]})' for _, s, _ in rows if s not in wanted]
+  unused = [f"{s!r} (line {where[s]})" for _, s, _ in rows if s not in wanted]
   if unused:
     msg = (f'{path}: {len(unused)} rows name no scan of the {len(scan_ids)} to split '
            f'(e.g. {", ".join(unused[:5])}){skipped}')
     if not allow_unused_rows:
-      raise ValueError(msg + '; remove them or allow unused rows')
-    logging.warning('%s; ignored', msg)
+      raise ValueError(msg + "; remove them or allow unused rows")
+    logging.warning("%s; ignored", msg)
   out = {s: fold_of[s] for s in scan_ids}
   if k is not None:
     present = sorted(set(out.values()))
     if present != list(range(k)):
       hint = ("; in the authors' eccv.csv and official.csv, cv marks training (1) and "
-              'validation (0) rows, not folds') if fmt == 'authors' and len(present) == 1 else ''
-      raise ValueError(f'{path}: the scans to split fall in folds {present}, not the '
-                       f'requested k={k} folds 0..{k - 1}{hint}')
+              "validation (0) rows, not folds") if fmt == "authors" and len(present) == 1 else ""
+      raise ValueError(f"{path}: the scans to split fall in folds {present}, not the "
+                       f"requested k={k} folds 0..{k - 1}{hint}")
   return out
 
 
 def _write_folds(path, scan_ids, text_labels, folds):
-  tmp = f'{path}.tmp{os.getpid()}'
-  with open(tmp, 'w', newline='', encoding='utf-8') as f:
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "w", newline="", encoding="utf-8") as f:
     writer = csv.writer(f)
-    writer.writerow(['scan_id', 'label', 'fold'])
+    writer.writerow(["scan_id", "label", "fold"])
     writer.writerows(zip(scan_ids, text_labels, folds.tolist()))
   os.replace(tmp, path)
 
 
 def load_or_make_folds(workdir: str, scan_ids: Sequence[str],
                        labels: Sequence[Hashable], k: int = 5,
-                       seed: int = 0, folds_csv: str = '',
+                       seed: int = 0, folds_csv: str = "",
                        allow_unused_rows: bool = False) -> np.ndarray:
   """Reads `workdir/folds.csv`, or makes the folds (or takes `folds_csv`'s) and writes it.
 
@@ -285,9 +285,9 @@ def load_or_make_folds(workdir: str, scan_ids: Sequence[str],
     if os.path.exists(path) and os.path.abspath(path) != os.path.abspath(folds_csv):
       stored = load_or_make_folds(workdir, scan_ids, labels, k)
       if not np.array_equal(stored, folds):
-        raise ValueError(f'{path} holds another split than {folds_csv} for '
-                         f'{int(np.sum(stored != folds))} scans; delete it or use another '
-                         'workdir')
+        raise ValueError(f"{path} holds another split than {folds_csv} for "
+                         f"{int(np.sum(stored != folds))} scans; delete it or use another "
+                         "workdir")
     elif not os.path.exists(path):
       os.makedirs(workdir, exist_ok=True)
       _write_folds(path, scan_ids, text_labels, folds)
@@ -295,12 +295,12 @@ def load_or_make_folds(workdir: str, scan_ids: Sequence[str],
   if os.path.exists(path):
     csv_ids, csv_labels, csv_folds = _read_folds_csv(path)
     if len(set(csv_ids)) != len(csv_ids):
-      raise ValueError(f'{path}: duplicate scan ids')
+      raise ValueError(f"{path}: duplicate scan ids")
     _check_same_scans(path, csv_ids, csv_labels, scan_ids, text_labels)
     if csv_folds.min() < 0 or csv_folds.max() >= k or len(set(
         csv_folds.tolist())) != k:
-      raise ValueError(f'{path}: holds folds {sorted(set(csv_folds.tolist()))}'
-                       f', not the requested k={k}')
+      raise ValueError(f"{path}: holds folds {sorted(set(csv_folds.tolist()))}"
+                       f", not the requested k={k}")
     fold_of = dict(zip(csv_ids, csv_folds.tolist()))
     return np.array([fold_of[s] for s in scan_ids], np.int64)
   folds = make_folds(scan_ids, labels, k, seed)

@@ -46,13 +46,13 @@ class Row:
 
   def describe(self) -> str:
     where = f'{self.dataset or "?"}/{self.partition or "?"}'
-    line = f'{where}: offered {self.offered} = used {self.used} + skipped {self.skipped}'
+    line = f"{where}: offered {self.offered} = used {self.used} + skipped {self.skipped}"
     if self.ok:
       return line
-    what = (f'{self.missing} scan(s) neither used nor skipped' if self.missing > 0
-            else f'{-self.missing} scan(s) counted twice')
-    return (f'{where}: offered {self.offered} != used {self.used} + skipped '
-            f'{self.skipped}: MISMATCH, {what}')
+    what = (f"{self.missing} scan(s) neither used nor skipped" if self.missing > 0
+            else f"{-self.missing} scan(s) counted twice")
+    return (f"{where}: offered {self.offered} != used {self.used} + skipped "
+            f"{self.skipped}: MISMATCH, {what}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,14 +80,14 @@ class Ledger:
   def mismatches(self) -> list[Row]:
     return [r for r in self.rows if not r.ok]
 
-  def check(self) -> 'Ledger':
+  def check(self) -> "Ledger":
     """Returns self; raises LedgerError naming every partition that does not add up."""
     bad = self.mismatches()
     if bad:
-      raise LedgerError('scan counts do not add up: ' + '; '.join(r.describe() for r in bad))
+      raise LedgerError("scan counts do not add up: " + "; ".join(r.describe() for r in bad))
     return self
 
-  def select(self, pairs) -> 'Ledger':
+  def select(self, pairs) -> "Ledger":
     """The rows of the given (dataset, partition) pairs only."""
     pairs = set(pairs)
     return Ledger(tuple(r for r in self.rows if (r.dataset, r.partition) in pairs))
@@ -95,12 +95,12 @@ class Ledger:
   def summary(self) -> str:
     """One line per partition ('offered N = used U + skipped S' or a MISMATCH)."""
     if not self.rows:
-      return 'no scans counted'
-    return '\n'.join(['scans per dataset/partition:'] + [f'  {r.describe()}' for r in self.rows])
+      return "no scans counted"
+    return "\n".join(["scans per dataset/partition:"] + [f"  {r.describe()}" for r in self.rows])
 
   def to_json(self) -> dict:
-    return {'ok': self.ok,
-            'rows': [{**dataclasses.asdict(r), 'missing': r.missing, 'ok': r.ok}
+    return {"ok": self.ok,
+            "rows": [{**dataclasses.asdict(r), "missing": r.missing, "ok": r.ok}
                      for r in self.rows]}
 
 

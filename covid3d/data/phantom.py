@@ -22,8 +22,8 @@ import numpy as np
 from scipy import ndimage
 import threadpoolctl
 
-KINDS = ('covid', 'non-covid')
-SEVERITY_NAMES = ('mild', 'moderate', 'severe', 'critical')
+KINDS = ("covid", "non-covid")
+SEVERITY_NAMES = ("mild", "moderate", "severe", "critical")
 # Lesion volume / lung volume class boundaries: the quartiles of lung
 # involvement of the usual CT severity score, mild < 25 % <= moderate < 50 %
 # <= severe < 75 % <= critical.
@@ -35,10 +35,10 @@ CONSOLIDATION_SHARE = (0.0, 0.0, 0.2, 0.4)
 
 # Tissue label -> nominal HU. `info['tissue']` holds these labels per voxel.
 TISSUES = {
-    'air': (0, -1000.0), 'fat': (1, -100.0), 'soft': (2, 40.0), 'lung': (3, -850.0),
-    'vessel': (4, 40.0), 'bone': (5, 700.0), 'marrow': (6, 300.0), 'liver': (7, 60.0),
-    'ggo': (8, -450.0), 'consolidation': (9, -10.0), 'nodule': (10, 30.0),
-    'table': (11, 150.0),
+    "air": (0, -1000.0), "fat": (1, -100.0), "soft": (2, 40.0), "lung": (3, -850.0),
+    "vessel": (4, 40.0), "bone": (5, 700.0), "marrow": (6, 300.0), "liver": (7, 60.0),
+    "ggo": (8, -450.0), "consolidation": (9, -10.0), "nodule": (10, 30.0),
+    "table": (11, 150.0),
 }
 HU_RANGE = (-1024.0, 3071.0)
 
@@ -53,7 +53,7 @@ def _hu(name):
 
 def severity_from_fraction(fraction):
   """Severity class 0..3 (mild..critical) of a lesion fraction of the lungs."""
-  return int(np.searchsorted(SEVERITY_THRESHOLDS, fraction, side='right'))
+  return int(np.searchsorted(SEVERITY_THRESHOLDS, fraction, side="right"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,15 +190,15 @@ def _anatomy(geo, grid):
   body = rho_body <= 1.0
   inner = np.sqrt((x / (a_b * widen - geo.fat)) ** 2 + ((y - cy_b) / (b_b - geo.fat)) ** 2) <= 1.0
   tissue = np.zeros(shape, np.uint8)
-  tissue[np.broadcast_to(body, shape)] = _code('fat')
-  tissue[np.broadcast_to(inner, shape)] = _code('soft')
+  tissue[np.broadcast_to(body, shape)] = _code("fat")
+  tissue[np.broadcast_to(inner, shape)] = _code("soft")
   lungs, dome = _lung_masks(geo, grid)
   below = np.broadcast_to(z < dome[None] + 8, shape) & np.broadcast_to(inner, shape)
-  tissue[below & np.broadcast_to((x < 35) & (y < geo.spine[0]), shape)] = _code('liver')
+  tissue[below & np.broadcast_to((x < 35) & (y < geo.spine[0]), shape)] = _code("liver")
   (hx, hy, hz), (sx, sy, sz) = geo.heart
   rh = np.sqrt(((x - hx) / sx) ** 2 + ((y - hy) / sy) ** 2 + ((z - hz) / sz) ** 2)
-  tissue[(rh > 1.0) & (rh < 1.08) & (tissue == _code('soft'))] = _code('fat')
-  tissue[lungs] = _code('lung')
+  tissue[(rh > 1.0) & (rh < 1.08) & (tissue == _code("soft"))] = _code("fat")
+  tissue[lungs] = _code("lung")
   span = geo.z_apex - geo.z_base
   z_car = geo.z_base + 0.62 * span
   y_tr = geo.spine[0] - geo.spine[1] - 20
@@ -207,13 +207,14 @@ def _anatomy(geo, grid):
   slab = (z[:, 0, 0] > z_car - 40) & (z[:, 0, 0] < z_car + 5)   # bronchi only run here
   for hilum in hila:
     airway[slab] |= _segment_distance((z[slab], y, x), (z_car, y_tr, 0.0), hilum) <= 6
-  tissue[airway & ((tissue == _code('soft')) | lungs)] = _code('air')
+  tissue[airway & ((tissue == _code("soft")) | lungs)] = _code("air")
   bone, marrow, disc = _spine(geo, grid)
   ribs, sternum = _ribs_and_sternum(geo, grid, inner)
-  tissue[np.broadcast_to(disc, shape)] = _code('soft')
-  tissue[np.broadcast_to(bone | ribs | sternum, shape) & np.broadcast_to(inner, shape)] = _code('bone')
-  tissue[np.broadcast_to(marrow, shape)] = _code('marrow')
-  lungs = tissue == _code('lung')
+  tissue[np.broadcast_to(disc, shape)] = _code("soft")
+  tissue[np.broadcast_to(bone | ribs | sternum, shape)
+         & np.broadcast_to(inner, shape)] = _code("bone")
+  tissue[np.broadcast_to(marrow, shape)] = _code("marrow")
+  lungs = tissue == _code("lung")
   hu = np.array([v[1] for v in sorted(TISSUES.values())], np.float32)[tissue]  # codes 0..11
   # Dependent (posterior) lung is a little denser than anterior lung.
   hu += np.where(lungs, 40.0 * (y - geo.lung[1]) / geo.lung[3], 0.0).astype(np.float32)
@@ -225,9 +226,9 @@ def _add_table(geo, grid, hu, tissue):
   half = 0.42 * geo.spacing[1] * max(geo.shape[1:])
   top = (y >= geo.table_y) & (y < geo.table_y + 4) & (np.abs(x) < half)
   rim = (y >= geo.table_y + 28) & (y < geo.table_y + 31) & (np.abs(x) < 0.8 * half)
-  table = np.broadcast_to(top | rim, geo.shape) & (tissue == _code('air'))
-  tissue[table] = _code('table')
-  hu[table] = _hu('table')
+  table = np.broadcast_to(top | rim, geo.shape) & (tissue == _code("air"))
+  tissue[table] = _code("table")
+  hu[table] = _hu("table")
 
 
 def _vessel_points(rng, geo, hila, lungs, levels=7):
@@ -328,7 +329,7 @@ def _smooth_field(rng, geo, cell_mm):
   field = rng.standard_normal([m.shape[1] for m in mats]).astype(np.float32)
   (d, h, w), (cz, cy, cx) = geo.shape, field.shape
   # Threaded BLAS only slows these small products down on a busy machine.
-  with threadpoolctl.threadpool_limits(1, user_api='blas'):
+  with threadpoolctl.threadpool_limits(1, user_api="blas"):
     field = (field.reshape(cz * cy, cx) @ mats[2].T).reshape(cz, cy * w)
     field = (mats[0] @ field).reshape(d, cy, w).transpose(1, 0, 2).reshape(cy, d * w)
     field = (mats[1] @ field).reshape(h, d, w).transpose(1, 0, 2)
@@ -386,14 +387,14 @@ def _nodules(rng, geo, grid, lungs, count):
 
 def _resolve_shape(rng, shape, size, n_slices):
   if shape is not None and (size is not None or n_slices is not None):
-    raise ValueError('make_scan: give either shape or size/n_slices, not both')
+    raise ValueError("make_scan: give either shape or size/n_slices, not both")
   if shape is None:
     size = int(rng.integers(4, 9)) * 16 if size is None else size
     n_slices = int(rng.integers(40, 91)) if n_slices is None else n_slices
     shape = (n_slices, size, size)
   shape = tuple(int(s) for s in shape)
   if len(shape) != 3 or min(shape) < 16:
-    raise ValueError(f'make_scan: shape must be 3 sizes >= 16, got {shape}')
+    raise ValueError(f"make_scan: shape must be 3 sizes >= 16, got {shape}")
   return shape
 
 
@@ -424,13 +425,13 @@ def make_scan(seed, *, kind, severity=None, shape=None, size=None, n_slices=None
       `TISSUES`, after lesions, before blur and noise), 'seed'.
   """
   if kind not in KINDS:
-    raise ValueError(f'make_scan: kind must be one of {KINDS}, got {kind!r}')
+    raise ValueError(f"make_scan: kind must be one of {KINDS}, got {kind!r}")
   rng = np.random.default_rng(seed)
-  covid = kind == 'covid'
+  covid = kind == "covid"
   if covid:
     severity = int(rng.integers(4)) if severity is None else int(severity)
     if not 0 <= severity < 4:
-      raise ValueError(f'make_scan: severity must be 0..3, got {severity}')
+      raise ValueError(f"make_scan: severity must be 0..3, got {severity}")
   elif severity is not None:
     raise ValueError('make_scan: severity is only defined for kind="covid"')
   if covid and nodules:
@@ -439,7 +440,7 @@ def make_scan(seed, *, kind, severity=None, shape=None, size=None, n_slices=None
   grid = _grid(geo)
   hu, tissue, lungs, hila = _anatomy(geo, grid)
   if not lungs.any():
-    raise ValueError(f'make_scan: shape {geo.shape} is too coarse to hold the lungs')
+    raise ValueError(f"make_scan: shape {geo.shape} is too coarse to hold the lungs")
   if table:
     _add_table(geo, grid, hu, tissue)
   hu += np.where(lungs, 15.0 * _texture(rng, geo, 3.0), 0.0).astype(np.float32)
@@ -448,28 +449,28 @@ def make_scan(seed, *, kind, severity=None, shape=None, size=None, n_slices=None
   if covid:
     lesion, lesion_hu, consolidation = _lesions(rng, geo, grid, lungs, severity)
     hu[lesion] = lesion_hu[lesion]
-    tissue[lesion] = _code('ggo')
-    tissue[consolidation] = _code('consolidation')
+    tissue[lesion] = _code("ggo")
+    tissue[consolidation] = _code("consolidation")
     mask[lesion] = 1
   else:
     wanted = (0 if rng.random() < 0.5 else int(rng.integers(1, 4))) if nodules is None else nodules
     if wanted:
       solid, n_nodules = _nodules(rng, geo, grid, lungs, wanted)
-      hu[solid] = _hu('nodule')
-      tissue[solid] = _code('nodule')
+      hu[solid] = _hu("nodule")
+      tissue[solid] = _code("nodule")
   vessels = _vessel_fraction(rng, geo, hila, lungs) * lungs
-  hu += vessels * (_hu('vessel') - hu)
-  tissue[vessels > 0.5] = _code('vessel')
+  hu += vessels * (_hu("vessel") - hu)
+  tissue[vessels > 0.5] = _code("vessel")
   # Scanner point-spread function, then noise.
   hu = ndimage.gaussian_filter(hu, (0.4, 0.6, 0.6), truncate=3.0)
   hu += rng.standard_normal(geo.shape, dtype=np.float32) * np.float32(noise_hu)
   hu = np.clip(hu, *HU_RANGE).astype(np.float32)
   n_lung = int(lungs.sum())
   info = {
-      'covid': int(covid), 'severity': severity if covid else -1,
-      'lesion_fraction': float(mask.sum() / max(n_lung, 1)), 'lung_voxels': n_lung,
-      'nodules': n_nodules, 'spacing': tuple(float(s) for s in geo.spacing),
-      'tissue': tissue, 'seed': seed,
+      "covid": int(covid), "severity": severity if covid else -1,
+      "lesion_fraction": float(mask.sum() / max(n_lung, 1)), "lung_voxels": n_lung,
+      "nodules": n_nodules, "spacing": tuple(float(s) for s in geo.spacing),
+      "tissue": tissue, "seed": seed,
   }
   return hu, mask, info
 
@@ -488,32 +489,33 @@ def plot_classes(path, seed=0, size=192, n_slices=80):
   front to the back of the lungs.
   """
   import matplotlib
-  matplotlib.use('Agg')
+  matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  cases = [('non-covid', None)] + [('covid', s) for s in range(4)]
+  cases = [("non-covid", None)] + [("covid", s) for s in range(4)]
   fig, axes = plt.subplots(len(cases), 2, figsize=(7.0, 3.2 * len(cases)),
-                           gridspec_kw={'width_ratios': [1, 1]})
+                           gridspec_kw={"width_ratios": [1, 1]})
   for row, (kind, severity) in enumerate(cases):
     vol, mask, info = make_scan((seed, row), kind=kind, severity=severity,
-                                size=size, n_slices=n_slices, nodules=2 if severity is None else None)
-    lungs = np.isin(info['tissue'], [_code(n) for n in ('lung', 'ggo', 'consolidation', 'vessel')])
+                                size=size, n_slices=n_slices,
+                                nodules=2 if severity is None else None)
+    lungs = np.isin(info["tissue"], [_code(n) for n in ("lung", "ggo", "consolidation", "vessel")])
     zs, ys = np.nonzero(lungs.any(2).any(1))[0], np.nonzero(lungs.any(2).any(0))[0]
     k = int(zs[0] + 0.4 * (zs[-1] - zs[0]))
     r = int(ys[0] + 0.6 * (ys[-1] - ys[0]))
-    sz, px, _ = info['spacing']
-    title = 'non-covid' if severity is None else SEVERITY_NAMES[severity]
+    sz, px, _ = info["spacing"]
+    title = "non-covid" if severity is None else SEVERITY_NAMES[severity]
     for col, (img, msk, aspect, where) in enumerate([
-        (vol[k], mask[k], 1.0, f'axial z={k}'),
-        (vol[:, r][::-1], mask[:, r][::-1], sz / px, f'coronal y={r}')]):
+        (vol[k], mask[k], 1.0, f"axial z={k}"),
+        (vol[:, r][::-1], mask[:, r][::-1], sz / px, f"coronal y={r}")]):
       ax = axes[row, col]
-      ax.imshow(lung_window(img), cmap='gray', vmin=0, vmax=255, aspect=aspect,
-                interpolation='nearest')
+      ax.imshow(lung_window(img), cmap="gray", vmin=0, vmax=255, aspect=aspect,
+                interpolation="nearest")
       if msk.any():
-        ax.contour(msk, levels=[0.5], colors='red', linewidths=0.7)
+        ax.contour(msk, levels=[0.5], colors="red", linewidths=0.7)
       ax.set_title(f"{title} ({100 * info['lesion_fraction']:.1f} %), {where}", fontsize=8)
-      ax.axis('off')
-  fig.suptitle('covid3d phantom, lung window L-600/W1500, lesion mask in red', fontsize=9)
+      ax.axis("off")
+  fig.suptitle("covid3d phantom, lung window L-600/W1500, lesion mask in red", fontsize=9)
   fig.tight_layout()
   fig.savefig(path, dpi=90)
   plt.close(fig)

@@ -49,8 +49,8 @@ class RecordSource:
 
   def __post_init__(self):
     if len(self.records) != len(self.index):
-      raise ValueError(f'{self.name}: {len(self.records)} records but '
-                       f'{len(self.index)} index entries')
+      raise ValueError(f"{self.name}: {len(self.records)} records but "
+                       f"{len(self.index)} index entries")
 
 
 def tfds_source(name: str, split: str, data_dir: str | None = None
@@ -67,11 +67,11 @@ def tfds_source(name: str, split: str, data_dir: str | None = None
     metadata.json.
   """
   builder = tfds.builder(name, data_dir=data_dir)
-  where = f'{builder.data_dir} split {split!r}'
+  where = f"{builder.data_dir} split {split!r}"
   index = (builder.info.metadata or {}).get(split)
   if index is None:
-    raise ValueError(f'{where}: no record index in metadata.json (not built '
-                     'by a covid3d.data.tfds_builders builder?)')
+    raise ValueError(f"{where}: no record index in metadata.json (not built "
+                     "by a covid3d.data.tfds_builders builder?)")
   return RecordSource(builder.as_data_source(split=split),
                       tuple(dict(e, partition=split) for e in index), where)
 
@@ -101,15 +101,15 @@ def file_source(paths: Sequence[str]) -> RecordSource:
   rows = {}
   for folder in sorted({os.path.dirname(p) for p in paths}):
     for row in cache.read_index(folder):
-      rows[os.path.join(folder, row['file'])] = row
+      rows[os.path.join(folder, row["file"])] = row
   missing = [p for p in paths if p not in rows]
   if missing:
-    raise ValueError(f'{missing[0]} (and {len(missing) - 1} more) not listed '
-                     f'in the {cache.INDEX_FILE} of its folder')
-  index = tuple({'scan_id': rows[p]['scan_id'], 'partition': rows[p]['partition'],
+    raise ValueError(f"{missing[0]} (and {len(missing) - 1} more) not listed "
+                     f"in the {cache.INDEX_FILE} of its folder")
+  index = tuple({"scan_id": rows[p]["scan_id"], "partition": rows[p]["partition"],
                  **{k: rows[p][k] for k in schema.INT_FIELDS}}
                 for p in paths)
-  return RecordSource(RecordFiles(paths), index, f'{len(paths)} record files')
+  return RecordSource(RecordFiles(paths), index, f"{len(paths)} record files")
 
 
 def select_records(source: RecordSource, *, label: str | None = None,
@@ -131,18 +131,18 @@ def select_records(source: RecordSource, *, label: str | None = None,
     ValueError: for an unknown label name, or a scan missing from `fold_of`.
   """
   if label is not None and label not in schema.LABELS:
-    raise ValueError(f'label {label!r} not in {schema.LABELS}')
+    raise ValueError(f"label {label!r} not in {schema.LABELS}")
   if (folds is None) != (fold_of is None):
-    raise ValueError('folds and fold_of go together')
+    raise ValueError("folds and fold_of go together")
   keep = []
   for i, entry in enumerate(source.index):
     if label is not None and entry[label] < 0:
       continue
     if folds is not None:
-      sid = entry['scan_id']
+      sid = entry["scan_id"]
       if sid not in fold_of:
-        raise ValueError(f'{source.name}: scan {sid!r} has no fold in the '
-                         'fold table')
+        raise ValueError(f"{source.name}: scan {sid!r} has no fold in the "
+                         "fold table")
       if fold_of[sid] not in folds:
         continue
     keep.append(i)
@@ -176,8 +176,8 @@ class _LoadBatch:
              schema.to_numpy(self.records[i], names)
              for i in indices.tolist()]
     batch = {key: np.stack([e[f] for e in elems]) for key, f in self.fields}
-    batch['valid'] = indices >= 0
-    batch['record_index'] = indices.astype(np.int32)
+    batch["valid"] = indices >= 0
+    batch["record_index"] = indices.astype(np.int32)
     return batch
 
 
@@ -194,8 +194,8 @@ def _field_pairs(fields: Sequence[str] | Mapping[str, str]
   pairs = tuple(fields.items() if isinstance(fields, Mapping) else
                 ((f, f) for f in fields))
   for key, _ in pairs:
-    if key in ('valid', 'record_index'):
-      raise ValueError(f'batch key {key!r} is reserved')
+    if key in ("valid", "record_index"):
+      raise ValueError(f"batch key {key!r} is reserved")
   return pairs
 
 
@@ -236,12 +236,12 @@ def host_dataset(source: RecordSource, indices: np.ndarray, *,
       too few records.
   """
   if global_batch_size % process_count:
-    raise ValueError(f'global_batch_size={global_batch_size} is not divisible'
-                     f' by the process count {process_count}')
+    raise ValueError(f"global_batch_size={global_batch_size} is not divisible"
+                     f" by the process count {process_count}")
   n = len(indices)
   if n == 0 or (train and n < global_batch_size):
-    raise ValueError(f'{source.name}: {n} selected records, fewer than one '
-                     f'global batch of {global_batch_size}')
+    raise ValueError(f"{source.name}: {n} selected records, fewer than one "
+                     f"global batch of {global_batch_size}")
   pairs = _field_pairs(fields)
   per_host = global_batch_size // process_count
   indices = np.asarray(indices, np.int64)

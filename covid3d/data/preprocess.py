@@ -39,7 +39,7 @@ from covid3d.data.read_common import unique_ids
 from covid3d.data.skips import DataError, SkipLog, reject
 
 DEFAULT_SIZES = (256, 224)
-LABEL_KEYS = ('covid', 'severity', 'stoic_covid', 'stoic_severe')
+LABEL_KEYS = ("covid", "severity", "stoic_covid", "stoic_severe")
 # Part of every cache key: change it when the preprocessing's output changes.
 VERSION = 1
 
@@ -94,7 +94,7 @@ def resample(volume: np.ndarray, shape, order: int = 3) -> np.ndarray:
     (up to float32 rounding).
   """
   if order not in (0, 3):
-    raise ValueError(f'order {order} not supported (0 or 3)')
+    raise ValueError(f"order {order} not supported (0 or 3)")
   out = volume.astype(np.float32) if order == 3 else volume
   # Shrinking axes first keeps the intermediate arrays small.
   for axis in sorted(range(3), key=lambda a: shape[a] / volume.shape[a]):
@@ -104,7 +104,7 @@ def resample(volume: np.ndarray, shape, order: int = 3) -> np.ndarray:
     if order == 0:
       out = np.take(out, _nearest_index(n_in, n_out), axis=axis)
       continue
-    coef = scipy.ndimage.spline_filter1d(out, 3, axis=axis, output=np.float32, mode='mirror')
+    coef = scipy.ndimage.spline_filter1d(out, 3, axis=axis, output=np.float32, mode="mirror")
     moved = np.ascontiguousarray(np.moveaxis(coef, axis, 0))
     res = _cubic_matrix(n_in, n_out) @ moved.reshape(n_in, -1)
     out = np.moveaxis(res.reshape((n_out,) + moved.shape[1:]), 0, axis)
@@ -113,8 +113,8 @@ def resample(volume: np.ndarray, shape, order: int = 3) -> np.ndarray:
 
 def settings(sizes) -> dict:
   """The preprocessing settings that go into every cache key."""
-  return {'version': VERSION, 'sizes': [int(s) for s in sizes], 'volume_order': 3,
-          'mask_order': 0, 'boundary': 'mirror', 'dtype': 'float16'}
+  return {"version": VERSION, "sizes": [int(s) for s in sizes], "volume_order": 3,
+          "mask_order": 0, "boundary": "mirror", "dtype": "float16"}
 
 
 def preprocess_scan(scan, sizes=DEFAULT_SIZES) -> dict:
@@ -129,7 +129,7 @@ def preprocess_scan(scan, sizes=DEFAULT_SIZES) -> dict:
     (s, s, s) (zeros without a mask), 'has_mask', 'covid', 'severity',
     'stoic_covid', 'stoic_severe'} (ints as int32, unknown labels -1).
   """
-  record = {'scan_id': scan.scan_id}
+  record = {"scan_id": scan.scan_id}
   for s in sizes:
     volume = resample(scan.volume, (s, s, s), order=3)
     np.clip(volume, 0.0, 1.0, out=volume)
@@ -137,7 +137,7 @@ def preprocess_scan(scan, sizes=DEFAULT_SIZES) -> dict:
     record[schema.mask_key(s)] = (
         resample(scan.mask, (s, s, s), order=0).astype(np.uint8) if scan.mask is not None
         else np.zeros((s, s, s), np.uint8))
-  record['has_mask'] = np.int32(scan.mask is not None)
+  record["has_mask"] = np.int32(scan.mask is not None)
   for k in LABEL_KEYS:
     record[k] = np.int32(scan.labels.get(k, -1))
   return record
@@ -146,8 +146,8 @@ def preprocess_scan(scan, sizes=DEFAULT_SIZES) -> dict:
 def read_record(path) -> dict:
   """One cached record (as `preprocess_scan` made it) from its .npz file."""
   record = cache.read_npz(path)
-  record['scan_id'] = str(record['scan_id'])
-  for k in [k for k in record if k.startswith('volume_')]:
+  record["scan_id"] = str(record["scan_id"])
+  for k in [k for k in record if k.startswith("volume_")]:
     s = record[k].shape[0]
     record.setdefault(schema.mask_key(s), np.zeros((s, s, s), np.uint8))
   return record
@@ -160,25 +160,25 @@ def _cache_one(ref, cache_dir: str, sizes, strict: bool):
     try:
       key = cache.cache_key(ref, settings(sizes))
     except OSError as e:
-      reject(e.filename or ref.paths[0], f'unreadable input file: {e.strerror or e}',
+      reject(e.filename or ref.paths[0], f"unreadable input file: {e.strerror or e}",
              strict=strict, skips=skips)
-      return None, skips.entries, 'skipped'
+      return None, skips.entries, "skipped"
     path = os.path.join(cache_dir, cache.record_file(ref, key))
     if os.path.exists(path):
-      return path, skips.entries, 'cached'
+      return path, skips.entries, "cached"
     try:
       scan = readers.load_scan(ref, strict=strict, skips=skips)
     except OSError as e:  # the readers catch their own; this is the backstop
-      reject(e.filename or ref.paths[0], f'unreadable input: {e.strerror or e}',
+      reject(e.filename or ref.paths[0], f"unreadable input: {e.strerror or e}",
              strict=strict, skips=skips)
-      return None, skips.entries, 'skipped'
+      return None, skips.entries, "skipped"
     if scan is None:
-      return None, skips.entries, 'skipped'
+      return None, skips.entries, "skipped"
   record = preprocess_scan(scan, sizes)
-  if not record['has_mask']:
-    record = {k: v for k, v in record.items() if not k.startswith('mask_')}
+  if not record["has_mask"]:
+    record = {k: v for k, v in record.items() if not k.startswith("mask_")}
   cache.write_npz(path, record)
-  return path, skips.entries, 'built'
+  return path, skips.entries, "built"
 
 
 def build_cache(refs, cache_dir, sizes=DEFAULT_SIZES, *, workers: int | None = None,
@@ -214,14 +214,14 @@ def build_cache(refs, cache_dir, sizes=DEFAULT_SIZES, *, workers: int | None = N
   workers = os.cpu_count() if workers is None else workers
   args = [(ref, str(cache_dir), tuple(sizes), strict) for ref in refs]
   results = [None] * len(refs)
-  with tqdm(total=len(refs), desc=f'preprocess {tuple(sizes)}', disable=not progress,
+  with tqdm(total=len(refs), desc=f"preprocess {tuple(sizes)}", disable=not progress,
             file=sys.stderr) as bar:
     if workers <= 1 or len(refs) <= 1:
       for i, a in enumerate(args):
         results[i] = _cache_one(*a)
         bar.update()
     else:
-      ctx = multiprocessing.get_context('spawn')  # no fork of a (possibly JAX) parent
+      ctx = multiprocessing.get_context("spawn")  # no fork of a (possibly JAX) parent
       with concurrent.futures.ProcessPoolExecutor(min(workers, len(refs)), mp_context=ctx) as ex:
         futures = {ex.submit(_cache_one, *a): i for i, a in enumerate(args)}
         try:
@@ -231,7 +231,7 @@ def build_cache(refs, cache_dir, sizes=DEFAULT_SIZES, *, workers: int | None = N
         except BaseException:
           ex.shutdown(cancel_futures=True)
           raise
-  rows, paths, counts = [], [], {'built': 0, 'cached': 0, 'skipped': 0}
+  rows, paths, counts = [], [], {"built": 0, "cached": 0, "skipped": 0}
   used = collections.Counter()
   for ref, (path, entries, status) in zip(refs, results):
     skips.extend(entries)
@@ -240,9 +240,9 @@ def build_cache(refs, cache_dir, sizes=DEFAULT_SIZES, *, workers: int | None = N
       continue
     used[(ref.dataset, ref.partition)] += 1
     paths.append(path)
-    rows.append({'dataset': ref.dataset, 'partition': ref.partition, 'scan_id': ref.scan_id,
+    rows.append({"dataset": ref.dataset, "partition": ref.partition, "scan_id": ref.scan_id,
                  **{k: ref.labels.get(k, -1) for k in LABEL_KEYS},
-                 'has_mask': int(ref.mask_path is not None), 'file': os.path.basename(path)})
+                 "has_mask": int(ref.mask_path is not None), "file": os.path.basename(path)})
   cache.update_index(cache_dir, rows)
   for (dataset, partition), n in received.items():
     skips.count_built(dataset, partition, received=n, used=used[(dataset, partition)])
@@ -259,22 +259,22 @@ def main(argv=None) -> None:
   the run with one line on stderr, '<prog>: error: <file>: <reason>', and
   exit status 2; scan counts that do not add up, with status 1.
   """
-  parser = argparse.ArgumentParser(prog='python -m covid3d.data.preprocess',
+  parser = argparse.ArgumentParser(prog="python -m covid3d.data.preprocess",
                                    description=main.__doc__.splitlines()[0])
-  parser.add_argument('dataset', choices=sorted(readers.DATASETS))
-  parser.add_argument('root', help='dataset root (docs/data.md)')
-  parser.add_argument('out', help='cache root; scans go to OUT/DATASET/PARTITION')
-  parser.add_argument('--partitions', default=None,
-                      help='comma separated (default: train,validation,test for '
-                      'cov19ctdb, train otherwise)')
-  parser.add_argument('--sizes', default='256,224', help='cube sizes, comma separated')
-  parser.add_argument('--workers', type=int, default=None, help='processes (default: CPUs)')
-  parser.add_argument('--strict', action='store_true', help='stop at the first bad input')
+  parser.add_argument("dataset", choices=sorted(readers.DATASETS))
+  parser.add_argument("root", help="dataset root (docs/data.md)")
+  parser.add_argument("out", help="cache root; scans go to OUT/DATASET/PARTITION")
+  parser.add_argument("--partitions", default=None,
+                      help="comma separated (default: train,validation,test for "
+                      "cov19ctdb, train otherwise)")
+  parser.add_argument("--sizes", default="256,224", help="cube sizes, comma separated")
+  parser.add_argument("--workers", type=int, default=None, help="processes (default: CPUs)")
+  parser.add_argument("--strict", action="store_true", help="stop at the first bad input")
   args = parser.parse_args(argv)
-  logging.basicConfig(level=logging.INFO, format='%(levelname)s %(name)s: %(message)s')
-  partitions = (args.partitions or ('train,validation,test' if args.dataset == 'cov19ctdb'
-                                    else 'train')).split(',')
-  sizes = tuple(int(s) for s in args.sizes.split(','))
+  logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+  partitions = (args.partitions or ("train,validation,test" if args.dataset == "cov19ctdb"
+                                    else "train")).split(",")
+  sizes = tuple(int(s) for s in args.sizes.split(","))
   total = SkipLog()
   try:
     for partition in partitions:
@@ -285,16 +285,16 @@ def main(argv=None) -> None:
                   workers=args.workers, strict=args.strict, skips=skips)
       total += skips
   except DataError as e:
-    print(f'{parser.prog}: error: {e}', file=sys.stderr)
+    print(f"{parser.prog}: error: {e}", file=sys.stderr)
     sys.exit(2)
   path = total.write(os.path.join(args.out, args.dataset))
   ledger = total.ledger()
-  print(f'{ledger.summary()}\n(all partitions: {path})')
+  print(f"{ledger.summary()}\n(all partitions: {path})")
   if not ledger.ok:
-    print(f'{parser.prog}: error: ' + '; '.join(r.describe() for r in ledger.mismatches()),
+    print(f"{parser.prog}: error: " + "; ".join(r.describe() for r in ledger.mismatches()),
           file=sys.stderr)
     sys.exit(1)
 
 
-if __name__ == '__main__':
+if __name__ == "__main__":
   main()

@@ -31,13 +31,13 @@ def partition_dir(root: Path, partition: str, names: dict, *, flat_ok: bool) -> 
     ValueError: unknown partition. DataError: the folder is missing.
   """
   if partition not in names:
-    raise ValueError(f'partition {partition!r} not in {tuple(names)}')
+    raise ValueError(f"partition {partition!r} not in {tuple(names)}")
   for d in names[partition]:
     if (root / d).is_dir():
       return root / d
   if flat_ok and not any((root / d).is_dir() for ds in names.values() for d in ds):
     return root
-  raise DataError(root / partition, f'partition folder not found (tried {names[partition]})')
+  raise DataError(root / partition, f"partition folder not found (tried {names[partition]})")
 
 
 def entries(folder: Path) -> list[tuple[Path, str]]:
@@ -55,7 +55,7 @@ def entries(folder: Path) -> list[tuple[Path, str]]:
       if e.errno not in _GONE:  # e.g. EACCES: raised (Path.is_dir would say False)
         raise
       mode = 0  # a broken link: 'other'
-    out.append((p, 'dir' if stat.S_ISDIR(mode) else 'file' if stat.S_ISREG(mode) else 'other'))
+    out.append((p, "dir" if stat.S_ISDIR(mode) else "file" if stat.S_ISREG(mode) else "other"))
   return out
 
 
@@ -69,18 +69,18 @@ def dataset_folder_entries(folder: Path, what: str) -> list[tuple[Path, str]]:
   try:
     return entries(folder)
   except OSError as e:
-    raise DataError(folder, f'unreadable {what}: {e.strerror or e}') from e
+    raise DataError(folder, f"unreadable {what}: {e.strerror or e}") from e
 
 
 def os_reason(e: OSError, path=None) -> str:
   """'Permission denied' (+ ': <file>' when that is not `path`) of an OSError."""
   text = e.strerror or str(e)
-  return f'{text}: {e.filename}' if e.filename and str(e.filename) != str(path) else text
+  return f"{text}: {e.filename}" if e.filename and str(e.filename) != str(path) else text
 
 
 def stray(path, skips: SkipLog | None, expected: str) -> None:
   """Logs (never fails on) a file that is not part of the dataset layout."""
-  note(path, f'not {expected}; ignored', skips=skips, what='file')
+  note(path, f"not {expected}; ignored", skips=skips, what="file")
 
 
 def read_label_csv(path, columns: dict[str, tuple[str, ...]]) -> list[tuple[int, dict]]:
@@ -102,31 +102,31 @@ def read_label_csv(path, columns: dict[str, tuple[str, ...]]) -> list[tuple[int,
       labels of the whole dataset depend on it).
   """
   try:
-    text = Path(path).read_text(encoding='utf-8-sig')
+    text = Path(path).read_text(encoding="utf-8-sig")
   except (OSError, UnicodeDecodeError) as e:
-    raise DataError(path, f'unreadable label CSV: {e}') from e
+    raise DataError(path, f"unreadable label CSV: {e}") from e
   lines = text.splitlines()
   if not lines:
-    raise DataError(path, 'empty label CSV (no header)')
-  delimiter = max(',;\t', key=lines[0].count)
+    raise DataError(path, "empty label CSV (no header)")
+  delimiter = max(",;\t", key=lines[0].count)
   rows = list(csv.reader(lines, delimiter=delimiter))
   header = [_norm(h) for h in rows[0]]
   where = {}
   for ours, accepted in columns.items():
     hits = [i for i, h in enumerate(header) if h in accepted]
     if not hits:
-      raise DataError(path, f'no {ours!r} column: header {rows[0]} has none of {accepted}')
+      raise DataError(path, f"no {ours!r} column: header {rows[0]} has none of {accepted}")
     where[ours] = hits[0]
   out = []
   for line, row in enumerate(rows[1:], start=2):
     if not any(c.strip() for c in row):
       continue
-    out.append((line, {k: (row[i].strip() if i < len(row) else '') for k, i in where.items()}))
+    out.append((line, {k: (row[i].strip() if i < len(row) else "") for k, i in where.items()}))
   return out
 
 
 def _norm(header: str) -> str:
-  return header.strip().lower().replace(' ', '').replace('_', '').replace('-', '')
+  return header.strip().lower().replace(" ", "").replace("_", "").replace("-", "")
 
 
 def first_rows(rows, csv_path, *, strict, skips) -> dict[str, tuple[int, dict]]:
@@ -136,15 +136,15 @@ def first_rows(rows, csv_path, *, strict, skips) -> dict[str, tuple[int, dict]]:
   """
   seen = {}
   for line, row in rows:
-    if not row['name']:
-      reject(f'{csv_path}:{line}', 'row without a scan name', strict=strict, skips=skips,
-             what='label')
-    elif row['name'] in seen:
-      reject(f'{csv_path}:{line}', f'duplicate row for scan {row["name"]!r} '
+    if not row["name"]:
+      reject(f"{csv_path}:{line}", "row without a scan name", strict=strict, skips=skips,
+             what="label")
+    elif row["name"] in seen:
+      reject(f"{csv_path}:{line}", f'duplicate row for scan {row["name"]!r} '
              f'(first at line {seen[row["name"]][0]}; that one is used)',
-             strict=strict, skips=skips, what='label')
+             strict=strict, skips=skips, what="label")
     else:
-      seen[row['name']] = (line, row)
+      seen[row["name"]] = (line, row)
   return seen
 
 
@@ -159,9 +159,9 @@ def unique_ids(refs, *, strict, skips, notes=None) -> list:
   for ref in refs:
     key = (ref.dataset, ref.partition, ref.scan_id)
     if key in first:
-      extra = f'; {notes[ref.paths[0]]}' if ref.paths[0] in notes else ''
-      reason = (f'duplicate scan id {ref.scan_id!r} (also {first[key].paths[0]}; '
-                f'that one is used{extra})')
+      extra = f"; {notes[ref.paths[0]]}" if ref.paths[0] in notes else ""
+      reason = (f"duplicate scan id {ref.scan_id!r} (also {first[key].paths[0]}; "
+                f"that one is used{extra})")
       if skips is None:
         reject(ref.paths[0], reason, strict=strict, skips=skips)
       else:
@@ -175,7 +175,7 @@ def unique_ids(refs, *, strict, skips, notes=None) -> list:
 
 def lower_case_extension(path) -> bool:
   """Whether the file's extension(s) are lower case ('.mha', not '.MHA')."""
-  ext = ''.join(Path(path).suffixes)
+  ext = "".join(Path(path).suffixes)
   return ext == ext.lower()
 
 
@@ -191,7 +191,7 @@ def header_error(path) -> str | None:
     else:
       scan_lib.sitk_reader(path).ReadImageInformation()
   except Exception as e:  # pylint: disable=broad-except  # any library error = bad file
-    return f'{type(e).__name__}: {e}'
+    return f"{type(e).__name__}: {e}"
   return None
 
 
@@ -211,7 +211,7 @@ def best_first(paths) -> tuple[list, dict]:
   errors = {p: header_error(p) for p in paths}
   ranked = sorted(paths, key=lambda p: (errors[p] is not None, not lower_case_extension(p),
                                         Path(p).name))
-  notes = {str(p): f'its image header is unreadable: {errors[p]}' for p in ranked[1:]
+  notes = {str(p): f"its image header is unreadable: {errors[p]}" for p in ranked[1:]
            if errors[p] is not None}
   return ranked, notes
 
@@ -230,10 +230,10 @@ def read_dicom_series(folder):
   series = {uid: reader.GetGDCMSeriesFileNames(str(folder), uid)
             for uid in reader.GetGDCMSeriesIDs(str(folder))}
   if not series:
-    raise ValueError('no DICOM series (and no .jpg/.png slices) in the folder')
+    raise ValueError("no DICOM series (and no .jpg/.png slices) in the folder")
   uid = max(series, key=lambda u: (len(series[u]), u))
   if len(series) > 1:
-    log.info('%s: %d DICOM series; reading the largest, %s (%d slices)', folder, len(series),
+    log.info("%s: %d DICOM series; reading the largest, %s (%d slices)", folder, len(series),
              uid, len(series[uid]))
   reader.SetFileNames(series[uid])
   return reader.Execute()
@@ -263,7 +263,7 @@ def read_volume(path):
   while data.ndim > 3 and data.shape[-1] == 1:
     data = data[..., 0]
   if data.ndim != 3:
-    raise ValueError(f'expected a 3-D image, got shape {data.shape}')
+    raise ValueError(f"expected a 3-D image, got shape {data.shape}")
   return data, affine
 
 
@@ -276,15 +276,15 @@ def load_volume(path, *, strict, skips):
   try:
     data, affine = read_volume(path)
   except Exception as e:  # pylint: disable=broad-except  # any library error = bad file
-    reject(path, f'unreadable or truncated image: {type(e).__name__}: {e}',
+    reject(path, f"unreadable or truncated image: {type(e).__name__}: {e}",
            strict=strict, skips=skips)
     return None
   bad = data.size - int(np.count_nonzero(np.isfinite(data)))
   if bad:
-    reject(path, f'{bad} NaN or infinite voxels', strict=strict, skips=skips)
+    reject(path, f"{bad} NaN or infinite voxels", strict=strict, skips=skips)
     return None
   if min(data.shape) < MIN_SLICES:
-    reject(path, f'shape {data.shape}: a volume needs at least {MIN_SLICES} voxels per axis',
+    reject(path, f"shape {data.shape}: a volume needs at least {MIN_SLICES} voxels per axis",
            strict=strict, skips=skips)
     return None
   return scan_lib.to_canonical(data, affine)
@@ -303,11 +303,11 @@ def load_mask(ref, shape, *, strict, skips):
     return None
   mask = loaded[0]
   if mask.shape != tuple(shape):
-    reject(ref.mask_path, f'mask shape {mask.shape} differs from the scan shape {tuple(shape)}',
+    reject(ref.mask_path, f"mask shape {mask.shape} differs from the scan shape {tuple(shape)}",
            strict=strict, skips=skips)
     return None
   if mask.min() < 0 or mask.max() > 255 or not np.array_equal(mask, np.round(mask)):
-    reject(ref.mask_path, 'mask values are not integers in 0..255', strict=strict, skips=skips)
+    reject(ref.mask_path, "mask values are not integers in 0..255", strict=strict, skips=skips)
     return None
   return mask.astype(np.uint8)
 
@@ -327,7 +327,7 @@ def load_hu_scan(ref, *, strict: bool = False, skips: SkipLog | None = None):
     mask = load_mask(ref, volume.shape, strict=strict, skips=skips)
     if mask is None:
       return None
-  _, origin, direction = scan_lib.ras_affine_to_itk(meta['affine_ras'])
+  _, origin, direction = scan_lib.ras_affine_to_itk(meta["affine_ras"])
   return scan_lib.Scan(scan_id=ref.scan_id, volume=hu_to_unit(volume), spacing=spacing,
                        origin=origin, direction=direction, labels=dict(ref.labels),
                        mask=mask, source=str(path), meta=meta)

@@ -43,23 +43,23 @@ from covid3d.data import read_common
 from covid3d.data import scan as scan_lib
 from covid3d.data.skips import SkipLog, note, reject
 
-PARTITION_DIRS = {'train': ('train',), 'validation': ('validation', 'val', 'valid'),
-                  'test': ('test',)}
-CLASS_DIRS = {'covid': 1, 'non-covid': 0, 'non_covid': 0, 'noncovid': 0}
+PARTITION_DIRS = {"train": ("train",), "validation": ("validation", "val", "valid"),
+                  "test": ("test",)}
+CLASS_DIRS = {"covid": 1, "non-covid": 0, "non_covid": 0, "noncovid": 0}
 SEVERITY_CSVS = {
-    'train': ('train_partition_covid_categories.csv', 'train_severity.csv'),
-    'validation': ('val_partition_covid_categories.csv',
-                   'validation_partition_covid_categories.csv', 'validation_severity.csv',
-                   'val_severity.csv'),
-    'test': (),
+    "train": ("train_partition_covid_categories.csv", "train_severity.csv"),
+    "validation": ("val_partition_covid_categories.csv",
+                   "validation_partition_covid_categories.csv", "validation_severity.csv",
+                   "val_severity.csv"),
+    "test": (),
 }
-SEVERITY_COLUMNS = {'name': ('name', 'ctscanname', 'scan', 'scanname', 'scanid', 'id'),
-                    'category': ('category', 'severity', 'label', 'class')}
-SLICE_SUFFIXES = ('.jpg', '.jpeg', '.png')
+SEVERITY_COLUMNS = {"name": ("name", "ctscanname", "scan", "scanname", "scanid", "id"),
+                    "category": ("category", "severity", "label", "class")}
+SLICE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
 def _class_name(label: int) -> str:
-  return 'covid' if label else 'non-covid'
+  return "covid" if label else "non-covid"
 
 
 def list_slices(folder: Path, skips: SkipLog | None, *, strict: bool = False) -> list[Path]:
@@ -74,18 +74,18 @@ def list_slices(folder: Path, skips: SkipLog | None, *, strict: bool = False) ->
   """
   by_number = collections.defaultdict(list)
   for p, kind in read_common.entries(folder):
-    if (kind == 'file' and p.suffix.lower() in SLICE_SUFFIXES and p.stem.isascii()
+    if (kind == "file" and p.suffix.lower() in SLICE_SUFFIXES and p.stem.isascii()
         and p.stem.isdigit()):
       by_number[int(p.stem)].append(p)
     else:
-      read_common.stray(p, skips, 'an <integer>.jpg slice')
+      read_common.stray(p, skips, "an <integer>.jpg slice")
   out = []
   for number, paths in sorted(by_number.items()):
     paths.sort(key=lambda p, n=number: (p.stem != str(n), p.name))
     for other in paths[1:]:
-      reject(other, f'slice number {number} twice: {paths[0].name} and {other.name} '
-             f'(the folder {folder}); {paths[0].name} is used', strict=strict, skips=skips,
-             what='slice')
+      reject(other, f"slice number {number} twice: {paths[0].name} and {other.name} "
+             f"(the folder {folder}); {paths[0].name} is used", strict=strict, skips=skips,
+             what="slice")
     out.append(paths[0])
   return out
 
@@ -119,37 +119,37 @@ def list_cov19ctdb(root, partition: str, *, severity_csv=None, strict: bool = Fa
       header (any mode); in strict mode any bad input.
   """
   skips = SkipLog() if skips is None else skips  # (a private one still logs)
-  with skips.scope('cov19ctdb', partition):
+  with skips.scope("cov19ctdb", partition):
     return _list(Path(root), partition, severity_csv, strict, skips)
 
 
 def _list(root: Path, partition: str, severity_csv, strict: bool, skips: SkipLog):
   part = read_common.partition_dir(root, partition, PARTITION_DIRS, flat_ok=False)
-  labelled = partition != 'test'
+  labelled = partition != "test"
   folders = []  # (scan_id, folder, labels)
-  for entry, kind in read_common.dataset_folder_entries(part, 'partition folder'):
-    if kind != 'dir':
-      read_common.stray(entry, skips, 'a scan or class folder')
+  for entry, kind in read_common.dataset_folder_entries(part, "partition folder"):
+    if kind != "dir":
+      read_common.stray(entry, skips, "a scan or class folder")
     elif entry.name.lower() in CLASS_DIRS:
       label = CLASS_DIRS[entry.name.lower()]
-      for sub, sub_kind in read_common.dataset_folder_entries(entry, 'class folder'):
-        if sub_kind == 'dir':
-          folders.append((f'{_class_name(label)}/{sub.name}', sub, {'covid': label}))
+      for sub, sub_kind in read_common.dataset_folder_entries(entry, "class folder"):
+        if sub_kind == "dir":
+          folders.append((f"{_class_name(label)}/{sub.name}", sub, {"covid": label}))
         else:
-          read_common.stray(sub, skips, 'a scan folder')
+          read_common.stray(sub, skips, "a scan folder")
     else:
       if labelled:
-        note(entry, 'no class folder (covid/, non-covid/): the scan has no covid label; kept '
-             'unlabelled, so the covid and severity tasks leave it out', skips=skips,
-             what='label')
+        note(entry, "no class folder (covid/, non-covid/): the scan has no covid label; kept "
+             "unlabelled, so the covid and severity tasks leave it out", skips=skips,
+             what="label")
       folders.append((entry.name, entry, {}))
-  skips.count_offered('cov19ctdb', partition, len(folders))
+  skips.count_offered("cov19ctdb", partition, len(folders))
   refs, rejected = [], set()
   for scan_id, folder, labels in folders:
     try:
       slices = list_slices(folder, skips, strict=strict)
     except OSError as e:
-      reject(folder, f'unreadable scan folder: {read_common.os_reason(e, folder)}',
+      reject(folder, f"unreadable scan folder: {read_common.os_reason(e, folder)}",
              strict=strict, skips=skips)
       rejected.add(folder.name)
       continue
@@ -158,7 +158,7 @@ def _list(root: Path, partition: str, severity_csv, strict: bool, skips: SkipLog
              f'(a scan needs at least {read_common.MIN_SLICES})', strict=strict, skips=skips)
       rejected.add(folder.name)
       continue
-    refs.append(scan_lib.ScanRef('cov19ctdb', scan_id, tuple(map(str, slices)), labels,
+    refs.append(scan_lib.ScanRef("cov19ctdb", scan_id, tuple(map(str, slices)), labels,
                                  partition))
   refs = read_common.unique_ids(refs, strict=strict, skips=skips)
   csv_path = Path(severity_csv) if severity_csv else find_severity_csv(root, partition)
@@ -179,23 +179,23 @@ def _add_severity(refs, csv_path: Path, *, strict, skips, rejected=frozenset()):
   out = list(refs)
   for name, (line, row) in read_common.first_rows(rows, csv_path, strict=strict,
                                                   skips=skips).items():
-    where = f'{csv_path}:{line}'
+    where = f"{csv_path}:{line}"
     # Severity is only defined for covid (or unlabelled) scans.
-    hits = [i for i in by_name.get(name, ()) if refs[i].labels.get('covid', 1) == 1]
+    hits = [i for i in by_name.get(name, ()) if refs[i].labels.get("covid", 1) == 1]
     if not hits:
-      reject(where, f'names scan {name!r}, which was skipped (see its scan entry)'
+      reject(where, f"names scan {name!r}, which was skipped (see its scan entry)"
              if name in rejected and name not in by_name else
-             f'names scan {name!r}, which is not a covid scan folder of this partition',
-             strict=strict, skips=skips, what='label')
+             f"names scan {name!r}, which is not a covid scan folder of this partition",
+             strict=strict, skips=skips, what="label")
       continue
-    category = row['category']
-    if category not in ('1', '2', '3', '4'):
-      reject(where, f'scan {name!r} has no valid severity category ({category!r}; expected 1..4)',
-             strict=strict, skips=skips, what='label')
+    category = row["category"]
+    if category not in ("1", "2", "3", "4"):
+      reject(where, f"scan {name!r} has no valid severity category ({category!r}; expected 1..4)",
+             strict=strict, skips=skips, what="label")
       continue
     ref = refs[hits[0]]
     out[hits[0]] = scan_lib.ScanRef(ref.dataset, ref.scan_id, ref.paths,
-                                    {**ref.labels, 'severity': int(category) - 1},
+                                    {**ref.labels, "severity": int(category) - 1},
                                     ref.partition, ref.mask_path)
   return out
 
@@ -215,31 +215,31 @@ def load_cov19ctdb(ref: scan_lib.ScanRef, *, strict: bool = False,
       with Image.open(p) as im:
         sizes[p] = im.size[::-1]
     except Exception as e:  # pylint: disable=broad-except  # any decoder error = bad slice
-      reject(p, f'unreadable image: {type(e).__name__}: {e}', strict=strict, skips=skips,
-             what='slice')
+      reject(p, f"unreadable image: {type(e).__name__}: {e}", strict=strict, skips=skips,
+             what="slice")
   if not sizes:
-    reject(folder, 'no readable slice', strict=strict, skips=skips)
+    reject(folder, "no readable slice", strict=strict, skips=skips)
     return None
   majority = collections.Counter(sizes.values()).most_common(1)[0][0]
   slices, names = [], []
   for p, size in sizes.items():
     if size != majority:
-      note(p, f'in-plane size {size[0]}x{size[1]} differs from the scan majority '
-           f'{majority[0]}x{majority[1]}; slice dropped', skips=skips, what='slice')
+      note(p, f"in-plane size {size[0]}x{size[1]} differs from the scan majority "
+           f"{majority[0]}x{majority[1]}; slice dropped", skips=skips, what="slice")
       continue
     try:
       slices.append(_read_gray(p))
       names.append(Path(p).name)
     except Exception as e:  # pylint: disable=broad-except  # truncated/corrupt data
-      reject(p, f'corrupt or truncated image: {type(e).__name__}: {e}', strict=strict,
-             skips=skips, what='slice')
+      reject(p, f"corrupt or truncated image: {type(e).__name__}: {e}", strict=strict,
+             skips=skips, what="slice")
   if len(slices) < read_common.MIN_SLICES:
-    reject(folder, f'{len(slices)} usable slice(s) left (a scan needs at least '
-           f'{read_common.MIN_SLICES})', strict=strict, skips=skips)
+    reject(folder, f"{len(slices)} usable slice(s) left (a scan needs at least "
+           f"{read_common.MIN_SLICES})", strict=strict, skips=skips)
     return None
   volume = np.stack(slices).astype(np.float32)
   volume /= 255
-  meta = {**scan_lib.identity_meta(volume.shape), 'slices': names}
+  meta = {**scan_lib.identity_meta(volume.shape), "slices": names}
   mask = None
   if ref.mask_path is not None:
     mask = read_common.load_mask(ref, volume.shape, strict=strict, skips=skips)
@@ -254,6 +254,6 @@ def _read_gray(path) -> np.ndarray:
   """uint8 (H, W) gray slice; RGB JPEGs decode only their luma channel."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
   with Image.open(path) as im:
-    if im.format == 'JPEG' and im.mode in ('RGB', 'YCbCr'):
-      im.draft('L', im.size)
-    return np.asarray(im.convert('L'))
+    if im.format == "JPEG" and im.mode in ("RGB", "YCbCr"):
+      im.draft("L", im.size)
+    return np.asarray(im.convert("L"))

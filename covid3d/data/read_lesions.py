@@ -13,10 +13,10 @@ from covid3d.data import read_common
 from covid3d.data import scan as scan_lib
 from covid3d.data.skips import SkipLog
 
-PARTITION_DIRS = {'train': ('Train', 'train'), 'validation': ('Validation', 'validation'),
-                  'test': ('Test', 'test')}
-CT_SUFFIXES = ('_ct.nii.gz', '_ct.nii')
-SEG_SUFFIXES = ('_seg.nii.gz', '_seg.nii')
+PARTITION_DIRS = {"train": ("Train", "train"), "validation": ("Validation", "validation"),
+                  "test": ("Test", "test")}
+CT_SUFFIXES = ("_ct.nii.gz", "_ct.nii")
+SEG_SUFFIXES = ("_seg.nii.gz", "_seg.nii")
 
 
 def _strip(name: str, suffixes) -> str | None:
@@ -27,7 +27,7 @@ def _strip(name: str, suffixes) -> str | None:
   return None
 
 
-def list_lesions(root, partition: str = 'train', *, strict: bool = False,
+def list_lesions(root, partition: str = "train", *, strict: bool = False,
                  skips: SkipLog | None = None) -> list[scan_lib.ScanRef]:
   """Lists the CT volumes (and their masks) of one partition, sorted by file name.
 
@@ -42,35 +42,35 @@ def list_lesions(root, partition: str = 'train', *, strict: bool = False,
       mode any bad input.
   """
   skips = SkipLog() if skips is None else skips  # (a private one still logs)
-  with skips.scope('lesions', partition):
+  with skips.scope("lesions", partition):
     return _list(Path(root), partition, strict, skips)
 
 
 def _list(root: Path, partition: str, strict: bool, skips: SkipLog):
   folder = read_common.partition_dir(root, partition, PARTITION_DIRS, flat_ok=True)
   cts, segs = {}, {}
-  for p, kind in read_common.dataset_folder_entries(folder, 'partition folder'):
-    if kind == 'file' and _strip(p.name, CT_SUFFIXES) is not None:
+  for p, kind in read_common.dataset_folder_entries(folder, "partition folder"):
+    if kind == "file" and _strip(p.name, CT_SUFFIXES) is not None:
       cts.setdefault(_strip(p.name, CT_SUFFIXES), []).append(p)
-    elif kind == 'file' and _strip(p.name, SEG_SUFFIXES) is not None:
+    elif kind == "file" and _strip(p.name, SEG_SUFFIXES) is not None:
       segs.setdefault(_strip(p.name, SEG_SUFFIXES), []).append(p)
     else:
-      read_common.stray(p, skips, 'a <name>_ct.nii.gz / <name>_seg.nii.gz file')
-  skips.count_offered('lesions', partition, sum(map(len, cts.values())))
+      read_common.stray(p, skips, "a <name>_ct.nii.gz / <name>_seg.nii.gz file")
+  skips.count_offered("lesions", partition, sum(map(len, cts.values())))
   masks = {}
   for n, paths in segs.items():
     if n not in cts:
       for p in paths:
-        read_common.stray(p, skips, f'a mask of an existing CT ({n}_ct.nii.gz is missing)')
+        read_common.stray(p, skips, f"a mask of an existing CT ({n}_ct.nii.gz is missing)")
       continue
     paths, _ = read_common.best_first(paths)
     masks[n] = paths[0]
     for p in paths[1:]:
-      read_common.stray(p, skips, f'the one mask of {n!r} ({paths[0].name} is used)')
+      read_common.stray(p, skips, f"the one mask of {n!r} ({paths[0].name} is used)")
   refs, notes = [], {}
   for n, paths in cts.items():
     paths, why = read_common.best_first(paths)
     notes.update(why)
-    refs += [scan_lib.ScanRef('lesions', n, (str(p),), {}, partition,
+    refs += [scan_lib.ScanRef("lesions", n, (str(p),), {}, partition,
                               str(masks[n]) if n in masks else None) for p in paths]
   return read_common.unique_ids(refs, strict=strict, skips=skips, notes=notes)

@@ -12,14 +12,14 @@ from covid3d.data import read_common
 from covid3d.data import scan as scan_lib
 from covid3d.data.skips import DataError, SkipLog, reject
 
-REFERENCE = Path('metadata') / 'reference.csv'
-MHA_DIR = Path('data') / 'mha'
-COLUMNS = {'name': ('patientid', 'patient', 'id'),
-           'covid': ('probcovid', 'covid'),
-           'severe': ('probsevere', 'severe')}
+REFERENCE = Path("metadata") / "reference.csv"
+MHA_DIR = Path("data") / "mha"
+COLUMNS = {"name": ("patientid", "patient", "id"),
+           "covid": ("probcovid", "covid"),
+           "severe": ("probsevere", "severe")}
 
 
-def list_stoic(root, partition: str = 'train', *, strict: bool = False,
+def list_stoic(root, partition: str = "train", *, strict: bool = False,
                skips: SkipLog | None = None) -> list[scan_lib.ScanRef]:
   """Lists the labelled STOIC scans, sorted by PatientID.
 
@@ -34,47 +34,47 @@ def list_stoic(root, partition: str = 'train', *, strict: bool = False,
       cannot be read (any mode); in strict mode any bad input.
   """
   skips = SkipLog() if skips is None else skips  # (a private one still logs)
-  with skips.scope('stoic', partition):
+  with skips.scope("stoic", partition):
     return _list(Path(root), partition, strict, skips)
 
 
 def _list(root: Path, partition: str, strict: bool, skips: SkipLog):
   if not (root / MHA_DIR).is_dir():
-    raise DataError(root / MHA_DIR, 'STOIC volume folder not found')
+    raise DataError(root / MHA_DIR, "STOIC volume folder not found")
   if not (root / REFERENCE).is_file():
-    raise DataError(root / REFERENCE, 'STOIC label file not found')
+    raise DataError(root / REFERENCE, "STOIC label file not found")
   files = {}
-  for p, kind in read_common.dataset_folder_entries(root / MHA_DIR, 'STOIC volume folder'):
-    if kind == 'file' and p.suffix.lower() == '.mha':
+  for p, kind in read_common.dataset_folder_entries(root / MHA_DIR, "STOIC volume folder"):
+    if kind == "file" and p.suffix.lower() == ".mha":
       files.setdefault(p.stem, []).append(p)
     else:
-      read_common.stray(p, skips, 'a <PatientID>.mha volume')
-  skips.count_offered('stoic', partition, sum(map(len, files.values())))
+      read_common.stray(p, skips, "a <PatientID>.mha volume")
+  skips.count_offered("stoic", partition, sum(map(len, files.values())))
   csv_path = root / REFERENCE
   rows = read_common.first_rows(read_common.read_label_csv(csv_path, COLUMNS), csv_path,
                                 strict=strict, skips=skips)
   refs, notes = [], {}
   for name, (line, row) in rows.items():
-    where = f'{csv_path}:{line}'
+    where = f"{csv_path}:{line}"
     if name not in files:
       reject(where, f'names patient {name!r}, but {root / MHA_DIR / (name + ".mha")} does '
-             'not exist', strict=strict, skips=skips, what='label')
+             'not exist', strict=strict, skips=skips, what="label")
       continue
     try:
-      labels = {'stoic_covid': _binary(row['covid']), 'stoic_severe': _binary(row['severe'])}
+      labels = {"stoic_covid": _binary(row["covid"]), "stoic_severe": _binary(row["severe"])}
     except ValueError as e:
-      reject(where, f'patient {name!r}: {e}', strict=strict, skips=skips, what='label')
+      reject(where, f"patient {name!r}: {e}", strict=strict, skips=skips, what="label")
       for p in files[name]:
-        reject(p, f'no valid label: its row in {csv_path} (line {line}) was rejected: {e}',
+        reject(p, f"no valid label: its row in {csv_path} (line {line}) was rejected: {e}",
                strict=strict, skips=skips)
       continue
     paths, why = read_common.best_first(files[name])
     notes.update(why)
-    refs.extend(scan_lib.ScanRef('stoic', name, (str(p),), labels, partition) for p in paths)
+    refs.extend(scan_lib.ScanRef("stoic", name, (str(p),), labels, partition) for p in paths)
   for name, paths in files.items():
     if name not in rows:
       for p in paths:
-        reject(p, f'no label: patient {name!r} has no row in {csv_path}', strict=strict,
+        reject(p, f"no label: patient {name!r} has no row in {csv_path}", strict=strict,
                skips=skips)
   return sorted(read_common.unique_ids(refs, strict=strict, skips=skips, notes=notes),
                 key=lambda r: r.scan_id)
@@ -84,8 +84,8 @@ def _binary(text: str) -> int:
   try:
     value = float(text)
   except ValueError:
-    raise ValueError(f'label {text!r} is not a number') from None
+    raise ValueError(f"label {text!r} is not a number") from None
   if value not in (0.0, 1.0):
-    raise ValueError(f'label {text!r} is not 0 or 1')
+    raise ValueError(f"label {text!r} is not 0 or 1")
   return int(value)
 

@@ -22,11 +22,11 @@ from covid3d.data.read_stoic import list_stoic
 from covid3d.data.scan import Scan, ScanRef, write_mask_like
 from covid3d.data.skips import DataError, SkipLog, reject
 
-__all__ = ['DATASETS', 'DataError', 'Scan', 'ScanRef', 'SkipLog', 'list_cov19ctdb',
-           'list_lesions', 'list_stoic', 'load_scan', 'read_path', 'write_mask_like']
+__all__ = ["DATASETS", "DataError", "Scan", "ScanRef", "SkipLog", "list_cov19ctdb",
+           "list_lesions", "list_stoic", "load_scan", "read_path", "write_mask_like"]
 
-DATASETS = {'cov19ctdb': list_cov19ctdb, 'lesions': list_lesions, 'stoic': list_stoic}
-_LOADERS = {'cov19ctdb': load_cov19ctdb, 'lesions': load_hu_scan, 'stoic': load_hu_scan}
+DATASETS = {"cov19ctdb": list_cov19ctdb, "lesions": list_lesions, "stoic": list_stoic}
+_LOADERS = {"cov19ctdb": load_cov19ctdb, "lesions": load_hu_scan, "stoic": load_hu_scan}
 
 
 def load_scan(ref: ScanRef, *, strict: bool = False, skips: SkipLog | None = None) -> Scan | None:
@@ -43,8 +43,8 @@ def load_scan(ref: ScanRef, *, strict: bool = False, skips: SkipLog | None = Non
     None when the scan was rejected (reason logged and in `skips`).
   """
   if ref.dataset not in _LOADERS:
-    raise ValueError(f'unknown dataset {ref.dataset!r} of scan {ref.scan_id!r}; '
-                     f'choose from {sorted(_LOADERS)}')
+    raise ValueError(f"unknown dataset {ref.dataset!r} of scan {ref.scan_id!r}; "
+                     f"choose from {sorted(_LOADERS)}")
   skips = SkipLog() if skips is None else skips  # (a private one still logs)
   with skips.scope(ref.dataset, ref.partition):
     return _LOADERS[ref.dataset](ref, strict=strict, skips=skips)
@@ -65,19 +65,19 @@ def read_path(path, *, strict: bool = True, skips: SkipLog | None = None) -> Sca
   """
   path = Path(path)
   skips = SkipLog() if skips is None else skips
-  with skips.scope('scan', 'infer'):
+  with skips.scope("scan", "infer"):
     try:
       listing = read_common.entries(path) if path.is_dir() else None
     except OSError as e:
       reject(path, read_common.os_reason(e, path), strict=strict, skips=skips)
       return None
     if listing is None and not path.is_file():
-      reject(path, 'no such file or folder', strict=strict, skips=skips)
+      reject(path, "no such file or folder", strict=strict, skips=skips)
       return None
-    if listing and any(kind == 'file' and p.suffix.lower() in SLICE_SUFFIXES
+    if listing and any(kind == "file" and p.suffix.lower() in SLICE_SUFFIXES
                        for p, kind in listing):
       slices = tuple(str(p) for p in list_slices(path, skips, strict=strict))
-      ref = ScanRef('cov19ctdb', path.name, slices, {}, 'infer')
+      ref = ScanRef("cov19ctdb", path.name, slices, {}, "infer")
       return load_cov19ctdb(ref, strict=strict, skips=skips)
-    return load_hu_scan(ScanRef('stoic', path.name, (str(path),), {}, 'infer'),
+    return load_hu_scan(ScanRef("stoic", path.name, (str(path),), {}, "infer"),
                         strict=strict, skips=skips)

@@ -27,12 +27,12 @@ import numpy as np
 from nibabel import orientations as nio
 
 # Voxel axes (x, y, z) of the canonical grid point to patient Left, Posterior, Superior.
-CANONICAL_AXCODES = ('L', 'P', 'S')
+CANONICAL_AXCODES = ("L", "P", "S")
 _LPS_TO_RAS = np.diag([-1., -1., 1., 1.])
-NIFTI_SUFFIXES = ('.nii', '.nii.gz')
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
 # SimpleITK picks its reader by the (case-sensitive) extension: name it for any case.
-SITK_IMAGE_IOS = {'.mha': 'MetaImageIO', '.mhd': 'MetaImageIO', '.nrrd': 'NrrdImageIO',
-                  '.nhdr': 'NrrdImageIO', '.nii': 'NiftiImageIO', '.nii.gz': 'NiftiImageIO'}
+SITK_IMAGE_IOS = {".mha": "MetaImageIO", ".mhd": "MetaImageIO", ".nrrd": "NrrdImageIO",
+                  ".nhdr": "NrrdImageIO", ".nii": "NiftiImageIO", ".nii.gz": "NiftiImageIO"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,7 +83,7 @@ class Scan:
   direction: np.ndarray
   labels: dict
   mask: np.ndarray | None = None
-  source: str = ''
+  source: str = ""
   meta: dict = dataclasses.field(default_factory=dict)
 
 
@@ -119,22 +119,22 @@ def to_canonical(data_ijk: np.ndarray, affine_ras: np.ndarray):
   zooms = np.linalg.norm(affine_ras[:3, :3], axis=0)
   # New axis n is the old axis i with to_lps[i, 0] == n.
   spacing_xyz = zooms[to_lps[:, 0].argsort()]
-  meta = {'affine_ras': affine_ras, 'ornt': ornt, 'shape_ijk': tuple(data_ijk.shape)}
+  meta = {"affine_ras": affine_ras, "ornt": ornt, "shape_ijk": tuple(data_ijk.shape)}
   return (np.ascontiguousarray(data.transpose(2, 1, 0)),
           tuple(float(s) for s in spacing_xyz[::-1]), meta)
 
 
 def from_canonical(array_zyx: np.ndarray, meta: dict) -> np.ndarray:
   """Inverse of `to_canonical`: a (D, H, W) array back to the file's (I, J, K)."""
-  back = nio.ornt_transform(nio.axcodes2ornt(CANONICAL_AXCODES), meta['ornt'])
+  back = nio.ornt_transform(nio.axcodes2ornt(CANONICAL_AXCODES), meta["ornt"])
   return nio.apply_orientation(np.asarray(array_zyx).transpose(2, 1, 0), back)
 
 
 def identity_meta(shape_zyx) -> dict:
   """`Scan.meta` geometry of a volume without one (identity LPS, 1 mm)."""
-  return {'affine_ras': _LPS_TO_RAS.copy(),
-          'ornt': nio.axcodes2ornt(CANONICAL_AXCODES),
-          'shape_ijk': tuple(shape_zyx[::-1])}
+  return {"affine_ras": _LPS_TO_RAS.copy(),
+          "ornt": nio.axcodes2ornt(CANONICAL_AXCODES),
+          "shape_ijk": tuple(shape_zyx[::-1])}
 
 
 def is_nifti(path) -> bool:
@@ -175,10 +175,10 @@ def write_mask_like(mask: np.ndarray, scan: Scan, path) -> str:
   """
   mask = np.asarray(mask)
   if mask.shape != scan.volume.shape:
-    raise ValueError(f'mask for {path}: shape {mask.shape} differs from scan '
-                     f'{scan.scan_id!r} volume shape {scan.volume.shape}')
+    raise ValueError(f"mask for {path}: shape {mask.shape} differs from scan "
+                     f"{scan.scan_id!r} volume shape {scan.volume.shape}")
   data = from_canonical(mask.astype(np.uint8), scan.meta)
-  affine = scan.meta['affine_ras']
+  affine = scan.meta["affine_ras"]
   Path(path).parent.mkdir(parents=True, exist_ok=True)
   if is_nifti(path):
     import nibabel as nib  # pylint: disable=g-import-not-at-top

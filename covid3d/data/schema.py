@@ -18,22 +18,22 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
-LABELS = ('covid', 'severity', 'stoic_covid', 'stoic_severe')
-INT_FIELDS = ('has_mask',) + LABELS
+LABELS = ("covid", "severity", "stoic_covid", "stoic_severe")
+INT_FIELDS = ("has_mask",) + LABELS
 
 
 def volume_key(size: int) -> str:
-  return f'volume_{size}'
+  return f"volume_{size}"
 
 
 def mask_key(size: int) -> str:
-  return f'mask_{size}'
+  return f"mask_{size}"
 
 
 def field_names(sizes: Iterable[int]) -> tuple[str, ...]:
   """All record fields for the cached cube sizes `sizes`."""
   arrays = [k for s in sizes for k in (volume_key(s), mask_key(s))]
-  return ('scan_id', *arrays, *INT_FIELDS)
+  return ("scan_id", *arrays, *INT_FIELDS)
 
 
 def tfds_features(sizes: Sequence[int]):
@@ -43,12 +43,12 @@ def tfds_features(sizes: Sequence[int]):
   compressed (they are mostly zeros).
   """
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  spec = {'scan_id': tfds.features.Text()}
+  spec = {"scan_id": tfds.features.Text()}
   for s in sizes:
     spec[volume_key(s)] = tfds.features.Tensor(
-        shape=(s, s, s), dtype=np.float16, encoding='bytes')
+        shape=(s, s, s), dtype=np.float16, encoding="bytes")
     spec[mask_key(s)] = tfds.features.Tensor(
-        shape=(s, s, s), dtype=np.uint8, encoding='zlib')
+        shape=(s, s, s), dtype=np.uint8, encoding="zlib")
   for k in INT_FIELDS:
     spec[k] = tfds.features.Scalar(dtype=np.int32)
   return tfds.features.FeaturesDict(spec)
@@ -70,13 +70,13 @@ def select_fields(record: Mapping, sizes: Sequence[int]) -> dict:
 
 
 def scan_id(record: Mapping) -> str:
-  sid = record['scan_id']
-  return sid.decode('utf-8') if isinstance(sid, bytes) else str(sid)
+  sid = record["scan_id"]
+  return sid.decode("utf-8") if isinstance(sid, bytes) else str(sid)
 
 
 def index_entry(record: Mapping) -> dict:
   """Scan id and integer fields of a record (JSON-serialisable)."""
-  return {'scan_id': scan_id(record),
+  return {"scan_id": scan_id(record),
           **{k: int(record[k]) for k in INT_FIELDS}}
 
 
@@ -91,9 +91,9 @@ def to_numpy(record: Mapping, fields: Sequence[str]) -> dict[str, np.ndarray]:
   """
   out = {}
   for k in fields:
-    if k.startswith('volume_'):
+    if k.startswith("volume_"):
       out[k] = np.asarray(record[k], np.float32)[..., None]
-    elif k.startswith('mask_'):
+    elif k.startswith("mask_"):
       out[k] = np.asarray(record[k], np.uint8)[..., None]
     elif k in INT_FIELDS:
       out[k] = np.asarray(record[k], np.int32)

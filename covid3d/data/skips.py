@@ -25,14 +25,14 @@ from pathlib import Path
 
 from covid3d.data import ledger as ledger_lib
 
-log = logging.getLogger('covid3d.data')
+log = logging.getLogger("covid3d.data")
 
-SKIPS_FILE = 'skips.json'
+SKIPS_FILE = "skips.json"
 
 
 def one_line(text) -> str:
   """`text` with every run of whitespace (newlines included) made one space."""
-  return ' '.join(str(text).split())
+  return " ".join(str(text).split())
 
 
 class DataError(Exception):
@@ -45,7 +45,7 @@ class DataError(Exception):
   def __init__(self, path, reason: str):
     self.path = str(path)
     self.reason = one_line(reason)
-    super().__init__(f'{self.path}: {self.reason}'.replace('\n', '\\n'))
+    super().__init__(f"{self.path}: {self.reason}".replace("\n", "\\n"))
 
   def __reduce__(self):  # picklable across worker processes
     return (DataError, (self.path, self.reason))
@@ -66,9 +66,9 @@ class Skip:
   """
   path: str
   reason: str
-  what: str = 'scan'
-  dataset: str = ''
-  partition: str = ''
+  what: str = "scan"
+  dataset: str = ""
+  partition: str = ""
 
 
 class SkipLog:
@@ -83,26 +83,26 @@ class SkipLog:
     self.offered: collections.Counter = collections.Counter()   # listings: scans found
     self.received: collections.Counter = collections.Counter()  # build_cache: refs got
     self.used: collections.Counter = collections.Counter()      # build_cache: records
-    self._scope = ('', '')
+    self._scope = ("", "")
 
   @contextlib.contextmanager
   def scope(self, dataset: str, partition: str):
     """Within it, entries added without a dataset/partition get these."""
     old = self._scope
-    self._scope = (dataset or '', partition or '')
+    self._scope = (dataset or "", partition or "")
     try:
       yield self
     finally:
       self._scope = old
 
-  def add(self, path, reason: str, what: str = 'scan', *, dataset: str | None = None,
+  def add(self, path, reason: str, what: str = "scan", *, dataset: str | None = None,
           partition: str | None = None) -> None:
     """Records (and logs as a warning) that `path` was skipped for `reason`."""
     reason = one_line(reason)
     dataset = self._scope[0] if dataset is None else dataset
     partition = self._scope[1] if partition is None else partition
-    where = f' ({dataset}/{partition})' if dataset or partition else ''
-    log.warning('skipped %s %s%s: %s', what, path, where, reason)
+    where = f" ({dataset}/{partition})" if dataset or partition else ""
+    log.warning("skipped %s %s%s: %s", what, path, where, reason)
     self.entries.append(Skip(str(path), reason, what, dataset, partition))
 
   def count_offered(self, dataset: str, partition: str, n: int) -> None:
@@ -114,7 +114,7 @@ class SkipLog:
     self.received[(dataset, partition)] += received
     self.used[(dataset, partition)] += used
 
-  def extend(self, other) -> 'SkipLog':
+  def extend(self, other) -> "SkipLog":
     """Adds another SkipLog (entries and counts) or Skip entries recorded
     (and logged) elsewhere, e.g. in a worker. Returns self."""
     if isinstance(other, SkipLog):
@@ -126,12 +126,12 @@ class SkipLog:
       self.entries.extend(other)
     return self
 
-  def __add__(self, other: 'SkipLog') -> 'SkipLog':
+  def __add__(self, other: "SkipLog") -> "SkipLog":
     if not isinstance(other, SkipLog):
       return NotImplemented
     return SkipLog().extend(self).extend(other)
 
-  def __iadd__(self, other) -> 'SkipLog':
+  def __iadd__(self, other) -> "SkipLog":
     return self.extend(other)
 
   def __len__(self) -> int:
@@ -155,7 +155,7 @@ class SkipLog:
   def ledger(self) -> ledger_lib.Ledger:
     """Offered, used and skipped scans per dataset/partition (`covid3d.data.ledger`)."""
     skipped = collections.Counter((e.dataset, e.partition) for e in self.entries
-                                  if e.what == 'scan')
+                                  if e.what == "scan")
     return ledger_lib.tally(self.offered, self.used, skipped, self.received)
 
   def summary(self, pairs=None) -> str:
@@ -166,26 +166,26 @@ class SkipLog:
         (None: all).
     """
     if not self.entries:
-      lines = ['nothing skipped']
+      lines = ["nothing skipped"]
     else:
       counts = self.counts()
-      lines = ['skipped: ' + ', '.join(f'{n} {w}(s)' for w, n in sorted(counts.items()))]
+      lines = ["skipped: " + ", ".join(f"{n} {w}(s)" for w, n in sorted(counts.items()))]
       for e in self.entries:
-        where = f' ({e.dataset}/{e.partition})' if e.dataset or e.partition else ''
-        lines.append(f'  [{e.what}] {e.path}{where}: {e.reason}')
+        where = f" ({e.dataset}/{e.partition})" if e.dataset or e.partition else ""
+        lines.append(f"  [{e.what}] {e.path}{where}: {e.reason}")
     ledger = self.ledger()
     if pairs is not None:
       ledger = ledger.select(pairs)
     if len(ledger):
       lines.append(ledger.summary())
-    return '\n'.join(lines)
+    return "\n".join(lines)
 
   def to_json(self) -> dict:
     """What `write` writes."""
-    return {'counts': self.counts(),
-            'counts_by_partition': self.counts_by_partition(),
-            'ledger': self.ledger().to_json(),
-            'skips': [dataclasses.asdict(e) for e in self.entries]}
+    return {"counts": self.counts(),
+            "counts_by_partition": self.counts_by_partition(),
+            "ledger": self.ledger().to_json(),
+            "skips": [dataclasses.asdict(e) for e in self.entries]}
 
   def write(self, workdir) -> str:
     """Writes `<workdir>/skips.json` atomically; returns its path.
@@ -197,15 +197,15 @@ class SkipLog:
     """
     Path(workdir).mkdir(parents=True, exist_ok=True)
     path = os.path.join(workdir, SKIPS_FILE)
-    tmp = f'{path}.tmp-{os.getpid()}'
-    with open(tmp, 'w', encoding='utf-8') as f:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
       json.dump(self.to_json(), f, indent=1)
     os.replace(tmp, path)
     return path
 
 
 def reject(path, reason: str, *, strict: bool, skips: SkipLog | None,
-           what: str = 'scan') -> None:
+           what: str = "scan") -> None:
   """Bad input: raises `DataError` if `strict`, else logs and records a skip."""
   if strict:
     raise DataError(path, reason)
@@ -215,6 +215,6 @@ def reject(path, reason: str, *, strict: bool, skips: SkipLog | None,
 def note(path, reason: str, *, skips: SkipLog | None, what: str) -> None:
   """A skip that never stops a run (logged; recorded when `skips` is given)."""
   if skips is None:
-    log.warning('skipped %s %s: %s', what, path, one_line(reason))
+    log.warning("skipped %s %s: %s", what, path, one_line(reason))
   else:
     skips.add(path, reason, what)

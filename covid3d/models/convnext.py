@@ -163,7 +163,8 @@ class ConvNeXt(nn.Module):
           f"(B, {', '.join('DHW'[-nd:])}, {self.in_chans}); got shape {x.shape}")
     bad = [s for s in x.shape[1:-1] if s % 32]
     if bad:
-      raise ValueError(f"ConvNeXt needs spatial sizes divisible by 32 (total stride); got {x.shape[1:-1]}")
+      raise ValueError("ConvNeXt needs spatial sizes divisible by 32 (total stride); "
+                       f"got {x.shape[1:-1]}")
     if self.remat not in REMAT_MODES:
       raise ValueError(f"remat={self.remat!r} is not one of {REMAT_MODES}")
     if len(self.depths) != len(self.dims):
@@ -185,7 +186,8 @@ class ConvNeXt(nn.Module):
       else:
         x = PatchConv(dim, 2, norm_first=True, dtype=self.dtype, name=f"down{i}")(x)
       x = stage(dim, tuple(rates[start:start + depth]), self.layer_scale_init, self.kernel_size,
-                self.dwconv_impl, self.dtype, self.remat == "block", name=f"stage{i}")(x, deterministic)
+                self.dwconv_impl, self.dtype, self.remat == "block",
+                name=f"stage{i}")(x, deterministic)
       start += depth
       features.append(x)
     if self.num_classes is None:

@@ -36,7 +36,8 @@ class MultitaskModel(nn.Module):
       raise ValueError("MultitaskModel: 'segmentation' is reserved for the segmentation head")
     backbone = ConvNeXt(**self.backbone, name="backbone")
     features = backbone(x, deterministic)
-    out = {name: ClassificationHead(n, self.head_hidden, backbone.dtype, name=f"head_{name}")(features[-1])
+    out = {name: ClassificationHead(n, self.head_hidden, backbone.dtype,
+                                    name=f"head_{name}")(features[-1])
            for name, n in self.heads.items()}
     if self.segmentation:
       out["segmentation"] = UperNetHead(**dict(self.seg_head or {}), dtype=backbone.dtype,

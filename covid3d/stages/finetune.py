@@ -4,9 +4,10 @@ One model per fold, each trained on the other folds of the COV19-CT-DB
 training partition and evaluated (EMA weights) on its own fold; a fold whose
 ``fold<k>/DONE`` exists is skipped on rerun. With ``data.folds = 1`` (the
 authors' runs "without cross validation") one model ``fold0`` trains on every
-labelled training scan and is selected on the labelled validation partition. Then the fold ensemble predicts
-the validation and test partitions (``covid3d.stages.predict``). The target
-(record label and class names) is ``handoff.TARGETS[config.stage]``.
+labelled training scan and is selected on the labelled validation partition.
+Then the fold ensemble predicts the validation and test partitions
+(``covid3d.stages.predict``). The target (record label and class names) is
+``handoff.TARGETS[config.stage]``.
 
 Writes ``folds.csv``, ``fold<k>/`` (checkpoints, metrics), ``cv.json``
 (per-fold and mean macro F1 and per-class F1 of each fold's best EMA
@@ -25,16 +26,6 @@ from covid3d.data.skips import SkipLog
 from covid3d.models import build
 from covid3d.stages import fit, handoff, inputs, predict
 from covid3d.train import tasks
-
-
-def best_eval(workdir, metric="macro_f1") -> dict:
-  """The evaluation row of ``metrics.jsonl`` with the highest ``metric`` (first on ties)."""
-  rows = [json.loads(line) for line in (epath.Path(workdir) / "metrics.jsonl").read_text().splitlines()
-          if line.strip()]
-  evals = [r for r in rows if r.get("split") == "eval"]
-  if not evals:
-    raise handoff.HandOffError(f"{workdir}/metrics.jsonl has no evaluation")
-  return max(evals, key=lambda r: (r[metric], -r["step"]))
 
 
 def fold_table(config, workdir, source, label):
@@ -70,7 +61,7 @@ def train_fold(config, workdir, source, fold_of, fold, label, num_classes, val_s
     task, wrapper = tasks.classification_task(num_classes, label_key="label"), None
   fit.fit(config, workdir, model, source, train_idx, val_idx, fields, task, output=label,
           train_iter_wrapper=wrapper, val_source=val_source)
-  best = best_eval(workdir)
+  best = handoff.best_evaluation(workdir)
   summary = {"fold": fold, "train_counts": counts.tolist(), "n_val": len(val_idx), **best}
   handoff.mark_done(workdir, summary)
   return summary
@@ -92,7 +83,7 @@ def run(config, workdir):
       logging.info("fold %d already finished (%s): skipped", fold, fold_dir / handoff.DONE)
       summaries.append(json.loads((fold_dir / handoff.DONE).read_text()))
       continue
-    logging.info("fold %d of %d", fold + 1, config.data.folds)
+    logging.info("fold %d (folds 0..%d)", fold, config.data.folds - 1)
     summaries.append(train_fold(config, str(fold_dir), source, fold_of, fold, label, len(names),
                                 val_source))
   cv = {"target": config.stage, "init_from": config.init_from, "folds": summaries,

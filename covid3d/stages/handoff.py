@@ -71,6 +71,30 @@ def best_params(workdir, ema: bool = True):
   return jax.tree.map(np.asarray, params)
 
 
+def best_evaluation(workdir) -> dict:
+  """The ``metrics.jsonl`` evaluation row of the checkpoint ``best_params`` hands on.
+
+  One rule for what a stage reports (``DONE``, ``cv.json``) and what it hands on:
+  the step the checkpoints record as best (on a tie, whichever Orbax keeps).
+  """
+  ckpt = checkpoint.Checkpointer.open(str(epath.Path(workdir) / "checkpoints"))
+  step = ckpt.best_step()
+  ckpt.close()
+  rows = [json.loads(line) for line in (epath.Path(workdir) / "metrics.jsonl").read_text()
+          .splitlines() if line.strip()]
+  at_best = [r for r in rows if r.get("split") == "eval" and r["step"] == step]
+  if not at_best:
+    raise HandOffError(f"{workdir}: no evaluation of the best checkpoint (step {step}) in "
+                       "metrics.jsonl")
+  return at_best[-1]
+
+
+def mark_trained(workdir, result: dict):
+  """``DONE`` of a training stage: its best step and that step's evaluation."""
+  mark_done(workdir, {"best_step": result["best_step"], "last_step": result["step"],
+                      "best_eval": best_evaluation(workdir)})
+
+
 def _backbone_of(tree):
   """The backbone subtree of a MultitaskModel or ConvNeXt parameter tree."""
   if "backbone" in tree:
@@ -88,7 +112,10 @@ def _same_shapes(a, b) -> bool:
 
 
 def _classification_heads(tree) -> dict:
-  """name -> classification head subtree: ``head_<name>`` of a MultitaskModel, ``head`` of a ConvNeXt."""
+  """name -> classification head subtree.
+
+  ``head_<name>`` of a MultitaskModel, ``head`` of a ConvNeXt.
+  """
   return {k: v for k, v in tree.items() if k == "head" or k.startswith("head_")}
 
 
@@ -137,7 +164,8 @@ def merge_source(source, params, config: ml_collections.ConfigDict, what: str):
     backbone = inflation.inflate_params(backbone, inf.mode, inf.norm, new_axis=inf.new_axis,
                                         gaussian=inf.gaussian)
   check_fits(backbone, params["backbone"], f"backbone weights of {what}",
-             f"is config.model.variant={config.model.variant!r} the variant {what} was trained with?")
+             f"is config.model.variant={config.model.variant!r} "
+             f"the variant {what} was trained with?")
   out = dict(params, backbone=backbone)
   theirs_heads = _classification_heads(source)
   for name in params:

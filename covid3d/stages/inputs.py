@@ -30,7 +30,8 @@ def dataset_dirs(config: ml_collections.ConfigDict) -> dict:
   if d.phantom:
     root = epath.Path(d.phantom_dir)
     if not (root / phantom_writers.MANIFEST).exists():
-      logging.info("writing the synthetic phantom (%d scans per dataset) to %s", d.phantom_scans, root)
+      logging.info("writing the synthetic phantom (%d scans per dataset) to %s",
+                   d.phantom_scans, root)
       n = d.phantom_scans
       phantom_writers.write_all(root, config.seed, {"cov19ctdb": 5 * n, "lesions": n, "stoic": n},
                                 workers=max(1, d.workers), sizes=(48, 64), slices=(32, 48))
@@ -113,8 +114,8 @@ def with_pseudo_labels(source: pipeline.RecordSource, pseudo_dir: str, dataset: 
   names = tuple(f"{file_stem(e)}.npz" for e in source.index)
   missing = [name for name in names if name not in present]
   if missing:
-    raise HandOffError(f"{len(missing)} scans have no pseudo-label in {folder} (e.g. {missing[0]}); "
-                       "rerun the pseudolabel stage on the same data")
+    raise HandOffError(f"{len(missing)} scans have no pseudo-label in {folder} "
+                       f"(e.g. {missing[0]}); rerun the pseudolabel stage on the same data")
   index = tuple(dict(e, has_mask=1) for e in source.index)
   return pipeline.RecordSource(WithMasks(source.records, tuple(str(folder / n) for n in names)),
                                index, f"{source.name} + pseudo-labels {folder}")

@@ -20,7 +20,8 @@ HEAD = "stoic_severe"
 
 def _labels(batch):
   """(severity labels, -1 where not counted; COVID-positive and not padding)."""
-  valid = jnp.asarray(batch["valid"], bool) if "valid" in batch else jnp.ones_like(batch[HEAD], bool)
+  valid = (jnp.asarray(batch["valid"], bool) if "valid" in batch
+           else jnp.ones_like(batch[HEAD], bool))
   positive = (batch["stoic_covid"] == 1) & valid
   return jnp.where(positive, batch[HEAD], -1).astype(jnp.int32), positive
 
@@ -67,5 +68,5 @@ def run(config, workdir):
                 **inputs.mask_fields(config))
   result = fit.fit(config, workdir, model, source, train_idx, val_idx, fields,
                    multitask_task(config.loss.weights))
-  handoff.mark_done(workdir, {"best_step": result["best_step"], "eval": result["eval"]})
+  handoff.mark_trained(workdir, result)
   return result

@@ -43,8 +43,8 @@ def predict_probs(config, model, params_list, source, output):
   fields = inputs.batch_fields(config, image_only=True)
   ids, probs = [], []
   for batch in inputs.host_batches(source, indices, config.train.eval_batch_size, fields, config):
-    p = np.mean([np.asarray(forward(params, jnp.asarray(batch["image"]))) for params in params_list],
-                axis=0)
+    p = np.mean([np.asarray(forward(params, jnp.asarray(batch["image"])))
+                 for params in params_list], axis=0)
     keep = np.asarray(batch["valid"])
     probs.append(p[keep])
     ids += [source.index[i]["scan_id"] for i in np.asarray(batch["record_index"])[keep]]

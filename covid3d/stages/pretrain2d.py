@@ -177,5 +177,5 @@ def run(config, workdir):
   result = loop.train_and_evaluate(config.train, workdir, model, params, train_iter, task,
                                    eval_batches=eval_batches, apply_fn=apply_fn,
                                    stage_config=config)
-  handoff.mark_done(workdir, {"best_step": result["best_step"], "eval": result["eval"]})
+  handoff.mark_trained(workdir, result)
   return result

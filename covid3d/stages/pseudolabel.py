@@ -10,7 +10,8 @@ by its partition and id: ids repeat across partitions (``inputs.file_stem``).
 Modes (``pseudolabel.mode``): ``upsample`` (the authors' code: predict the
 input-size cache, upsample trilinearly to the large size: the probabilities
 with corners aligned, or with ``pseudolabel.upsample='logits'`` the logits
-with half-pixel centres as the authors' ``F.interpolate``) or ``sliding`` (predict the large cache in windows of the input size with
+with half-pixel centres as the authors' ``F.interpolate``) or ``sliding``
+(predict the large cache in windows of the input size with
 ``pseudolabel.overlap``, averaging overlapping probabilities).
 """
 import io
@@ -66,7 +67,8 @@ def teacher_params(config, model):
   like = build.init_params(model, config, min(config.data.sizes))
   chosen = {"backbone": params["backbone"], "seg_head": params["seg_head"]}
   handoff.check_fits(chosen, like, f"segmentation weights of {config.init_from}",
-                     f"was {config.init_from} trained with config.model.variant={config.model.variant!r}?")
+                     f"was {config.init_from} trained with "
+                     f"config.model.variant={config.model.variant!r}?")
   return chosen
 
 
@@ -76,7 +78,8 @@ def run(config, workdir):
   model = build.make_model(config, {}, segmentation=True)
   params = teacher_params(config, model)
   if p.upsample not in ("probabilities", "logits"):
-    raise ValueError(f"pseudolabel.upsample must be 'probabilities' or 'logits', got {p.upsample!r}")
+    raise ValueError("pseudolabel.upsample must be 'probabilities' or 'logits', "
+                     f"got {p.upsample!r}")
   apply_fn = build.apply_fn(model, config, "segmentation")
   logits = jax.jit(lambda x: apply_fn(params, x, True, None))
   prob = lambda x: jax.nn.sigmoid(logits(x))
@@ -93,8 +96,8 @@ def run(config, workdir):
     nifti_dir.mkdir(parents=True, exist_ok=True)
     fields = {"image": f"volume_{small}", "image_large": f"volume_{big}"}
     done = 0
-    batches = inputs.host_batches(source, np.arange(len(source.index)), config.train.eval_batch_size,
-                                  fields, config)
+    batches = inputs.host_batches(source, np.arange(len(source.index)),
+                                  config.train.eval_batch_size, fields, config)
     for batch in tqdm(batches, desc=f"pseudo-labels {dataset}", unit="batch"):
       if p.mode == "sliding":
         large = sliding_window(prob, jnp.asarray(batch["image_large"]), small, p.overlap)
@@ -111,8 +114,9 @@ def run(config, workdir):
       for row in rows:
         entry = source.index[int(batch["record_index"][row])]
         buffer = io.BytesIO()
-        np.savez_compressed(buffer, **{f"mask_{small}": np.asarray(little[row, ..., 0] > 0.5, np.uint8),
-                                       f"mask_{big}": np.asarray(large[row, ..., 0] > 0.5, np.uint8)})
+        np.savez_compressed(
+            buffer, **{f"mask_{small}": np.asarray(little[row, ..., 0] > 0.5, np.uint8),
+                       f"mask_{big}": np.asarray(large[row, ..., 0] > 0.5, np.uint8)})
         (mask_dir / f"{inputs.file_stem(entry)}.npz").write_bytes(buffer.getvalue())
         if p.write_nifti:
           _write_nifti(ref_of[entry["partition"], entry["scan_id"]], large[row], nifti_dir, config)

@@ -28,7 +28,7 @@ def train_segmentation(config, workdir, source, val_source=None):
   fields = dict(inputs.batch_fields(config), **inputs.mask_fields(config))
   result = fit.fit(config, workdir, model, source, train_idx, val_idx, fields,
                    tasks.segmentation_task("mask"), output="segmentation", val_source=val_source)
-  handoff.mark_done(workdir, {"best_step": result["best_step"], "eval": result["eval"]})
+  handoff.mark_trained(workdir, result)
   return result
 
 

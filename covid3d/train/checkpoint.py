@@ -20,23 +20,23 @@ import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint import checkpoint_managers as policies
 
-RECORD = 'checkpointer.json'
+RECORD = "checkpointer.json"
 
 
 class IteratorStateHandler(ocp.CheckpointHandler):
   """Each process writes and reads its own JSON file of iterator state."""
 
   def _path(self, directory: epath.Path) -> epath.Path:
-    return directory / f'process_{jax.process_index()}-of-{jax.process_count()}.json'
+    return directory / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
 
-  def save(self, directory: epath.Path, args: 'IteratorSave'):
+  def save(self, directory: epath.Path, args: "IteratorSave"):
     self._path(directory).write_text(json.dumps(args.state))
 
-  def restore(self, directory: epath.Path, args: 'IteratorRestore | None' = None):
+  def restore(self, directory: epath.Path, args: "IteratorRestore | None" = None):
     path = self._path(directory)
     if not path.exists():
-      raise FileNotFoundError(f'no data-iterator state for this process: {path} '
-                              '(was the checkpoint written with another process count?)')
+      raise FileNotFoundError(f"no data-iterator state for this process: {path} "
+                              "(was the checkpoint written with another process count?)")
     return json.loads(path.read_text())
 
 
@@ -55,7 +55,7 @@ class IteratorRestore(ocp.args.CheckpointArgs):
 def absolute(directory: str) -> epath.Path:
   """``directory`` as Orbax needs it: a local path made absolute; gs:// and other URLs unchanged."""
   directory = str(directory)
-  return epath.Path(directory if '://' in directory else os.path.abspath(directory))
+  return epath.Path(directory if "://" in directory else os.path.abspath(directory))
 
 
 class Checkpointer:
@@ -72,32 +72,32 @@ class Checkpointer:
 
   def __init__(self, directory: str, keep: int, best_metric: str | None):
     if keep < 1:
-      raise ValueError(f'train.keep_checkpoints must be >= 1, got {keep}')
+      raise ValueError(f"train.keep_checkpoints must be >= 1, got {keep}")
     directory = absolute(directory)
     record = directory / RECORD
     if best_metric is None and record.exists():
-      best_metric = json.loads(record.read_text())['best_metric']
+      best_metric = json.loads(record.read_text())["best_metric"]
     self.best_metric = best_metric
     if best_metric is None:
       options = ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=True)
     else:
       # A NaN metric (e.g. an AUC with one class absent) never wins.
       metric = lambda metrics: (metrics[best_metric] if metrics[best_metric] == metrics[best_metric]
-                                else float('-inf'))
+                                else float("-inf"))
       policy = policies.AnyPreservationPolicy([
           policies.LatestN(n=keep),
           policies.BestN(get_metric_fn=metric, n=1, keep_checkpoints_without_metrics=False)])
       # best_fn makes the manager store the metrics and answer best_step().
       options = ocp.CheckpointManagerOptions(preservation_policy=policy, best_fn=metric,
-                                             best_mode='max', create=True,
+                                             best_mode="max", create=True,
                                              enable_async_checkpointing=True)
     self.manager = ocp.CheckpointManager(directory, options=options,
-                                         item_names=('state', 'data', 'config'))
+                                         item_names=("state", "data", "config"))
     if best_metric is not None and jax.process_index() == 0:
-      record.write_text(json.dumps({'best_metric': best_metric}))
+      record.write_text(json.dumps({"best_metric": best_metric}))
 
   @classmethod
-  def open(cls, directory: str) -> 'Checkpointer':
+  def open(cls, directory: str) -> "Checkpointer":
     """The checkpoints of a run, for reading, with the best metric that run recorded."""
     return cls(directory, keep=1, best_metric=None)
 
@@ -135,7 +135,7 @@ class Checkpointer:
     """The (EMA) parameters saved at ``step``, as host arrays, without a template."""
     restored = self.manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore()))
-    return restored.state['ema_params' if ema else 'params']
+    return restored.state["ema_params" if ema else "params"]
 
   def wait(self):
     """Blocks until pending async saves are written."""

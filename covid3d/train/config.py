@@ -2,13 +2,13 @@
 import jax.numpy as jnp
 import ml_collections
 
-COMPUTE_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def compute_dtype(name: str):
   """The jnp dtype of ``train.compute_dtype`` (float32 or bfloat16)."""
   if name not in COMPUTE_DTYPES:
-    raise ValueError(f'train.compute_dtype must be one of {sorted(COMPUTE_DTYPES)}, got {name!r}')
+    raise ValueError(f"train.compute_dtype must be one of {sorted(COMPUTE_DTYPES)}, got {name!r}")
   return COMPUTE_DTYPES[name]
 
 
@@ -63,23 +63,23 @@ def default_config() -> ml_collections.ConfigDict:
   c.batch_size = 4
   c.micro_batches = 1
   c.eval_batch_size = 4
-  c.optimizer = 'adamw'
+  c.optimizer = "adamw"
   c.learning_rate = 5e-5
   c.weight_decay = 1e-8
   c.b1 = 0.9
   c.b2 = 0.999
   c.eps = 1e-8
-  c.schedule = 'constant'
+  c.schedule = "constant"
   c.warmup_steps = 0
   c.final_learning_rate = 1e-6
   c.clip_norm = 0.0
   c.ema_decay = ml_collections.config_dict.placeholder(float)
-  c.compute_dtype = 'float32'
+  c.compute_dtype = "float32"
   c.log_every = 10
   c.eval_every = 100
   c.checkpoint_every = 100
   c.keep_checkpoints = 2
-  c.best_metric = 'macro_f1'
+  c.best_metric = "macro_f1"
   c.max_nonfinite_in_a_row = 10
   c.progress_bar = True
   c.distributed = ml_collections.ConfigDict()

@@ -25,10 +25,10 @@ class ArrayIterator:
     sizes = {name: len(a) for name, a in arrays.items()}
     self.num_examples = next(iter(sizes.values()))
     if len(set(sizes.values())) != 1:
-      raise ValueError(f'ArrayIterator: arrays differ in length: {sizes}')
+      raise ValueError(f"ArrayIterator: arrays differ in length: {sizes}")
     if not 0 < batch_size <= self.num_examples or batch_size % process_count:
-      raise ValueError(f'ArrayIterator: batch_size={batch_size} must be in '
-                       f'[1, {self.num_examples}] and divisible by {process_count} processes')
+      raise ValueError(f"ArrayIterator: batch_size={batch_size} must be in "
+                       f"[1, {self.num_examples}] and divisible by {process_count} processes")
     self.arrays = {name: np.asarray(a) for name, a in arrays.items()}
     self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
     self.process_index, self.process_count = process_index, process_count
@@ -49,7 +49,7 @@ class ArrayIterator:
     return {name: a[index] for name, a in self.arrays.items()}
 
   def get_state(self) -> dict:
-    return {'epoch': self.epoch, 'batch': self.batch}
+    return {"epoch": self.epoch, "batch": self.batch}
 
   def set_state(self, state: dict):
-    self.epoch, self.batch = int(state['epoch']), int(state['batch'])
+    self.epoch, self.batch = int(state["epoch"]), int(state["batch"])

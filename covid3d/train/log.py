@@ -44,9 +44,9 @@ def masked_crc32c(data: bytes) -> int:
 
 def tfrecord(data: bytes) -> bytes:
   """One TFRecord: length, masked CRC of the length, data, masked CRC of the data."""
-  length = struct.pack('<Q', len(data))
-  return (length + struct.pack('<I', masked_crc32c(length)) + data
-          + struct.pack('<I', masked_crc32c(data)))
+  length = struct.pack("<Q", len(data))
+  return (length + struct.pack("<I", masked_crc32c(length)) + data
+          + struct.pack("<I", masked_crc32c(data)))
 
 
 def _varint(value: int) -> bytes:
@@ -73,12 +73,12 @@ def encode_event(wall_time: float, step: int, scalars: dict | None = None,
   string), summary (5, ``Summary`` with repeated ``value`` (1): tag (1,
   string), simple_value (2, float)).
   """
-  out = _field(1, 1, struct.pack('<d', wall_time)) + _field(2, 0, _varint(step))
+  out = _field(1, 1, struct.pack("<d", wall_time)) + _field(2, 0, _varint(step))
   if file_version is not None:
     out += _field(3, 2, file_version.encode())
   if scalars:
-    values = b''.join(
-        _field(1, 2, _field(1, 2, tag.encode()) + _field(2, 5, struct.pack('<f', value)))
+    values = b"".join(
+        _field(1, 2, _field(1, 2, tag.encode()) + _field(2, 5, struct.pack("<f", value)))
         for tag, value in scalars.items())
     out += _field(5, 2, values)
   return out
@@ -91,9 +91,9 @@ class EventWriter:
     logdir = epath.Path(logdir)
     logdir.mkdir(parents=True, exist_ok=True)
     now = time.time()
-    self.path = logdir / f'events.out.tfevents.{int(now)}.{socket.gethostname()}.{os.getpid()}'
-    self._file = self.path.open('wb')
-    self._file.write(tfrecord(encode_event(now, 0, file_version='brain.Event:2')))
+    self.path = logdir / f"events.out.tfevents.{int(now)}.{socket.gethostname()}.{os.getpid()}"
+    self._file = self.path.open("wb")
+    self._file.write(tfrecord(encode_event(now, 0, file_version="brain.Event:2")))
     self._file.flush()
 
   def scalars(self, step: int, scalars: dict):
@@ -123,20 +123,20 @@ class MetricLogger:
       return
     workdir = epath.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    if str(workdir).startswith('gs://'):  # object stores cannot append: one file per run
-      self._jsonl = (workdir / f'metrics.{int(time.time())}.jsonl').open('w')
+    if str(workdir).startswith("gs://"):  # object stores cannot append: one file per run
+      self._jsonl = (workdir / f"metrics.{int(time.time())}.jsonl").open("w")
     else:
-      self._jsonl = (workdir / 'metrics.jsonl').open('a')
-    self._events = EventWriter(str(workdir / 'tensorboard'))
+      self._jsonl = (workdir / "metrics.jsonl").open("a")
+    self._events = EventWriter(str(workdir / "tensorboard"))
 
   def write(self, step: int, split: str, metrics: dict):
     """Records the scalar entries of ``metrics`` as ``<split>/<name>`` at ``step``."""
     if not self.enabled:
       return
     scalars = _scalars(metrics)
-    self._jsonl.write(json.dumps({'step': int(step), 'split': split, **scalars}) + '\n')
+    self._jsonl.write(json.dumps({"step": int(step), "split": split, **scalars}) + "\n")
     self._jsonl.flush()
-    self._events.scalars(int(step), {f'{split}/{k}': v for k, v in scalars.items()})
+    self._events.scalars(int(step), {f"{split}/{k}": v for k, v in scalars.items()})
 
   def close(self):
     if self.enabled:
@@ -146,5 +146,5 @@ class MetricLogger:
 
 def progress_bar(total: int, initial: int, enabled: bool):
   """A tqdm bar over optimiser steps (disabled off process 0)."""
-  return tqdm.tqdm(total=total, initial=initial, disable=not enabled, unit='step',
+  return tqdm.tqdm(total=total, initial=initial, disable=not enabled, unit="step",
                    dynamic_ncols=True)

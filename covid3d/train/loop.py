@@ -75,10 +75,10 @@ def _pad(batch: dict, size: int) -> dict:
   """Pads a host eval batch to ``size`` examples, with ``valid`` False on padding."""
   n = len(next(iter(batch.values())))
   if n > size:
-    raise ValueError(f'an eval batch has {n} examples on this host, more than '
-                     f'train.eval_batch_size / process_count = {size}')
+    raise ValueError(f"an eval batch has {n} examples on this host, more than "
+                     f"train.eval_batch_size / process_count = {size}")
   batch = dict(batch)
-  batch['valid'] = np.asarray(batch.get('valid', np.ones(n, bool)), bool)
+  batch["valid"] = np.asarray(batch.get("valid", np.ones(n, bool)), bool)
   return {k: np.concatenate([np.asarray(v), np.zeros((size - n,) + np.shape(v)[1:],
                                                      np.asarray(v).dtype)])
           for k, v in batch.items()}
@@ -100,12 +100,12 @@ def evaluate(eval_step, params, batches: Iterable[dict], task: Task, host_batch:
       gathered.append(jax.tree.map(np.asarray, multihost_utils.process_allgather(examples,
                                                                                  tiled=True)))
   if totals is None:
-    raise ValueError('the evaluation data yielded no batch')
+    raise ValueError("the evaluation data yielded no batch")
   totals = jax.device_get(totals)
   if gathered:
-    keep = np.concatenate([g['valid'] for g in gathered]).astype(bool)
-    totals['examples'] = {k: np.concatenate([g[k] for g in gathered])[keep]
-                          for k in gathered[0] if k != 'valid'}
+    keep = np.concatenate([g["valid"] for g in gathered]).astype(bool)
+    totals["examples"] = {k: np.concatenate([g[k] for g in gathered])[keep]
+                          for k in gathered[0] if k != "valid"}
   return task.summarize(totals)
 
 
@@ -121,8 +121,8 @@ def itstime(step: int, every: int, total: int) -> bool:
 def _per_host(global_size: int, name: str, mesh) -> int:
   per_host, rem = divmod(global_size, jax.process_count())
   if rem or per_host % mesh.local_mesh.size:
-    raise ValueError(f'train.{name}={global_size} must divide by the device count '
-                     f'({mesh.size} on {jax.process_count()} processes)')
+    raise ValueError(f"train.{name}={global_size} must divide by the device count "
+                     f"({mesh.size} on {jax.process_count()} processes)")
   return per_host
 
 
@@ -170,24 +170,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, model, p
   """
   process0 = jax.process_index() == 0
   mesh = steps.make_mesh()
-  host_batch = _per_host(config.batch_size, 'batch_size', mesh)
+  host_batch = _per_host(config.batch_size, "batch_size", mesh)
   if (config.batch_size // mesh.size) % config.micro_batches:
-    raise ValueError(f'train.batch_size / devices = {config.batch_size // mesh.size} does not '
-                     f'split into train.micro_batches={config.micro_batches}')
-  host_eval_batch = _per_host(config.eval_batch_size, 'eval_batch_size', mesh)
+    raise ValueError(f"train.batch_size / devices = {config.batch_size // mesh.size} does not "
+                     f"split into train.micro_batches={config.micro_batches}")
+  host_eval_batch = _per_host(config.eval_batch_size, "eval_batch_size", mesh)
   dtype = compute_dtype(config.compute_dtype)
   apply_fn = apply_fn or steps.flax_apply_fn(model)
   saved_config = stage_config if stage_config is not None else config
 
   tx = optim.make_optimizer(config)
   state = steps.replicate(create_state(params, tx, config.seed), mesh)
-  ckpt = checkpoint.Checkpointer(str(epath.Path(workdir) / 'checkpoints'),
+  ckpt = checkpoint.Checkpointer(str(epath.Path(workdir) / "checkpoints"),
                                  config.keep_checkpoints, config.best_metric)
   latest = ckpt.latest_step()
   if latest is not None:
     state, iterator_state = ckpt.restore(latest, state)
     train_iter.set_state(iterator_state)
-    logging.info('resumed from step %d in %s', latest, workdir)
+    logging.info("resumed from step %d in %s", latest, workdir)
 
   train_step = steps.make_train_step(
       apply_fn, task.loss_fn, tx, mesh,
@@ -206,19 +206,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, model, p
       try:
         batch = next(train_iter)
       except StopIteration:
-        raise ValueError(f'the training data ran out at step {step}; train_iter must '
-                         'repeat the data (epochs) for as long as num_steps needs') from None
-      size = len(batch['image'])
+        raise ValueError(f"the training data ran out at step {step}; train_iter must "
+                         "repeat the data (epochs) for as long as num_steps needs") from None
+      size = len(batch["image"])
       if size != host_batch:
-        raise ValueError(f'a training batch has {size} examples on this host; expected '
-                         f'train.batch_size / process_count = {host_batch}')
+        raise ValueError(f"a training batch has {size} examples on this host; expected "
+                         f"train.batch_size / process_count = {host_batch}")
       state, metrics = train_step(state, steps.shard_batch(batch, mesh))
       metrics = jax.device_get(metrics)
-      step = int(metrics['step'])
-      if not metrics['finite']:
-        logging.warning('step %d: non-finite loss or gradient, update skipped (%d in a row)',
-                        step, metrics['nonfinite_run'])
-        if metrics['nonfinite_run'] >= config.max_nonfinite_in_a_row:
+      step = int(metrics["step"])
+      if not metrics["finite"]:
+        logging.warning("step %d: non-finite loss or gradient, update skipped (%d in a row)",
+                        step, metrics["nonfinite_run"])
+        if metrics["nonfinite_run"] >= config.max_nonfinite_in_a_row:
           raise NonFiniteError(
               f'stopping: {int(metrics["nonfinite_run"])} consecutive steps had a non-finite '
               f'loss or gradient (train.max_nonfinite_in_a_row='
@@ -230,10 +230,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, model, p
         if itstime(step, config.log_every, config.num_steps):
           seconds = time.perf_counter() - window_start
           summary = {k: float(np.mean([m[k] for m in window]))
-                     for k in ('loss', 'grad_norm', 'learning_rate')}
-          summary['volumes_per_second'] = len(window) * config.batch_size / seconds
-          summary['nonfinite_total'] = int(metrics['nonfinite_total'])
-          logger.write(step, 'train', summary)
+                     for k in ("loss", "grad_norm", "learning_rate")}
+          summary["volumes_per_second"] = len(window) * config.batch_size / seconds
+          summary["nonfinite_total"] = int(metrics["nonfinite_total"])
+          logger.write(step, "train", summary)
           bar.set_postfix(loss=f"{summary['loss']:.4f}",
                           vol_s=f"{summary['volumes_per_second']:.2f}")
           window, window_start = [], time.perf_counter()
@@ -242,13 +242,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, model, p
           evaluated = last_eval = evaluate(eval_step, state.ema_params, eval_batches(), task,
                                            host_eval_batch, mesh)
           if config.best_metric not in evaluated:
-            raise ValueError(f'train.best_metric={config.best_metric!r} is not one of the '
-                             f'evaluation metrics {sorted(evaluated)}')
+            raise ValueError(f"train.best_metric={config.best_metric!r} is not one of the "
+                             f"evaluation metrics {sorted(evaluated)}")
           if np.isnan(evaluated[config.best_metric]):
-            logging.warning('step %d: train.best_metric %s is NaN (e.g. an AUC with one class '
-                            'absent); this checkpoint cannot be the best', step, config.best_metric)
-          logger.write(step, 'eval', evaluated)
-          logging.info('step %d eval (EMA): %s', step, evaluated)
+            logging.warning("step %d: train.best_metric %s is NaN (e.g. an AUC with one class "
+                            "absent); this checkpoint cannot be the best", step, config.best_metric)
+          logger.write(step, "eval", evaluated)
+          logging.info("step %d eval (EMA): %s", step, evaluated)
         if evaluated is not None or itstime(step, config.checkpoint_every, config.num_steps):
           ckpt.save(step, state, train_iter.get_state(), saved_config, evaluated)
           last_saved = step
@@ -257,14 +257,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, model, p
           ckpt.save(step, state, train_iter.get_state(), saved_config)
         ckpt.wait()
         signum = stop.signum or signal.SIGTERM
-        logging.warning('signal %d: checkpoint of step %d written, exiting', signum, step)
+        logging.warning("signal %d: checkpoint of step %d written, exiting", signum, step)
         raise SystemExit(128 + signum)
   finally:
     ckpt.wait()
     stop.restore()
     bar.close()
     logger.close()
-  result = {'state': state, 'step': step, 'best_step': ckpt.best_step(), 'eval': last_eval,
-            'nonfinite_total': int(jax.device_get(state.nonfinite_total))}
+  result = {"state": state, "step": step, "best_step": ckpt.best_step(), "eval": last_eval,
+            "nonfinite_total": int(jax.device_get(state.nonfinite_total))}
   ckpt.close()
   return result

@@ -10,12 +10,12 @@ def make_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
   'cosine': linear warmup 0 -> ``learning_rate`` over ``warmup_steps``, then
   cosine decay to ``final_learning_rate`` at ``num_steps``.
   """
-  if config.schedule == 'constant':
+  if config.schedule == "constant":
     return optax.constant_schedule(config.learning_rate)
-  if config.schedule == 'cosine':
+  if config.schedule == "cosine":
     if config.warmup_steps >= config.num_steps:
-      raise ValueError(f'train.warmup_steps ({config.warmup_steps}) must be '
-                       f'below train.num_steps ({config.num_steps})')
+      raise ValueError(f"train.warmup_steps ({config.warmup_steps}) must be "
+                       f"below train.num_steps ({config.num_steps})")
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=config.learning_rate,
         warmup_steps=config.warmup_steps, decay_steps=config.num_steps,
@@ -25,13 +25,13 @@ def make_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
 
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
   """AdamW (or Adam) with the config's schedule, after optional norm clipping."""
-  if config.optimizer not in ('adamw', 'adam'):
+  if config.optimizer not in ("adamw", "adam"):
     raise ValueError(f"train.optimizer must be 'adamw' or 'adam', got {config.optimizer!r}")
-  weight_decay = config.weight_decay if config.optimizer == 'adamw' else 0.0
+  weight_decay = config.weight_decay if config.optimizer == "adamw" else 0.0
   adamw = optax.adamw(make_schedule(config), b1=config.b1, b2=config.b2,
                       eps=config.eps, weight_decay=weight_decay)
   if config.clip_norm < 0:
-    raise ValueError(f'train.clip_norm must be >= 0, got {config.clip_norm}')
+    raise ValueError(f"train.clip_norm must be >= 0, got {config.clip_norm}")
   if config.clip_norm:
     return optax.chain(optax.clip_by_global_norm(config.clip_norm), adamw)
   return adamw
@@ -42,7 +42,7 @@ def resolve_ema_decay(ema_decay: float | None, num_classes: int | None) -> float
   if ema_decay is None:
     return 0.995 if num_classes == 2 else 0.99
   if not 0.0 <= ema_decay < 1.0:
-    raise ValueError(f'train.ema_decay must be in [0, 1), got {ema_decay}')
+    raise ValueError(f"train.ema_decay must be in [0, 1), got {ema_decay}")
   return float(ema_decay)
 
 

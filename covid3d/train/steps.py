@@ -49,7 +49,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from covid3d.train import optim
 from covid3d.train.state import TrainState
 
-AXIS = 'data'
+AXIS = "data"
 ApplyFn = Callable[[Any, jax.Array, bool, Any], Any]
 LossFn = Callable[[Any, dict], tuple[jax.Array, jax.Array]]
 AugmentFn = Callable[[jax.Array, dict], dict]
@@ -86,7 +86,7 @@ def shard_batch(batch: dict, mesh: Mesh) -> dict:
   for name, value in batch.items():
     if np.shape(value)[0] % local_devices:
       raise ValueError(f"batch['{name}'] has {np.shape(value)[0]} examples on this host, "
-                       f'not divisible by its {local_devices} devices')
+                       f"not divisible by its {local_devices} devices")
   return jax.tree.map(
       lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch)
 
@@ -98,7 +98,7 @@ def flax_apply_fn(model, mean: float = 0.0, std: float = 1.0) -> ApplyFn:
   intensity statistics; the defaults leave them as they are).
   """
   def apply_fn(params, x, deterministic, rngs):
-    return model.apply({'params': params}, (x - mean) / std, deterministic=deterministic,
+    return model.apply({"params": params}, (x - mean) / std, deterministic=deterministic,
                        rngs=rngs)
   return apply_fn
 
@@ -106,7 +106,7 @@ def flax_apply_fn(model, mean: float = 0.0, std: float = 1.0) -> ApplyFn:
 def _model_forward(apply_fn: ApplyFn, params, x, keys):
   """Training forward pass, vmapped over single examples with their own keys."""
   def one(xi, key):
-    out = apply_fn(params, xi[None], False, {'dropout': key})
+    out = apply_fn(params, xi[None], False, {"dropout": key})
     return jax.tree.map(lambda o: o[0], out)
   return jax.vmap(one)(x, keys)
 
@@ -129,7 +129,7 @@ def _example_keys(state: TrainState, index: jax.Array) -> jax.Array:
 def make_train_step(apply_fn: ApplyFn, loss_fn: LossFn, tx: optax.GradientTransformation,
                     mesh: Mesh, *, ema_decay: float, micro_batches: int = 1,
                     augment_fn: AugmentFn | None = None, compute_dtype=jnp.float32,
-                    schedule: optax.Schedule | None = None, input_key: str = 'image'):
+                    schedule: optax.Schedule | None = None, input_key: str = "image"):
   """Builds ``train_step(state, batch) -> (state, metrics)``.
 
   Args:
@@ -156,8 +156,8 @@ def make_train_step(apply_fn: ApplyFn, loss_fn: LossFn, tx: optax.GradientTransf
   def per_device(state: TrainState, batch: dict):
     local = batch[input_key].shape[0]
     if local % micro_batches:
-      raise ValueError(f'{local} examples per device do not split into '
-                       f'train.micro_batches={micro_batches}')
+      raise ValueError(f"{local} examples per device do not split into "
+                       f"train.micro_batches={micro_batches}")
     keys = _example_keys(state, lax.axis_index(AXIS) * local + jnp.arange(local))
 
     def objective(params, micro, drop_keys):
@@ -170,7 +170,7 @@ def make_train_step(apply_fn: ApplyFn, loss_fn: LossFn, tx: optax.GradientTransf
     # Differentiate a device-varying copy of the replicated params: the
     # gradients stay per-device (pmap style) until the explicit pmean below;
     # w.r.t. the replicated params shard_map would psum them implicitly.
-    local_params = lax.pcast(state.params, AXIS, to='varying')
+    local_params = lax.pcast(state.params, AXIS, to="varying")
 
     def accumulate(carry, xs):
       grads, loss_sum, weight_sum = carry
@@ -182,7 +182,7 @@ def make_train_step(apply_fn: ApplyFn, loss_fn: LossFn, tx: optax.GradientTransf
     split = lambda a: a.reshape((micro_batches, local // micro_batches) + a.shape[1:])
     # The carry varies over devices (it depends on each device's data).
     zeros = lax.pcast((jax.tree.map(jnp.zeros_like, state.params), jnp.zeros(()), jnp.zeros(())),
-                      AXIS, to='varying')
+                      AXIS, to="varying")
     (grads, loss_sum, weight_sum), _ = lax.scan(
         accumulate, zeros,
         (jax.tree.map(split, batch), split(keys[:, 1])))
@@ -206,11 +206,11 @@ def make_train_step(apply_fn: ApplyFn, loss_fn: LossFn, tx: optax.GradientTransf
         nonfinite_total=state.nonfinite_total + skipped,
         nonfinite_run=jnp.where(finite, 0, state.nonfinite_run + 1))
     lr = schedule(state.step) if schedule is not None else jnp.nan
-    metrics = {'loss': loss, 'weight': weight * lax.axis_size(AXIS),
-               'grad_norm': optax.tree.norm(grads), 'finite': finite,
-               'learning_rate': jnp.asarray(lr, jnp.float32), 'step': new_state.step,
-               'nonfinite_total': new_state.nonfinite_total,
-               'nonfinite_run': new_state.nonfinite_run}
+    metrics = {"loss": loss, "weight": weight * lax.axis_size(AXIS),
+               "grad_norm": optax.tree.norm(grads), "finite": finite,
+               "learning_rate": jnp.asarray(lr, jnp.float32), "step": new_state.step,
+               "nonfinite_total": new_state.nonfinite_total,
+               "nonfinite_run": new_state.nonfinite_run}
     return new_state, metrics
 
   sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(AXIS)),
@@ -233,7 +233,7 @@ def make_train_step(apply_fn: ApplyFn, loss_fn: LossFn, tx: optax.GradientTransf
 
 
 def make_eval_step(apply_fn: ApplyFn, eval_fn: EvalFn, mesh: Mesh, *,
-                   compute_dtype=jnp.float32, input_key: str = 'image'):
+                   compute_dtype=jnp.float32, input_key: str = "image"):
   """Builds ``eval_step(params, batch) -> (sums, examples)``.
 
   ``sums``: ``eval_fn``'s sums over the global batch (replicated). ``examples``:
@@ -245,9 +245,9 @@ def make_eval_step(apply_fn: ApplyFn, eval_fn: EvalFn, mesh: Mesh, *,
     outputs = apply_fn(_cast(params, compute_dtype),
                        batch[input_key].astype(compute_dtype), True, None)
     sums = dict(eval_fn(_cast(outputs, jnp.float32), batch))
-    examples = sums.pop('examples', {})
+    examples = sums.pop("examples", {})
     if examples:
-      examples = dict(examples, valid=batch['valid'])
+      examples = dict(examples, valid=batch["valid"])
     return jax.tree.map(lambda s: lax.psum(s, AXIS), sums), examples
 
   sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(AXIS)),

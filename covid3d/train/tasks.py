@@ -31,11 +31,11 @@ class Task:
   num_classes: int | None = None
 
 
-def _valid(batch, n, key='valid'):
+def _valid(batch, n, key="valid"):
   return jnp.asarray(batch[key], bool) if key in batch else jnp.ones((n,), bool)
 
 
-def classification_task(num_classes: int, class_counts=None, label_key: str = 'label',
+def classification_task(num_classes: int, class_counts=None, label_key: str = "label",
                         weights_key: str | None = None) -> Task:
   """Softmax classification; balanced cross entropy when ``class_counts`` is given.
 
@@ -67,22 +67,22 @@ def classification_task(num_classes: int, class_counts=None, label_key: str = 'l
     labels = jnp.asarray(batch[label_key], jnp.int32)
     counted = (labels >= 0) & _valid(batch, labels.shape[0])
     n = jnp.sum(counted.astype(jnp.float32))
-    return {'confusion': metrics.confusion_matrix(labels, jnp.argmax(logits, -1),
+    return {"confusion": metrics.confusion_matrix(labels, jnp.argmax(logits, -1),
                                                   num_classes, mask=counted),
-            'loss_sum': losses.cross_entropy(logits, labels, None, counted) * n,
-            'count': n}
+            "loss_sum": losses.cross_entropy(logits, labels, None, counted) * n,
+            "count": n}
 
   def summarize(sums):
-    cm = np.asarray(sums['confusion'])
-    out = {'macro_f1': float(metrics.macro_f1(cm)), 'accuracy': float(metrics.accuracy(cm)),
-           'loss': float(sums['loss_sum'] / max(float(sums['count']), 1.0))}
-    out.update({f'f1_{k}': float(f) for k, f in enumerate(np.asarray(metrics.f1_per_class(cm)))})
+    cm = np.asarray(sums["confusion"])
+    out = {"macro_f1": float(metrics.macro_f1(cm)), "accuracy": float(metrics.accuracy(cm)),
+           "loss": float(sums["loss_sum"] / max(float(sums["count"]), 1.0))}
+    out.update({f"f1_{k}": float(f) for k, f in enumerate(np.asarray(metrics.f1_per_class(cm)))})
     return out
 
   return Task(loss_fn, eval_fn, summarize, num_classes)
 
 
-def segmentation_task(mask_key: str = 'mask') -> Task:
+def segmentation_task(mask_key: str = "mask") -> Task:
   """Binary lesion segmentation: soft Dice + BCE, scored by the Dice of the hard mask.
 
   The training Dice is per example (``per_example=True``) so the update does
@@ -103,9 +103,9 @@ def segmentation_task(mask_key: str = 'mask') -> Task:
   def eval_fn(logits, batch):
     mask = jnp.asarray(batch[mask_key]).reshape(logits.shape)
     intersection, total = metrics.dice_terms(logits > 0, mask, _valid(batch, logits.shape[0]))
-    return {'intersection': intersection, 'total': total}
+    return {"intersection": intersection, "total": total}
 
   def summarize(sums):
-    return {'dice': float(metrics.dice_from_terms(sums['intersection'], sums['total']))}
+    return {"dice": float(metrics.dice_from_terms(sums["intersection"], sums["total"]))}
 
   return Task(loss_fn, eval_fn, summarize)

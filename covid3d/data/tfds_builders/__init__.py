@@ -9,15 +9,15 @@ Read with `covid3d.data.pipeline.tfds_source('NAME/CONFIG', split, data_dir)`.
 """
 import importlib
 
-NAMES = ('cov19ctdb', 'lesions', 'stoic', 'phantom')
+NAMES = ("cov19ctdb", "lesions", "stoic", "phantom")
 
 
 def builder_class(name: str):
   """The builder class of dataset `name` (one of NAMES)."""
   if name not in NAMES:
-    raise ValueError(f'unknown dataset {name!r}; choose from {NAMES}')
+    raise ValueError(f"unknown dataset {name!r}; choose from {NAMES}")
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  importlib.import_module(f'{__name__}.{name}')
+  importlib.import_module(f"{__name__}.{name}")
   return tfds.builder_cls(name)
 
 

@@ -18,12 +18,12 @@ from covid3d.data import readers
 from covid3d.data import schema
 from covid3d.data.skips import SkipLog
 
-FILE_FORMAT = 'array_record'
-CACHE_SUBDIR = 'covid3d_cache'
+FILE_FORMAT = "array_record"
+CACHE_SUBDIR = "covid3d_cache"
 # Folder names of the optional partitions (the readers' own tables); 'train'
 # is always listed, STOIC has 'train' only.
-_PARTITION_DIRS = {'cov19ctdb': read_cov19ctdb.PARTITION_DIRS,
-                   'lesions': read_lesions.PARTITION_DIRS, 'stoic': {}}
+_PARTITION_DIRS = {"cov19ctdb": read_cov19ctdb.PARTITION_DIRS,
+                   "lesions": read_lesions.PARTITION_DIRS, "stoic": {}}
 
 
 def dataset_splits(roots: Mapping[str, epath.PathLike], *, strict: bool,
@@ -43,12 +43,12 @@ def dataset_splits(roots: Mapping[str, epath.PathLike], *, strict: bool,
   splits = {}
   for name, root in roots.items():
     root = epath.Path(root)
-    for partition, dirs in {'train': (), **_PARTITION_DIRS[name]}.items():
-      if partition != 'train' and not any((root / d).is_dir() for d in dirs):
+    for partition, dirs in {"train": (), **_PARTITION_DIRS[name]}.items():
+      if partition != "train" and not any((root / d).is_dir() for d in dirs):
         continue
       refs = readers.DATASETS[name](root, partition, strict=strict,
                                     skips=skips)
-      splits[f'{name}_{partition}' if prefix else partition] = refs
+      splits[f"{name}_{partition}" if prefix else partition] = refs
   return splits
 
 
@@ -70,12 +70,12 @@ def scan_configs(config_cls=ScanConfig, **extra) -> list[ScanConfig]:
   small cube can feed the model directly or be cropped to 32.
   """
   return [
-      config_cls(name='default', sizes=(256, 224),
-                 description='Volumes resampled to 256^3 and 224^3 (paper).',
-                 **extra.get('default', {})),
-      config_cls(name='demo', sizes=(64, 32),
-                 description='Small cubes 64^3 and 32^3 for demos and tests.',
-                 **extra.get('demo', {})),
+      config_cls(name="default", sizes=(256, 224),
+                 description="Volumes resampled to 256^3 and 224^3 (paper).",
+                 **extra.get("default", {})),
+      config_cls(name="demo", sizes=(64, 32),
+                 description="Small cubes 64^3 and 32^3 for demos and tests.",
+                 **extra.get("demo", {})),
   ]
 
 
@@ -95,13 +95,13 @@ class ScanRecordBuilder(tfds.core.GeneratorBasedBuilder,
   writes it to `<cache dir>/skips.json`.
   """
 
-  VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'Initial release.'}
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "Initial release."}
   BUILDER_CONFIGS = scan_configs()
-  DEFAULT_CONFIG_NAME = 'default'
-  DATASET = ''  # the key of covid3d.data.readers.DATASETS to list scans with
-  DESCRIPTION = ''
-  HOMEPAGE = ''
+  DEFAULT_CONFIG_NAME = "default"
+  DATASET = ""  # the key of covid3d.data.readers.DATASETS to list scans with
+  DESCRIPTION = ""
+  HOMEPAGE = ""
 
   def __init__(self, *,
                file_format: str | tfds.core.FileFormat = FILE_FORMAT,
@@ -116,8 +116,8 @@ class ScanRecordBuilder(tfds.core.GeneratorBasedBuilder,
     """
     if (tfds.core.FileFormat.from_value(file_format) !=
         tfds.core.FileFormat.ARRAY_RECORD):
-      raise ValueError(f'file_format={file_format!r}: covid3d datasets are '
-                       f'written as {FILE_FORMAT} only')
+      raise ValueError(f"file_format={file_format!r}: covid3d datasets are "
+                       f"written as {FILE_FORMAT} only")
     self._workers = workers
     self._strict = strict
     super().__init__(file_format=FILE_FORMAT, **kwargs)
@@ -154,8 +154,8 @@ class ScanRecordBuilder(tfds.core.GeneratorBasedBuilder,
                                    workers=self._workers, strict=self._strict,
                                    skips=skips)
     if not paths:
-      raise ValueError(f'{self.name} split {split!r}: none of its {len(refs)} '
-                       f'scans could be read; {skips.summary()}')
+      raise ValueError(f"{self.name} split {split!r}: none of its {len(refs)} "
+                       f"scans could be read; {skips.summary()}")
     index = self.info.metadata[split] = []
     for key, path in enumerate(paths):
       record = schema.select_fields(preprocess.read_record(path), sizes)

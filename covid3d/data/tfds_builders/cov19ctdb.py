@@ -11,9 +11,9 @@ class Cov19ctdb(base.ScanRecordBuilder):
   (when its folder is present).
   """
 
-  DATASET = 'cov19ctdb'
+  DATASET = "cov19ctdb"
   DESCRIPTION = __doc__
-  HOMEPAGE = 'https://mlearn.lincoln.ac.uk/eccv-2022-ai-mia/'
+  HOMEPAGE = "https://mlearn.lincoln.ac.uk/eccv-2022-ai-mia/"
   MANUAL_DOWNLOAD_INSTRUCTIONS = """
   COV19-CT-DB is given out by the organisers of the AI-MIA / MIA-COV19D
   challenges after registration (see the homepage). Extract it so that the

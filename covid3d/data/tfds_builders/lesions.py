@@ -10,9 +10,9 @@ class Lesions(base.ScanRecordBuilder):
   validation and test when their folders are present.
   """
 
-  DATASET = 'lesions'
+  DATASET = "lesions"
   DESCRIPTION = __doc__
-  HOMEPAGE = 'https://covid-segmentation.grand-challenge.org/'
+  HOMEPAGE = "https://covid-segmentation.grand-challenge.org/"
   MANUAL_DOWNLOAD_INSTRUCTIONS = """
   Register for the COVID-19-20 challenge on grand-challenge.org (see the
   homepage) and download the data. Extract it so that the manual dir holds:

@@ -32,8 +32,8 @@ class Phantom(base.ScanRecordBuilder):
   """
 
   BUILDER_CONFIGS = base.scan_configs(
-      PhantomConfig, default={'scans_per_dataset': 64},
-      demo={'scans_per_dataset': 16})
+      PhantomConfig, default={"scans_per_dataset": 64},
+      demo={"scans_per_dataset": 16})
   DESCRIPTION = __doc__
   MANUAL_DOWNLOAD_INSTRUCTIONS = """
   Nothing to download: the phantom is written into the manual dir (default
@@ -46,7 +46,7 @@ class Phantom(base.ScanRecordBuilder):
     manager = super()._make_download_manager(download_dir, download_config)
     # Same default as tfds: <download_dir>/manual.
     manual = epath.Path(download_config.manual_dir or
-                        epath.Path(manager.download_dir) / 'manual')
+                        epath.Path(manager.download_dir) / "manual")
     if not manual.exists() or not any(manual.iterdir()):
       config = self.builder_config
       phantom_writers.write_all(str(manual), config.seed,

@@ -10,9 +10,9 @@ class Stoic(base.ScanRecordBuilder):
   set).
   """
 
-  DATASET = 'stoic'
+  DATASET = "stoic"
   DESCRIPTION = __doc__
-  HOMEPAGE = 'https://stoic2021.grand-challenge.org/'
+  HOMEPAGE = "https://stoic2021.grand-challenge.org/"
   MANUAL_DOWNLOAD_INSTRUCTIONS = """
   Download the public STOIC2021 training set (the homepage links to it). The
   manual dir must hold:

@@ -1,0 +1,144 @@
+"""Exports a trained fold ensemble as one self-contained file.
+
+  python -m covid3d.export --model=R/severity_segmia --out=severity.covid3d
+
+The file is a zip archive:
+
+* ``model.stablehlo``: ``jax.export`` serialisation of ``probs = f(params, x)``,
+  the mean softmax of the folds; ``x`` float32 ``(B, s, s, s, 1)`` in [0, 1]
+  (any batch size B), ``probs`` float32 ``(B, K)``; the normalisation is inside.
+* ``params.npz``: the folds' weights, ``p00000``, ``p00001``, ... in the order
+  of ``f``'s first argument (a flat tuple).
+* ``meta.json``: ``format``, ``classes`` (K names), ``input_size`` s, and the
+  preprocessing to apply first (``preprocess``: HU window, slice-image scaling,
+  resampling), ``folds`` and the workdir it came from.
+
+Running it needs JAX alone, not covid3d::
+
+  import json, zipfile, numpy as np, jax
+  z = zipfile.ZipFile("severity.covid3d")
+  f = jax.export.deserialize(bytearray(z.read("model.stablehlo")))
+  params = np.load(z.open("params.npz"))
+  leaves = tuple(params[k] for k in sorted(params.files))
+  probs = f.call(leaves, x)   # x: float32 (B, s, s, s, 1) preprocessed as meta.json says
+
+``python -m covid3d.infer --model=severity.covid3d SCAN ...`` reads such a file
+too.
+"""
+import argparse
+import dataclasses
+import io
+import json
+import sys
+import zipfile
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from covid3d.data import preprocess
+from covid3d.data.read_common import HU_WINDOW
+from covid3d.models import build
+
+FORMAT = "covid3d-ensemble-1"
+PROG = "python -m covid3d.export"
+
+
+@dataclasses.dataclass(frozen=True)
+class Predictor:
+  """Mean-softmax probabilities of a fold ensemble: ``fn(x)`` on float32 (B, s, s, s, 1)."""
+  fn: Callable
+  names: tuple
+  input_size: int
+  folds: tuple
+
+
+def ensemble_fn(config, ensemble):
+  """``f(leaves, x)``: the fold ensemble's mean softmax; ``leaves`` the folds' flat weights."""
+  apply_fn = build.apply_fn(ensemble.model, config, ensemble.label)
+  treedef = jax.tree_util.tree_structure(ensemble.params)
+
+  def f(leaves, x):
+    params = jax.tree_util.tree_unflatten(treedef, leaves)
+    probs = [jax.nn.softmax(apply_fn(p, x, True, None).astype(jnp.float32), axis=-1)
+             for p in params]
+    return jnp.mean(jnp.stack(probs), axis=0)
+  return f, tuple(np.asarray(leaf) for leaf in jax.tree_util.tree_leaves(ensemble.params))
+
+
+def workdir_predictor(config, ensemble) -> Predictor:
+  """The ensemble of a fine-tuning workdir as a Predictor (jit-compiled)."""
+  f, leaves = ensemble_fn(config, ensemble)
+  forward = jax.jit(f)
+  return Predictor(lambda x: np.asarray(forward(leaves, jnp.asarray(x))), ensemble.names,
+                   min(config.data.sizes), ensemble.folds)
+
+
+def export(config, ensemble, model_dir) -> bytes:
+  """The zip archive (module doc) of ``ensemble``, as bytes."""
+  f, leaves = ensemble_fn(config, ensemble)
+  size = min(config.data.sizes)
+  batch = jax.export.symbolic_shape("b")[0]
+  x_spec = jax.ShapeDtypeStruct((batch, size, size, size, 1), jnp.float32)
+  leaf_specs = tuple(jax.ShapeDtypeStruct(leaf.shape, leaf.dtype) for leaf in leaves)
+  exported = jax.export.export(jax.jit(f))(leaf_specs, x_spec)
+  meta = {"format": FORMAT, "classes": list(ensemble.names), "input_size": size,
+          "folds": list(ensemble.folds), "source": str(model_dir),
+          "preprocess": {"hu_window": list(HU_WINDOW), "slice_images": "value / 255",
+                         "resample": "cubic spline to the cube, clipped to [0, 1]",
+                         "settings": preprocess.settings((size,))}}
+  params = io.BytesIO()
+  np.savez(params, **{f"p{i:05d}": leaf for i, leaf in enumerate(leaves)})
+  out = io.BytesIO()
+  with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as z:
+    z.writestr("meta.json", json.dumps(meta, indent=1))
+    z.writestr("model.stablehlo", bytes(exported.serialize()))
+    z.writestr("params.npz", params.getvalue())
+  return out.getvalue()
+
+
+def load(path) -> Predictor:
+  """A Predictor from an exported file.
+
+  Raises:
+    ValueError: not a covid3d export (or another format version).
+  """
+  try:
+    z = zipfile.ZipFile(path)
+    meta = json.loads(z.read("meta.json"))
+  except (OSError, KeyError, zipfile.BadZipFile, json.JSONDecodeError) as e:
+    raise ValueError(f"{path}: not a covid3d export ({type(e).__name__}: {e})") from None
+  if meta.get("format") != FORMAT:
+    raise ValueError(f"{path}: format {meta.get('format')!r}, this covid3d reads {FORMAT!r}")
+  f = jax.export.deserialize(bytearray(z.read("model.stablehlo")))
+  with z.open("params.npz") as p:
+    params = np.load(p)
+    leaves = tuple(params[k] for k in sorted(params.files))
+  return Predictor(lambda x: np.asarray(f.call(leaves, jnp.asarray(x, jnp.float32))),
+                   tuple(meta["classes"]), int(meta["input_size"]), tuple(meta["folds"]))
+
+
+def main(argv=None) -> int:
+  from covid3d import infer  # pylint: disable=import-outside-toplevel
+  from covid3d.stages import handoff  # pylint: disable=import-outside-toplevel
+  parser = argparse.ArgumentParser(prog=PROG, allow_abbrev=False,
+                                   description=__doc__.split("\n\n")[0])
+  parser.add_argument("--model", required=True, help="a finished severity or detection workdir")
+  parser.add_argument("--out", required=True, help="the file to write")
+  args = parser.parse_args(argv)
+  try:
+    config, ensemble = infer.load_model(args.model)
+  except handoff.HandOffError as e:
+    print(f"{PROG}: {e}", file=sys.stderr)
+    return 2
+  data = export(config, ensemble, args.model)
+  with open(args.out, "wb") as f:
+    f.write(data)
+  print(f"{args.out}: {len(ensemble.folds)} fold model(s), {', '.join(ensemble.names)}; "
+        f"{len(data) / 2**20:.1f} MiB")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
