@@ -35,11 +35,13 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 from covid3d.data import preprocess
 from covid3d.data.read_common import HU_WINDOW
 from covid3d.models import build
+from covid3d.stages import handoff, predict
 
 FORMAT = "covid3d-ensemble-1"
 PROG = "python -m covid3d.export"
@@ -52,6 +54,21 @@ class Predictor:
   names: tuple
   input_size: int
   folds: tuple
+
+
+def load_model(model_dir) -> tuple[ml_collections.ConfigDict, predict.Ensemble]:
+  """(the workdir's saved config, its fold ensemble).
+
+  Raises:
+    HandOffError: not a finished severity or detection workdir.
+  """
+  info = handoff.stage_info(model_dir)
+  if info.get("stage") not in handoff.TARGETS:
+    raise handoff.HandOffError(
+        f"{model_dir} ran the stage {info.get('stage')!r}: --model must be a finished "
+        f"{' or '.join(handoff.TARGETS)} workdir")
+  config = ml_collections.ConfigDict(info)
+  return config, predict.load_ensemble(config, model_dir)
 
 
 def ensemble_fn(config, ensemble):
@@ -120,15 +137,13 @@ def load(path) -> Predictor:
 
 
 def main(argv=None) -> int:
-  from covid3d import infer  # pylint: disable=import-outside-toplevel
-  from covid3d.stages import handoff  # pylint: disable=import-outside-toplevel
   parser = argparse.ArgumentParser(prog=PROG, allow_abbrev=False,
                                    description=__doc__.split("\n\n")[0])
   parser.add_argument("--model", required=True, help="a finished severity or detection workdir")
   parser.add_argument("--out", required=True, help="the file to write")
   args = parser.parse_args(argv)
   try:
-    config, ensemble = infer.load_model(args.model)
+    config, ensemble = load_model(args.model)
   except handoff.HandOffError as e:
     print(f"{PROG}: {e}", file=sys.stderr)
     return 2

@@ -25,12 +25,11 @@ import logging
 import sys
 from pathlib import Path
 
-import ml_collections
 import numpy as np
 
 from covid3d import export
 from covid3d.data import preprocess, readers, schema
-from covid3d.stages import handoff, predict
+from covid3d.stages import handoff
 
 PROG = "python -m covid3d.infer"
 
@@ -41,21 +40,6 @@ class Row:
   scan: str
   probs: np.ndarray | None = None
   error: str = ""
-
-
-def load_model(model_dir) -> tuple[ml_collections.ConfigDict, predict.Ensemble]:
-  """(the workdir's saved config, its fold ensemble).
-
-  Raises:
-    HandOffError: not a finished severity or detection workdir.
-  """
-  info = handoff.stage_info(model_dir)
-  if info.get("stage") not in handoff.TARGETS:
-    raise handoff.HandOffError(
-        f"{model_dir} ran the stage {info.get('stage')!r}: --model must be a finished "
-        f"{' or '.join(handoff.TARGETS)} workdir")
-  config = ml_collections.ConfigDict(info)
-  return config, predict.load_ensemble(config, model_dir)
 
 
 def load_predictor(model) -> export.Predictor:
@@ -69,7 +53,7 @@ def load_predictor(model) -> export.Predictor:
       return export.load(model)
     except ValueError as e:
       raise handoff.HandOffError(str(e)) from None
-  return export.workdir_predictor(*load_model(model))
+  return export.workdir_predictor(*export.load_model(model))
 
 
 def read_scans(paths, size: int) -> tuple[list[Row], list[np.ndarray]]:

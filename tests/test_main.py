@@ -45,7 +45,7 @@ def test_demo_suffix_selects_the_demo_config_and_overrides_apply():
   demo.train.num_steps = 3
   assert parsed.to_dict() == demo.to_dict()
   assert _parse(f"--config={SEVERITY}").to_dict() == full.to_dict()
-  with pytest.raises(ValueError, match="unknown config argument 'nope': use ':demo' or nothing"):
+  with pytest.raises(ValueError, match="unknown config argument 'nope': use one of demo, authors1"):
     _get_config("nope")
 
 
