@@ -12,7 +12,7 @@ from the stage workdir beside its own (R/<stage> for the workdir R/x):
   table2_1g, table2_2g  Table 2: ImageNet with 1G / 2G inflation
   table3_random       Table 3: random initialisation
 (the other rows of Tables 1-3 are authors1..authors4 with the 5-fold ensemble:
-``--config.predict.folds=()``).
+an empty ``--config.predict.folds=``).
 """
 from covid3d import config as base
 

@@ -132,10 +132,14 @@ def finetune_config(target: str, arg, epochs: int, labelled_scans: int,
   c = get_config(target)
   c.augment.noise.space = "input"     # the authors add fine-tuning noise to the normalised input
   c.predict = ml_collections.ConfigDict()
-  # Fold models in the ensemble; (): all, (4,): the code's fold 5.
-  c.predict.folds = ()
-  c.predict.partitions = ("validation", "test")
+  # Fold models in the ensemble, comma-separated: '' all, '4' the code's fold 5 alone.
+  c.predict.folds = ""
+  c.predict.partitions = "validation,test"  # COV19-CT-DB partitions predicted, comma-separated
+  # The preset the config file's argument named (``finetune_preset``; '' = none),
+  # recorded for the report, which puts the paper's figure beside a preset's run.
+  c.preset = ""
   c = finalize(c, arg, presets)
+  c.preset = ",".join(w for w in _words(arg) if w != "demo")
   folds = c.data.folds
   training_scans = labelled_scans * (folds - 1) // folds if folds > 1 else labelled_scans
   steps_per_epoch = training_scans // c.train.batch_size
@@ -166,13 +170,20 @@ def finetune_preset(init: str, inflation: str, *, rot90: float = 0.0, balanced: 
     c.augment.rot90.p = rot90
     c.loss.balanced = balanced
     c.data.folds = folds
-    c.predict.folds = (folds - 1,) if submission else ()
+    c.predict.folds = str(folds - 1) if submission else ""
     return c
   return apply
 
 
+def listed(value) -> tuple[str, ...]:
+  """The words of a comma-separated config string ('' -> (); a list as saved by older runs)."""
+  if isinstance(value, (list, tuple)):
+    return tuple(str(v) for v in value)
+  return tuple(w.strip() for w in str(value or "").split(",") if w.strip())
+
+
 def _words(arg) -> list:
-  return [w.strip() for w in (arg or "").split(",") if w.strip()]
+  return list(listed(arg))
 
 
 def finalize(c: ml_collections.ConfigDict, arg, presets=None) -> ml_collections.ConfigDict:

@@ -14,7 +14,11 @@ records were (HU clipped to [-1000, 500] and scaled to [0, 1], or 0..255 ->
 Writes ``OUT/predictions.csv``: ``scan`` (the path as given), one probability
 column per class (``mild,moderate,severe,critical`` or ``non-covid,covid``),
 ``prediction`` and ``error`` (empty when the scan was predicted); prints the
-same table. A scan that cannot be read gets its error and no probabilities,
+same table. ``--lesions=DIR`` (a segmentation, segmia or multitask workdir)
+adds ``OUT/<scan name>_lesions.nii.gz``, the lesion mask in the scan's own
+geometry, ``OUT/<scan name>_lesions.png`` (the outline over the axial and the
+coronal slice with the most lesion) and a ``lesion_fraction`` column (the
+mask's share of the scan's voxels). A scan that cannot be read gets its error and no probabilities,
 the others are still predicted, and the exit status is 1 (0 when all
 succeeded; 2 for a bad command line or model).
 """
@@ -24,14 +28,21 @@ import dataclasses
 import logging
 import sys
 from pathlib import Path
+from typing import Callable
 
+import jax
+import jax.numpy as jnp
+import ml_collections
 import numpy as np
+from scipy import ndimage
 
 from covid3d import export
 from covid3d.data import preprocess, readers, schema
-from covid3d.stages import handoff
+from covid3d.models import build
+from covid3d.stages import handoff, pseudolabel
 
 PROG = "python -m covid3d.infer"
+LESION_STAGES = ("segmentation", "segmia", "multitask")
 
 
 @dataclasses.dataclass
@@ -39,7 +50,15 @@ class Row:
   """One scan's line of ``predictions.csv``."""
   scan: str
   probs: np.ndarray | None = None
+  lesion_fraction: float | None = None
   error: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Segmenter:
+  """Lesion probabilities of a segmentation model: ``fn(x)`` (s, s, s) for x (1, s, s, s, 1)."""
+  fn: Callable
+  input_size: int
 
 
 def load_predictor(model) -> export.Predictor:
@@ -56,45 +75,113 @@ def load_predictor(model) -> export.Predictor:
   return export.workdir_predictor(*export.load_model(model))
 
 
-def read_scans(paths, size: int) -> tuple[list[Row], list[np.ndarray]]:
-  """A Row per path; the (s, s, s) float32 volumes of those that could be read."""
-  rows, volumes = [], []
+def load_segmenter(workdir) -> Segmenter:
+  """The EMA backbone and segmentation head of a segmentation, segmia or multitask workdir.
+
+  Raises:
+    HandOffError: another kind of workdir.
+  """
+  info = handoff.stage_info(workdir)
+  if info.get("stage") not in LESION_STAGES:
+    raise handoff.HandOffError(
+        f"{workdir} ran the stage {info.get('stage')!r}: --lesions must be a finished "
+        f"{', '.join(LESION_STAGES)} workdir")
+  config = ml_collections.ConfigDict(info)
+  config.init_from = str(workdir)
+  model = build.make_model(config, {}, segmentation=True)
+  params = pseudolabel.teacher_params(config, model)
+  apply_fn = build.apply_fn(model, config, "segmentation")
+  prob = jax.jit(lambda x: jax.nn.sigmoid(apply_fn(params, x, True, None)))
+  return Segmenter(lambda x: np.asarray(prob(jnp.asarray(x)))[0, ..., 0],
+                   min(config.data.sizes))
+
+
+def output_name(path, taken: set) -> str:
+  """A file-name stem for ``path``'s outputs, unique among ``taken`` (which it joins)."""
+  name = Path(path).name
+  for suffix in (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr"):
+    if name.lower().endswith(suffix):
+      name = name[:-len(suffix)]
+      break
+  stem, k = name or "scan", 1
+  while name in taken or not name:
+    k += 1
+    name = f"{stem}_{k}"
+  taken.add(name)
+  return name
+
+
+def model_input(scan, size: int) -> np.ndarray:
+  """The model's float32 (1, s, s, s, 1) input of a Scan, as the training records hold it."""
+  record = preprocess.preprocess_scan(scan, (size,))
+  return np.asarray(record[schema.volume_key(size)], np.float32)[None, ..., None]
+
+
+def segment(segmenter: Segmenter, scan, out: Path, name: str) -> float:
+  """Writes ``<name>_lesions.nii.gz`` (scan geometry) and ``<name>_lesions.png``; the lesion
+  share of the scan's voxels."""
+  prob = segmenter.fn(model_input(scan, segmenter.input_size))
+  prob = ndimage.zoom(prob, np.divide(scan.volume.shape, prob.shape), order=1, grid_mode=False)
+  mask = np.asarray(prob > 0.5, np.uint8)
+  readers.write_mask_like(mask, scan, out / f"{name}_lesions.nii.gz")
+  plot_outline(scan.volume, mask, out / f"{name}_lesions.png", title=name)
+  return float(mask.mean())
+
+
+def plot_outline(volume, mask, path, title=""):
+  """The lesion outline (red) over the axial and the coronal slice with the most lesion."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  axial = int(np.argmax(mask.sum(axis=(1, 2)))) if mask.any() else volume.shape[0] // 2
+  coronal = int(np.argmax(mask.sum(axis=(0, 2)))) if mask.any() else volume.shape[1] // 2
+  fig, axes = plt.subplots(1, 2, figsize=(8, 4))
+  for ax, image, outline, label in (
+      (axes[0], volume[axial], mask[axial], f"axial slice {axial}"),
+      (axes[1], volume[::-1, coronal], mask[::-1, coronal], f"coronal row {coronal}")):
+    ax.imshow(image, cmap="gray", vmin=0, vmax=1)
+    if outline.any():
+      ax.contour(outline, levels=[0.5], colors="red", linewidths=1)
+    ax.set_title(label, fontsize=9)
+    ax.axis("off")
+  fig.suptitle(f"{title}: lesions {100 * mask.mean():.2f} % of the voxels", fontsize=10)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def predict_scans(predictor: export.Predictor, paths, out: Path,
+                  segmenter: Segmenter | None = None) -> list[Row]:
+  """Reads and predicts each of ``paths`` (one at a time); a Row each, in order."""
+  rows, taken = [], set()
   for path in paths:
     row = Row(str(path))
     rows.append(row)
     try:
-      record = preprocess.preprocess_scan(readers.read_path(path), (size,))
-      volumes.append(np.asarray(record[schema.volume_key(size)], np.float32))
+      scan = readers.read_path(path)
+      row.probs = predictor.fn(model_input(scan, predictor.input_size))[0]
+      if segmenter is not None:
+        row.lesion_fraction = segment(segmenter, scan, out, output_name(path, taken))
     except readers.DataError as e:  # the path itself, or a file inside the folder
       row.error = e.reason if e.path == str(path) else str(e)
     except Exception as e:  # pylint: disable=broad-except  # one bad scan is its row's error
       row.error = f"{type(e).__name__}: {e}"
-  return rows, volumes
-
-
-def predict_scans(predictor: export.Predictor, paths, batch_size: int = 4) -> list[Row]:
-  """Reads and predicts each of ``paths``; a Row each, in order."""
-  rows, volumes = read_scans(paths, predictor.input_size)
-  probs = []
-  for start in range(0, len(volumes), batch_size):
-    chunk = volumes[start:start + batch_size]
-    x = np.zeros((batch_size,) + chunk[0].shape + (1,), np.float32)  # one shape: one compile
-    x[:len(chunk), ..., 0] = chunk
-    probs += list(predictor.fn(x)[:len(chunk)])
-  for row in (r for r in rows if not r.error):
-    row.probs = probs.pop(0)
+      row.probs = None
   return rows
 
 
-def write_csv(path, rows, names):
+def write_csv(path, rows, names, lesions=False):
   with open(path, "w", newline="") as f:
     w = csv.writer(f)
-    w.writerow(["scan", *names, "prediction", "error"])
+    w.writerow(["scan", *names, "prediction", *(["lesion_fraction"] if lesions else []), "error"])
     for r in rows:
+      lesion = [f"{r.lesion_fraction:.6f}" if r.lesion_fraction is not None else ""] \
+          if lesions else []
       if r.probs is None:
-        w.writerow([r.scan, *[""] * len(names), "", r.error])
+        w.writerow([r.scan, *[""] * len(names), "", *lesion, r.error])
       else:
-        w.writerow([r.scan, *[f"{p:.6f}" for p in r.probs], names[int(np.argmax(r.probs))], ""])
+        w.writerow([r.scan, *[f"{p:.6f}" for p in r.probs], names[int(np.argmax(r.probs))],
+                    *lesion, ""])
 
 
 def table(rows, names) -> str:
@@ -107,9 +194,10 @@ def table(rows, names) -> str:
     if r.probs is None:
       lines.append(f"{r.scan.ljust(width)}  error: {r.error}")
     else:
+      lesion = "" if r.lesion_fraction is None else f"  lesions {100 * r.lesion_fraction:.2f} %"
       lines.append("  ".join([r.scan.ljust(width),
                               *(f"{p:.4f}".rjust(c) for p, c in zip(r.probs, cols)),
-                              names[int(np.argmax(r.probs))]]))
+                              names[int(np.argmax(r.probs))]]) + lesion)
   return "\n".join(lines)
 
 
@@ -118,19 +206,23 @@ def main(argv=None) -> int:
                                    description=__doc__.split("\n\n")[0])
   parser.add_argument("--model", required=True, help="a finished severity or detection workdir")
   parser.add_argument("--out", required=True, help="folder for predictions.csv")
+  parser.add_argument("--lesions", default="", metavar="DIR",
+                      help="a segmentation, segmia or multitask workdir: also write each scan's "
+                      "lesion mask (NIfTI, scan geometry), a PNG and a lesion_fraction column")
   parser.add_argument("scans", nargs="+", metavar="SCAN",
                       help="NIfTI/MetaImage/NRRD file, DICOM series folder or slice folder")
   args = parser.parse_args(argv)
   logging.basicConfig(level=logging.WARNING, format="%(message)s")
   try:
     predictor = load_predictor(args.model)
+    segmenter = load_segmenter(args.lesions) if args.lesions else None
   except handoff.HandOffError as e:
     print(f"{PROG}: {e}", file=sys.stderr)
     return 2
-  rows = predict_scans(predictor, args.scans)
   out = Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
-  write_csv(out / "predictions.csv", rows, predictor.names)
+  rows = predict_scans(predictor, args.scans, out, segmenter)
+  write_csv(out / "predictions.csv", rows, predictor.names, lesions=segmenter is not None)
   print(table(rows, predictor.names))
   failed = sum(r.error != "" for r in rows)
   print(f"{len(rows) - failed} of {len(rows)} scans predicted with {len(predictor.folds)} fold "

@@ -6,6 +6,7 @@ stage it names (``covid3d.stages.registry``). Any field can be overridden:
 """
 import logging as pylogging
 import os
+import re
 import sys
 
 from absl import app, flags, logging
@@ -37,10 +38,37 @@ class _QuietLibraries(pylogging.Filter):
     return record.levelno >= pylogging.WARNING or not any(n in record.pathname for n in self.NOISY)
 
 
+# The resolved config goes to the workdir's log file only (not to the terminal).
+_CONFIG_LOG = pylogging.getLogger("covid3d.config")
+_CONFIG_LOG.propagate = False
+
+
+def _log_to_workdir(workdir) -> str | None:
+  """Copies every log line into ``<workdir>/log.<process>.txt``; its path (None on gs://)."""
+  if "://" in workdir:
+    return None
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, f"log.{jax.process_index()}.txt")
+  handler = pylogging.FileHandler(path)
+  handler.setFormatter(pylogging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+  handler.addFilter(_QuietLibraries())
+  pylogging.getLogger().addHandler(handler)
+  _CONFIG_LOG.addHandler(handler)
+  _CONFIG_LOG.setLevel(pylogging.INFO)
+  return path
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  config, workdir = _CONFIG.value, _WORKDIR.value
+  try:
+    config, workdir = _CONFIG.value, _WORKDIR.value
+    config.get("stage")   # the value is lazy: a config file that did not load raises here
+  except (OSError, ValueError) as e:
+    missing = re.search(r"No such file or directory: '([^']*)'", str(e))
+    usage_error(f"--config: {missing[1]}: no such file" if missing else " ".join(str(e).split()))
+  if not workdir:
+    usage_error("--workdir is empty: give the folder for this stage's outputs")
   # pylint: disable=import-outside-toplevel  (after flag parsing: --help stays fast)
   from covid3d.data.skips import DataError
   from covid3d.stages import registry
@@ -53,22 +81,57 @@ def main(argv):
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
   logging.set_verbosity(logging.INFO)
   logging.get_absl_handler().addFilter(_QuietLibraries())
+  if _OVERWRITE.value and jax.process_index() == 0 and epath.Path(workdir).exists():
+    logging.warning("--overwrite: deleting %s", workdir)
+    epath.Path(workdir).rmtree()
+  if _OVERWRITE.value and jax.process_count() > 1:  # every host waits for the deletion
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices("covid3d.main --overwrite")
+  log_file = _log_to_workdir(workdir)
   if jax.process_index() == 0:
-    logging.info("stage %s, workdir %s, %d devices on %d processes\n%s", config.stage, workdir,
-                 jax.device_count(), jax.process_count(), config)
+    logging.info("stage %s, workdir %s, %d devices on %d processes%s", config.stage, workdir,
+                 jax.device_count(), jax.process_count(),
+                 f"; this log and the resolved config: {log_file}" if log_file else "")
+    (_CONFIG_LOG if log_file else pylogging.getLogger()).info("resolved config:\n%s", config)
   try:
-    if _OVERWRITE.value and jax.process_index() == 0 and epath.Path(workdir).exists():
-      logging.warning("--overwrite: deleting %s", workdir)
-      epath.Path(workdir).rmtree()
-    if _OVERWRITE.value and jax.process_count() > 1:  # every host waits for the deletion
-      from jax.experimental import multihost_utils
-      multihost_utils.sync_global_devices("covid3d.main --overwrite")
     registry.run(config, workdir)
   except (HandOffError, DataError) as e:
     # A missing input or (strict mode) a bad file: one line naming it, no traceback.
     print(f"covid3d.main: stage {config.stage}: {e}", file=sys.stderr)
     sys.exit(2)
+  except KeyboardInterrupt:   # before the training loop (which checkpoints on a signal itself)
+    print(f"covid3d.main: stage {config.stage}: interrupted", file=sys.stderr)
+    sys.exit(130)
+
+
+def usage_error(message) -> None:
+  """Exits with one line on stderr, no traceback (status 2)."""
+  print(f"covid3d.main: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
+def _unknown_field(error) -> str | None:
+  """'unknown config field X (did you mean Y?)' from ml_collections' error text, or None."""
+  match = re.search(r"'(\w+)'.*Did you mean \"(\w+)\"", str(error).replace("\\", ""), re.S)
+  if match:
+    return f"unknown config field {match[1]!r} (did you mean {match[2]!r}?)"
+  match = re.search(r"Unknown command line flag '(config\.[\w.]+)'", str(error))
+  return f"unknown config field {match[1]!r}" if match else None
+
+
+def parse_flags(argv):
+  """absl's flag parsing, with one line instead of a traceback or the --help text."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    text = " ".join(str(e).split())
+    if "Traceback" in text:   # the config file raised: its own message, last in the text
+      text = "--config: " + text.rsplit("Error: ", 1)[-1]
+    usage_error(_unknown_field(e) or f"{text} (flags: --helpshort)")
+  except (AttributeError, KeyError) as e:   # an override of a field the config lacks
+    name = str(e).replace("\\", "").strip("'\" ")
+    usage_error(_unknown_field(e) or f"unknown config field {name!r}")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

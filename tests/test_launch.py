@@ -21,7 +21,7 @@ from covid3d.stages import chain
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch"
-SCRIPTS = ("common.sh", "demo.sh", "pipeline.sh", "tpu_pod.sh", "gpu.sh")
+SCRIPTS = ("common.sh", "demo.sh", "pipeline.sh", "tpu_pod.sh", "gpu.sh", "ablations.sh")
 SSH = ["gcloud", "compute", "tpus", "tpu-vm", "ssh"]
 
 
@@ -182,6 +182,31 @@ def test_demo_dry_run_chain(tmp_path):
   assert sum(line.startswith("== [") for line in out.splitlines()) == len(parsed) + 1
   assert "total wall time" in out.splitlines()[-1]
   assert not root.exists()                                     # a dry run runs nothing
+
+
+def test_ablations_dry_run(tmp_path, data):
+  """The chain, then one severity run per ablation row (a preset), then the report."""
+  root = tmp_path / "abl"
+  out = dry("ablations.sh", "--root", root, "--config.train.num_steps=2")
+  parsed = stages(out)
+  assert chain_of(parsed[:8]) == expected_chain(root)
+  rows = parsed[8:]
+  presets = ["table3_random", "authors1", "table2_1g", "table2_2g", "authors2", "authors3",
+             "authors4", "table1_ce", "authors5"]
+  assert [s["workdir"] for s in rows] == [f"{root}/ablation_{p}" for p in presets]
+  for s, preset in zip(rows, presets):
+    assert s["config"] == "configs/severity.py" and s["suffix"] == f"{preset},demo"
+    assert s["flags"]["--config.predict.folds"] == ""          # the fold ensemble
+    assert s["args"][-1] == "--config.train.num_steps=2"
+    assert "--config.init_from" not in s["flags"]              # the preset names its source
+  assert commands(out)[-1][1:] == ["-m", "covid3d.report", str(root)]
+  # Real data with a 2-D checkpoint: the rows that start from 2-D weights take it.
+  out = dry("ablations.sh", "--root", root, "--cov19ctdb", data["cov19ctdb"], "--lesions",
+            data["lesions"], "--stoic", data["stoic"], "--init2d", data["init2d"])
+  rows = stages(out)[-9:]
+  assert {s["suffix"] for s in rows} == set(presets)
+  assert {s["suffix"] for s in rows if s["flags"].get("--config.init_from") == data["init2d"]} \
+      == {"authors1", "table2_1g", "table2_2g", "table1_ce"}
 
 
 def test_demo_defaults_and_flag_form(tmp_path):

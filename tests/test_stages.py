@@ -243,14 +243,28 @@ def test_infer_gives_one_answer_per_volume_whatever_the_format(chain, tmp_path, 
   truncated = tmp_path / "truncated.nii.gz"
   truncated.write_bytes(same[1].read_bytes()[:2000])
   paths = [*same, slices, truncated, tmp_path / "nothing.mha"]
-  rc = infer.main([f"--model={chain / 'severity'}", f"--out={tmp_path / 'out'}",
-                   *map(str, paths)])
+  out = tmp_path / "out"
+  rc = infer.main([f"--model={chain / 'severity'}", f"--out={out}",
+                   f"--lesions={chain / 'segmentation'}", *map(str, paths)])
   assert rc == 1
-  with open(tmp_path / "out" / "predictions.csv") as f:
+  printed = capsys.readouterr().out
+  with open(out / "predictions.csv") as f:
     reader = csv.DictReader(f)
     rows = list(reader)
   names = ["mild", "moderate", "severe", "critical"]
-  assert reader.fieldnames == ["scan", *names, "prediction", "error"]
+  assert reader.fieldnames == ["scan", *names, "prediction", "lesion_fraction", "error"]
+  # Lesion masks in each scan's own geometry; one volume, one mask, whatever the format.
+  fractions = [float(r["lesion_fraction"]) for r in rows[:5]]
+  assert all(0.0 <= f <= 1.0 for f in fractions) and rows[5]["lesion_fraction"] == ""
+  np.testing.assert_allclose(fractions[1:4], fractions[0], atol=1e-6)
+  stems = [mha.stem, "scan", "scan_2", "dicom", slices.name]   # scan.nrrd: the second "scan"
+  for stem in stems:
+    assert (out / f"{stem}_lesions.png").stat().st_size > 1000, stem
+  for stem in stems[:4]:
+    assert nib.load(str(out / f"{stem}_lesions.nii.gz")).shape == image.GetSize(), stem
+  assert infer.main([f"--model={chain / 'severity'}", f"--out={tmp_path}",
+                     f"--lesions={chain / 'severity'}", str(mha)]) == 2
+  assert "--lesions must be a finished segmentation" in capsys.readouterr().err
   assert [r["scan"] for r in rows] == list(map(str, paths))
   probs = np.array([[float(r[n]) for n in names] for r in rows[:5]])
   assert not any(r["error"] for r in rows[:5])
@@ -259,7 +273,6 @@ def test_infer_gives_one_answer_per_volume_whatever_the_format(chain, tmp_path, 
   assert rows[4]["prediction"] == predicted["class"]
   assert "truncated" in rows[5]["error"] or "Error" in rows[5]["error"]
   assert rows[6]["error"] == "no such file or folder" and rows[6]["mild"] == ""
-  printed = capsys.readouterr().out
   assert "5 of 7 scans predicted with 2 fold model(s)" in printed
   assert re.search(rf"{re.escape(str(paths[6]))} +error: no such file or folder", printed)
   assert infer.main([f"--model={chain / 'pretrain2d'}", f"--out={tmp_path}", str(mha)]) == 2
@@ -285,12 +298,15 @@ def test_infer_gives_one_answer_per_volume_whatever_the_format(chain, tmp_path, 
   np.testing.assert_allclose(np.asarray(f.call(leaves, x)), probs[3:5], atol=2e-6)
 
 
-def test_missing_checkpoint_names_the_producing_command(root, tmp_path):
+def test_missing_checkpoint_names_the_producing_command(root, chain, tmp_path):
   with pytest.raises(HandOffError, match="run that stage first"):
     run("segmentation", root, "seg_bad", init_from=str(tmp_path))
   (tmp_path / "checkpoints").mkdir()
   with pytest.raises(HandOffError, match="holds no finished checkpoint"):
     run("segmentation", root, "seg_bad", init_from=str(tmp_path))
+  with pytest.raises(HandOffError, match="a finished pseudolabel workdir, and that stage writes "
+                                         "no checkpoints"):
+    run("segmentation", root, "seg_bad", init_from=str(root / "pseudolabel"))
   with pytest.raises(HandOffError, match="neither 'random', a workdir nor a checkpoint"):
     run("segmentation", root, "seg_bad", init_from=str(tmp_path / "nothing"))
   with pytest.raises(HandOffError, match="pseudolabel stage"):
@@ -445,7 +461,7 @@ def test_fold_ensemble_is_the_mean_of_the_fold_softmaxes(chain, tmp_path):
   single = []
   for k in range(2):   # the predict stage with one fold selected
     out = run("predict", chain, f"predict_fold{k}", init_from=str(severity),
-              **{"predict.folds": (k,), "predict.partitions": ("validation",)})
+              **{"predict.folds": str(k), "predict.partitions": "validation"})
     single.append(_csv_probs(out / "predictions_validation.csv"))
     assert json.loads((out / "DONE").read_text())["ensemble_folds"] == [k]
   ensemble = _csv_probs(severity / "predictions_validation.csv")

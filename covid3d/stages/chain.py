@@ -119,7 +119,7 @@ STAGES = (
           headline="CV macro F1 of the fine-tuning runs"),
     Stage("predict", ("predict",), init_from=("finetune",), chained=False,
           does="by hand, not chained: the ensemble of a finished fine-tuning run on the "
-          "validation/test partitions (`--config.predict.folds=4,` = the authors' fifth-fold-only "
+          "validation/test partitions (`--config.predict.folds=4` = the authors' fifth-fold-only "
           "submissions)",
           reads="{init_from}", writes="as stage {number[finetune]}"),
 )

@@ -57,6 +57,13 @@ def best_params(workdir, ema: bool = True):
   "Best" is by the metric that run selected checkpoints with (``train.best_metric``).
   """
   ckpt_dir = epath.Path(workdir) / "checkpoints"
+  if not ckpt_dir.exists() and (epath.Path(workdir) / DONE).exists():
+    stage = stage_info(workdir).get("stage") if (epath.Path(workdir) / "config.json").exists() \
+        else None
+    raise HandOffError(
+        f"{workdir} is a finished {stage or 'stage'} workdir, and that stage writes no "
+        "checkpoints: give the workdir of a training stage (pretrain2d, segmentation, segmia, "
+        "multitask, or a fold of severity/detection)")
   if not ckpt_dir.exists():
     raise HandOffError(
         f"no checkpoints in {ckpt_dir}: run that stage first "

@@ -1,7 +1,7 @@
 """Stage ``predict``: the fold ensemble of a fine-tuning workdir on the COV19-CT-DB partitions.
 
 Ensemble = mean of the fold models' softmax (the paper's intent; the
-challenge code used only fold 5: ``--config.predict.folds=4,``). Writes, per
+challenge code used only fold 5: ``--config.predict.folds=4``). Writes, per
 partition, ``predictions_<partition>.csv`` (scan, one probability per class,
 class), the challenge's submission format ``submission_<partition>/<class>.csv``
 (a header line ``patient``, then the scan names predicted as that class, one
@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
+from covid3d import config as base_config
 from covid3d import metrics
 from covid3d.data.skips import SkipLog
 from covid3d.models import build
@@ -97,7 +98,8 @@ def load_ensemble(config, finetune_dir) -> Ensemble:
   """
   stage = handoff.stage_info(finetune_dir).get("stage")
   label, names = handoff.target(stage)
-  folds = tuple(config.predict.folds) or tuple(range(config.data.folds))
+  folds = (tuple(int(f) for f in base_config.listed(config.predict.folds))
+           or tuple(range(config.data.folds)))
   params_list = [handoff.best_params(d) for d in fold_dirs(finetune_dir, folds)]
   model = build.make_model(config, {label: len(names)}, segmentation=False)
   like = build.init_params(model, config, min(config.data.sizes))
@@ -119,7 +121,7 @@ def predict_finetuned(config, finetune_dir, outdir=None, skips: SkipLog | None =
   model, params_list, label, names = ensemble.model, ensemble.params, ensemble.label, ensemble.names
   outdir = outdir or finetune_dir
   summary = {"ensemble_folds": list(ensemble.folds)}
-  for partition in config.predict.partitions:
+  for partition in base_config.listed(config.predict.partitions):
     refs = inputs.list_refs(config, "cov19ctdb", (partition,), skips)
     if not refs:
       logging.info("partition %s has no scans: nothing to predict", partition)

@@ -98,7 +98,8 @@ def run(config, workdir):
     done = 0
     batches = inputs.host_batches(source, np.arange(len(source.index)),
                                   config.train.eval_batch_size, fields, config)
-    for batch in tqdm(batches, desc=f"pseudo-labels {dataset}", unit="batch"):
+    total = -(-len(source.index) // config.train.eval_batch_size)
+    for batch in tqdm(batches, desc=f"pseudo-labels {dataset}", unit="batch", total=total):
       if p.mode == "sliding":
         large = sliding_window(prob, jnp.asarray(batch["image_large"]), small, p.overlap)
         little = resize_linear(large, (small,) * 3, align_corners=True)

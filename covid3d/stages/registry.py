@@ -36,7 +36,7 @@ def run(config: ml_collections.ConfigDict, workdir: str):
   ``stage:NAME`` sources are first resolved to the workdir ``NAME`` beside ``workdir``.
   """
   if config.stage not in STAGES:
-    raise ValueError(f"config.stage={config.stage!r} is not one of {sorted(STAGES)}")
+    raise handoff.HandOffError(f"config.stage={config.stage!r} is not one of {sorted(STAGES)}")
   config = handoff.resolve_siblings(config, workdir)
   saved = epath.Path(workdir) / "config.json"
   if holds_results(workdir):
@@ -62,7 +62,8 @@ def holds_results(workdir) -> bool:
   """Whether ``workdir`` holds a stage's work (more than a config.json)."""
   path = epath.Path(workdir)
   return (path / "config.json").exists() and any(
-      p.name not in ("config.json", "skips.json") for p in path.iterdir())
+      p.name not in ("config.json", "skips.json") and not p.name.startswith("log.")
+      for p in path.iterdir())
 
 
 def _flatten(tree, prefix=""):
