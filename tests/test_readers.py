@@ -158,6 +158,22 @@ def test_stoic_mha_direction_and_labels(tmp_path):
   np.testing.assert_allclose(img.GetOrigin(), origin)
 
 
+def test_stoic_patient_as_a_dicom_series(tmp_path):
+  """A STOIC-like set whose patient 9 is a DICOM folder reads as its MHA twin does."""
+  from covid3d.data import phantom_writers
+  hu = fx.hu_volume(seed=5)
+  fx.write_stoic(tmp_path, {4: hu}, {4: (1, 0), 9: (0, 0)})
+  image = sitk.ReadImage(str(tmp_path / "data" / "mha" / "4.mha"))
+  phantom_writers.write_dicom_series(image, tmp_path / "data" / "mha" / "9")
+  refs = readers.list_stoic(tmp_path)
+  assert [r.scan_id for r in refs] == ["4", "9"]
+  mha, dicom = (readers.load_scan(r) for r in refs)
+  np.testing.assert_array_equal(dicom.volume, mha.volume)
+  np.testing.assert_allclose(dicom.spacing, mha.spacing, atol=1e-5)
+  np.testing.assert_allclose(dicom.origin, mha.origin, atol=1e-4)
+  assert dicom.labels == {"stoic_covid": 0, "stoic_severe": 0}
+
+
 def test_lesion_pairs_and_jpeg_mask_round_trip(tmp_path):
   hu = fx.hu_volume()
   aff = fx.lps_affine((2.0, 1.0, 1.0))

@@ -185,6 +185,8 @@ def header_error(path) -> str | None:
   Cheap (no voxel data read); used to choose between two files of one scan.
   """
   try:
+    if Path(path).is_dir():   # a DICOM series: its files are checked when read
+      return None
     if scan_lib.is_nifti(path):
       import nibabel as nib  # pylint: disable=g-import-not-at-top
       nib.load(str(path))

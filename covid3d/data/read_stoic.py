@@ -1,5 +1,8 @@
 """STOIC reader: `data/mha/<PatientID>.mha` + `metadata/reference.csv` (SimpleITK).
 
+A patient's volume may instead be a folder `data/mha/<PatientID>/` holding its
+DICOM series (hospital exports; `read_common.read_dicom_series`).
+
 reference.csv columns PatientID, probCOVID, probSevere (0/1 in the public
 training set; names matched case-insensitively, '_'/'-'/spaces ignored) become
 the labels 'stoic_covid' and 'stoic_severe'. The partition is 'train' (the
@@ -47,8 +50,10 @@ def _list(root: Path, partition: str, strict: bool, skips: SkipLog):
   for p, kind in read_common.dataset_folder_entries(root / MHA_DIR, "STOIC volume folder"):
     if kind == "file" and p.suffix.lower() == ".mha":
       files.setdefault(p.stem, []).append(p)
+    elif kind == "dir":   # a DICOM series
+      files.setdefault(p.name, []).append(p)
     else:
-      read_common.stray(p, skips, "a <PatientID>.mha volume")
+      read_common.stray(p, skips, "a <PatientID>.mha volume or <PatientID>/ DICOM folder")
   skips.count_offered("stoic", partition, sum(map(len, files.values())))
   csv_path = root / REFERENCE
   rows = read_common.first_rows(read_common.read_label_csv(csv_path, COLUMNS), csv_path,
