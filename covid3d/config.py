@@ -182,6 +182,22 @@ def listed(value) -> tuple[str, ...]:
   return tuple(w.strip() for w in str(value or "").split(",") if w.strip())
 
 
+def split_string_tuples(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """``c`` with each tuple-of-strings field's comma-joined items split, in place.
+
+  ``--config.segmia.partitions=train,`` (the README's spelling) arrives from
+  ml_collections as ``('train,',)``; this makes it ``('train',)``.
+  """
+  for key, value in c.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      split_string_tuples(value)
+    elif isinstance(value, tuple) and value and all(isinstance(v, str) for v in value):
+      words = tuple(w.strip() for v in value for w in v.split(",") if w.strip())
+      if words != value:
+        c[key] = words
+  return c
+
+
 def _words(arg) -> list:
   return list(listed(arg))
 

@@ -16,9 +16,12 @@ column per class (``mild,moderate,severe,critical`` or ``non-covid,covid``),
 ``prediction`` and ``error`` (empty when the scan was predicted); prints the
 same table. ``--lesions=DIR`` (a segmentation, segmia or multitask workdir)
 adds ``OUT/<scan name>_lesions.nii.gz``, the lesion mask in the scan's own
-geometry, ``OUT/<scan name>_lesions.png`` (the outline over the axial and the
-coronal slice with the most lesion) and a ``lesion_fraction`` column (the
-mask's share of the scan's voxels). A scan that cannot be read gets its error and no probabilities,
+geometry, and a ``lesion_fraction`` column (the mask's share of the scan's
+voxels); ``--saliency`` adds ``OUT/<scan name>_saliency.nii.gz``, the Grad-CAM
+of the predicted class (``covid3d.saliency``) in the scan's geometry. With
+either, ``OUT/<scan name>.png`` shows the axial and the coronal slice with the
+most lesion (else saliency): the lesion outline in red, the Grad-CAM as a heat
+map. A scan that cannot be read gets its error and no probabilities,
 the others are still predicted, and the exit status is 1 (0 when all
 succeeded; 2 for a bad command line or model).
 """
@@ -36,7 +39,7 @@ import ml_collections
 import numpy as np
 from scipy import ndimage
 
-from covid3d import export
+from covid3d import export, saliency
 from covid3d.data import preprocess, readers, schema
 from covid3d.models import build
 from covid3d.stages import handoff, pseudolabel
@@ -117,42 +120,64 @@ def model_input(scan, size: int) -> np.ndarray:
   return np.asarray(record[schema.volume_key(size)], np.float32)[None, ..., None]
 
 
-def segment(segmenter: Segmenter, scan, out: Path, name: str) -> float:
-  """Writes ``<name>_lesions.nii.gz`` (scan geometry) and ``<name>_lesions.png``; the lesion
-  share of the scan's voxels."""
-  prob = segmenter.fn(model_input(scan, segmenter.input_size))
-  prob = ndimage.zoom(prob, np.divide(scan.volume.shape, prob.shape), order=1, grid_mode=False)
+def to_scan_grid(cube: np.ndarray, scan) -> np.ndarray:
+  """A (s, s, s) map on the model's cube resampled (linear) to the scan's volume grid."""
+  return ndimage.zoom(np.asarray(cube, np.float32), np.divide(scan.volume.shape, cube.shape),
+                      order=1, grid_mode=False)
+
+
+def segment(segmenter: Segmenter, scan, out: Path, name: str) -> np.ndarray:
+  """The lesion mask (uint8, scan grid); written as ``<name>_lesions.nii.gz`` (scan geometry)."""
+  prob = to_scan_grid(segmenter.fn(model_input(scan, segmenter.input_size)), scan)
   mask = np.asarray(prob > 0.5, np.uint8)
   readers.write_mask_like(mask, scan, out / f"{name}_lesions.nii.gz")
-  plot_outline(scan.volume, mask, out / f"{name}_lesions.png", title=name)
-  return float(mask.mean())
+  return mask
 
 
-def plot_outline(volume, mask, path, title=""):
-  """The lesion outline (red) over the axial and the coronal slice with the most lesion."""
+def explain(cam_fn, predictor: export.Predictor, scan, probs, out: Path, name: str):
+  """Grad-CAM (scan grid, [0, 1]) of the predicted class; written as
+  ``<name>_saliency.nii.gz`` in the scan's geometry (float32)."""
+  cube = cam_fn(model_input(scan, predictor.input_size), [int(np.argmax(probs))])[0]
+  heat = np.clip(to_scan_grid(cube, scan), 0.0, 1.0)
+  readers.write_image_like(heat, scan, out / f"{name}_saliency.nii.gz")
+  return heat
+
+
+def plot_views(volume, path, title, mask=None, heat=None):
+  """The axial and the coronal slice with the most lesion (else the most saliency, else the
+  middle ones): the lesion outline in red, the Grad-CAM as a translucent heat map."""
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-  axial = int(np.argmax(mask.sum(axis=(1, 2)))) if mask.any() else volume.shape[0] // 2
-  coronal = int(np.argmax(mask.sum(axis=(0, 2)))) if mask.any() else volume.shape[1] // 2
+  focus = mask if mask is not None and mask.any() else heat
+  if focus is not None and focus.any():
+    axial = int(np.argmax(focus.sum(axis=(1, 2))))
+    coronal = int(np.argmax(focus.sum(axis=(0, 2))))
+  else:
+    axial, coronal = volume.shape[0] // 2, volume.shape[1] // 2
+  views = ((f"axial slice {axial}", np.s_[axial]), (f"coronal row {coronal}", np.s_[::-1, coronal]))
   fig, axes = plt.subplots(1, 2, figsize=(8, 4))
-  for ax, image, outline, label in (
-      (axes[0], volume[axial], mask[axial], f"axial slice {axial}"),
-      (axes[1], volume[::-1, coronal], mask[::-1, coronal], f"coronal row {coronal}")):
-    ax.imshow(image, cmap="gray", vmin=0, vmax=1)
-    if outline.any():
-      ax.contour(outline, levels=[0.5], colors="red", linewidths=1)
+  for ax, (label, where) in zip(axes, views):
+    ax.imshow(volume[where], cmap="gray", vmin=0, vmax=1)
+    if heat is not None:
+      ax.imshow(heat[where], cmap="jet", alpha=0.35, vmin=0, vmax=1)
+    if mask is not None and mask[where].any():
+      ax.contour(mask[where], levels=[0.5], colors="red", linewidths=1)
     ax.set_title(label, fontsize=9)
     ax.axis("off")
-  fig.suptitle(f"{title}: lesions {100 * mask.mean():.2f} % of the voxels", fontsize=10)
+  fig.suptitle(title, fontsize=10)
   fig.tight_layout()
   fig.savefig(path, dpi=100)
   plt.close(fig)
 
 
 def predict_scans(predictor: export.Predictor, paths, out: Path,
-                  segmenter: Segmenter | None = None) -> list[Row]:
-  """Reads and predicts each of ``paths`` (one at a time); a Row each, in order."""
+                  segmenter: Segmenter | None = None, cam_fn=None) -> list[Row]:
+  """Reads and predicts each of ``paths`` (one at a time); a Row each, in order.
+
+  With ``segmenter`` and/or ``cam_fn`` (``saliency.ensemble_grad_cam``) each scan
+  also gets its lesion mask / Grad-CAM volume and ``<name>.png``.
+  """
   rows, taken = [], set()
   for path in paths:
     row = Row(str(path))
@@ -160,8 +185,16 @@ def predict_scans(predictor: export.Predictor, paths, out: Path,
     try:
       scan = readers.read_path(path)
       row.probs = predictor.fn(model_input(scan, predictor.input_size))[0]
-      if segmenter is not None:
-        row.lesion_fraction = segment(segmenter, scan, out, output_name(path, taken))
+      if segmenter is None and cam_fn is None:
+        continue
+      name = output_name(path, taken)
+      mask = segment(segmenter, scan, out, name) if segmenter is not None else None
+      heat = explain(cam_fn, predictor, scan, row.probs, out, name) if cam_fn else None
+      title = f"{name}: {predictor.names[int(np.argmax(row.probs))]}"
+      if mask is not None:
+        row.lesion_fraction = float(mask.mean())
+        title += f", lesions {100 * row.lesion_fraction:.2f} % of the voxels"
+      plot_views(scan.volume, out / f"{name}.png", title, mask, heat)
     except readers.DataError as e:  # the path itself, or a file inside the folder
       row.error = e.reason if e.path == str(path) else str(e)
     except Exception as e:  # pylint: disable=broad-except  # one bad scan is its row's error
@@ -209,19 +242,30 @@ def main(argv=None) -> int:
   parser.add_argument("--lesions", default="", metavar="DIR",
                       help="a segmentation, segmia or multitask workdir: also write each scan's "
                       "lesion mask (NIfTI, scan geometry), a PNG and a lesion_fraction column")
+  parser.add_argument("--saliency", action="store_true",
+                      help="also write each scan's Grad-CAM of the predicted class (last ConvNeXt "
+                      "stage) as NIfTI in the scan's geometry, shown in the PNG (a workdir model)")
   parser.add_argument("scans", nargs="+", metavar="SCAN",
                       help="NIfTI/MetaImage/NRRD file, DICOM series folder or slice folder")
   args = parser.parse_args(argv)
   logging.basicConfig(level=logging.WARNING, format="%(message)s")
   try:
-    predictor = load_predictor(args.model)
+    if args.saliency and Path(args.model).is_file():
+      raise handoff.HandOffError("--saliency needs the model's workdir (an exported file holds "
+                                 "no gradients of the last stage)")
+    if args.saliency:
+      config, ensemble = export.load_model(args.model)
+      predictor = export.workdir_predictor(config, ensemble)
+      cam_fn = saliency.ensemble_grad_cam(config, ensemble)
+    else:
+      predictor, cam_fn = load_predictor(args.model), None
     segmenter = load_segmenter(args.lesions) if args.lesions else None
   except handoff.HandOffError as e:
     print(f"{PROG}: {e}", file=sys.stderr)
     return 2
   out = Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
-  rows = predict_scans(predictor, args.scans, out, segmenter)
+  rows = predict_scans(predictor, args.scans, out, segmenter, cam_fn)
   write_csv(out / "predictions.csv", rows, predictor.names, lesions=segmenter is not None)
   print(table(rows, predictor.names))
   failed = sum(r.error != "" for r in rows)

@@ -73,6 +73,7 @@ def main(argv):
   from covid3d.data.skips import DataError
   from covid3d.stages import registry
   from covid3d.stages.handoff import HandOffError
+  from covid3d.train.config import SettingsChanged
   from covid3d.train.loop import init_distributed
   init_distributed(config.train)
   if config.cache_dir:
@@ -95,8 +96,8 @@ def main(argv):
     (_CONFIG_LOG if log_file else pylogging.getLogger()).info("resolved config:\n%s", config)
   try:
     registry.run(config, workdir)
-  except (HandOffError, DataError) as e:
-    # A missing input or (strict mode) a bad file: one line naming it, no traceback.
+  except (HandOffError, DataError, SettingsChanged) as e:
+    # A missing input, (strict mode) a bad file, a workdir of another run: one line, no traceback.
     print(f"covid3d.main: stage {config.stage}: {e}", file=sys.stderr)
     sys.exit(2)
   except KeyboardInterrupt:   # before the training loop (which checkpoints on a signal itself)

@@ -74,7 +74,7 @@ def plot(rows, path):
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-  fig, ax = plt.subplots(figsize=(1.6 * max(len(rows), 2) + 1, 3.2))
+  fig, ax = plt.subplots(figsize=(max(1.6 * len(rows) + 1, 6.0), 3.2))  # room for the title
   for i, r in enumerate(rows):
     ax.bar(i, 100 * r["cv_macro_f1"], color="tab:blue", alpha=0.6)
     ax.plot([i] * len(r["folds"]), 100 * np.asarray(r["folds"]), "k.", ms=5)

@@ -140,3 +140,14 @@ def test_multitask_counts_covid_positive_scans_only_and_scores_by_auc():
   summary = task.summarize(dict(sums, examples={k: v[keep] for k, v in sums["examples"].items()}))
   p_severe = jax.nn.softmax(outputs["stoic_severe"], -1)[:, 1]
   assert summary["auc"] == pytest.approx(roc_auc_score(batch["stoic_severe"][keep], p_severe[keep]))
+
+
+def test_a_tuple_of_names_written_with_commas_is_split():
+  from covid3d import config as base_config
+  c = load_config("segmia")
+  c.segmia.partitions = ("train,",)
+  c.pseudolabel = base_config.ml_collections.ConfigDict({"datasets": ("stoic, cov19ctdb",)})
+  base_config.split_string_tuples(c)
+  assert c.segmia.partitions == ("train",)
+  assert c.pseudolabel.datasets == ("stoic", "cov19ctdb")
+  assert tuple(c.data.sizes) == (256, 224)        # numbers untouched

@@ -245,7 +245,7 @@ def test_infer_gives_one_answer_per_volume_whatever_the_format(chain, tmp_path, 
   paths = [*same, slices, truncated, tmp_path / "nothing.mha"]
   out = tmp_path / "out"
   rc = infer.main([f"--model={chain / 'severity'}", f"--out={out}",
-                   f"--lesions={chain / 'segmentation'}", *map(str, paths)])
+                   f"--lesions={chain / 'segmentation'}", "--saliency", *map(str, paths)])
   assert rc == 1
   printed = capsys.readouterr().out
   with open(out / "predictions.csv") as f:
@@ -259,9 +259,12 @@ def test_infer_gives_one_answer_per_volume_whatever_the_format(chain, tmp_path, 
   np.testing.assert_allclose(fractions[1:4], fractions[0], atol=1e-6)
   stems = [mha.stem, "scan", "scan_2", "dicom", slices.name]   # scan.nrrd: the second "scan"
   for stem in stems:
-    assert (out / f"{stem}_lesions.png").stat().st_size > 1000, stem
+    assert (out / f"{stem}.png").stat().st_size > 1000, stem
   for stem in stems[:4]:
     assert nib.load(str(out / f"{stem}_lesions.nii.gz")).shape == image.GetSize(), stem
+    heat = nib.load(str(out / f"{stem}_saliency.nii.gz"))
+    assert heat.shape == image.GetSize(), stem
+    assert np.isfinite(heat.get_fdata()).all() and 0 <= heat.get_fdata().min() <= 1, stem
   assert infer.main([f"--model={chain / 'severity'}", f"--out={tmp_path}",
                      f"--lesions={chain / 'severity'}", str(mha)]) == 2
   assert "--lesions must be a finished segmentation" in capsys.readouterr().err
@@ -296,6 +299,9 @@ def test_infer_gives_one_answer_per_volume_whatever_the_format(chain, tmp_path, 
   x = np.stack([preprocess.preprocess_scan(readers.read_path(p), (size,))[f"volume_{size}"]
                 for p in paths[3:5]]).astype(np.float32)[..., None]
   np.testing.assert_allclose(np.asarray(f.call(leaves, x)), probs[3:5], atol=2e-6)
+  assert infer.main([f"--model={exported}", "--saliency",
+                     f"--out={tmp_path}", str(mha)]) == 2
+  assert "--saliency needs the model's workdir" in capsys.readouterr().err
 
 
 def test_missing_checkpoint_names_the_producing_command(root, chain, tmp_path):

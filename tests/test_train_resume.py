@@ -117,3 +117,17 @@ def test_nonfinite_run_stops_with_last_good_checkpoint(tmp_path, cache, uninterr
              .restore_params(4, ema=ema) for d in (run, str(uninterrupted[0] / "run"))]
     assert len(jax.tree.leaves(saved[0])) > 10
     jax.tree.map(np.testing.assert_array_equal, *saved)
+
+
+def test_a_checkpoint_of_other_settings_is_not_resumed(tmp_path, cache, uninterrupted):
+  """Resuming a finished run's checkpoint with another learning rate stops with one line."""
+  work, _ = uninterrupted
+  run = str(work / "run")
+  latest = checkpoint.Checkpointer.open(os.path.join(run, "checkpoints")).latest_step()
+  r = h.run_worker(h.worker_args(run, str(tmp_path / "p.npz"), num_steps=STEPS, eval_every=3,
+                                 learning_rate=2e-3), cache_dir=cache)
+  assert r.returncode != 0
+  assert "SettingsChanged" in r.stderr
+  assert (f"{run} (checkpoint of step {latest}) holds a run with other settings "
+          "(learning_rate: 0.001 -> 0.002)") in r.stderr
+  assert checkpoint.Checkpointer.open(os.path.join(run, "checkpoints")).latest_step() == latest

@@ -272,6 +272,10 @@ def montage(args):
   full_max.elastic.units = "max"
   cases[-1] = (cases[-1][0], full_max)
   key = jax.random.key(args.seed)
+  # The sagittal plane through the column with the most lesion (a lung), not the midline
+  # (the spine).
+  lesion = np.asarray(msk).reshape(size, size, size).sum(axis=(0, 1))
+  sagittal = int(np.argmax(lesion)) if lesion.any() else size // 4
   fig, axes = plt.subplots(len(cases), 3, figsize=(7.5, 2.6 * len(cases)))
   for row, (title, cfg) in enumerate(cases):
     if cfg is None:
@@ -284,7 +288,7 @@ def montage(args):
       v, m = np.asarray(v), np.asarray(m)
     views = [("axial", v[size // 2], m[size // 2]),
              ("coronal", v[:, size // 2, :], m[:, size // 2, :]),
-             ("sagittal", v[:, :, size // 2], m[:, :, size // 2])]
+             (f"sagittal (column {sagittal})", v[:, :, sagittal], m[:, :, sagittal])]
     for col, (name, img, lab) in enumerate(views):
       ax = axes[row, col]
       ax.imshow(img, cmap="gray", vmin=-1.3, vmax=1.9, origin="lower" if col else "upper")

@@ -19,11 +19,12 @@ from covid3d.data.read_cov19ctdb import (SLICE_SUFFIXES, list_cov19ctdb, list_sl
                                          load_cov19ctdb)
 from covid3d.data.read_lesions import list_lesions
 from covid3d.data.read_stoic import list_stoic
-from covid3d.data.scan import Scan, ScanRef, write_mask_like
+from covid3d.data.scan import Scan, ScanRef, write_image_like, write_mask_like
 from covid3d.data.skips import DataError, SkipLog, reject
 
 __all__ = ["DATASETS", "DataError", "Scan", "ScanRef", "SkipLog", "list_cov19ctdb",
-           "list_lesions", "list_stoic", "load_scan", "read_path", "write_mask_like"]
+           "list_lesions", "list_stoic", "load_scan", "read_path", "write_image_like",
+           "write_mask_like"]
 
 DATASETS = {"cov19ctdb": list_cov19ctdb, "lesions": list_lesions, "stoic": list_stoic}
 _LOADERS = {"cov19ctdb": load_cov19ctdb, "lesions": load_hu_scan, "stoic": load_hu_scan}

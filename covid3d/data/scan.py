@@ -16,9 +16,10 @@ Files are read whatever the case of their extension: SimpleITK is told its
 ImageIO from the lower-cased extension (`sitk_reader`), since it would pick
 none for '.MHA'.
 
-`write_mask_like` undoes the flips/permutation and writes a mask in the
-original file's voxel grid and affine, as NIfTI (.nii, .nii.gz, nibabel) or
-any SimpleITK format (.mha, .nrrd, ...).
+`write_mask_like` (and `write_image_like` for any array) undoes the
+flips/permutation and writes a mask in the original file's voxel grid and
+affine, as NIfTI (.nii, .nii.gz, nibabel) or any SimpleITK format (.mha,
+.nrrd, ...).
 """
 import dataclasses
 from pathlib import Path
@@ -156,14 +157,19 @@ def sitk_reader(path):
 
 
 def write_mask_like(mask: np.ndarray, scan: Scan, path) -> str:
-  """Writes a (D, H, W) mask on `scan.volume`'s grid in the scan's original geometry.
+  """Writes a (D, H, W) integer mask (stored as uint8) like `write_image_like`."""
+  return write_image_like(np.asarray(mask).astype(np.uint8), scan, path)
+
+
+def write_image_like(image: np.ndarray, scan: Scan, path) -> str:
+  """Writes a (D, H, W) array on `scan.volume`'s grid in the scan's original geometry.
 
   The array is flipped/permuted back to the original file's voxel order and
   written with its affine (NIfTI: qform and sform, code 1 'scanner') or its
-  origin/spacing/direction (other SimpleITK formats, compressed).
+  origin/spacing/direction (other SimpleITK formats, compressed), in its dtype.
 
   Args:
-    mask: integer (D, H, W), same shape as `scan.volume`; stored as uint8.
+    image: (D, H, W), same shape as `scan.volume` (a mask, a probability or saliency map).
     scan: the scan it belongs to.
     path: output file; '.nii'/'.nii.gz' via nibabel, else SimpleITK ('.mha', ...).
 
@@ -171,13 +177,13 @@ def write_mask_like(mask: np.ndarray, scan: Scan, path) -> str:
     str(path).
 
   Raises:
-    ValueError: if the mask's shape differs from the volume's.
+    ValueError: if the array's shape differs from the volume's.
   """
-  mask = np.asarray(mask)
-  if mask.shape != scan.volume.shape:
-    raise ValueError(f"mask for {path}: shape {mask.shape} differs from scan "
+  image = np.asarray(image)
+  if image.shape != scan.volume.shape:
+    raise ValueError(f"image for {path}: shape {image.shape} differs from scan "
                      f"{scan.scan_id!r} volume shape {scan.volume.shape}")
-  data = from_canonical(mask.astype(np.uint8), scan.meta)
+  data = from_canonical(image, scan.meta)
   affine = scan.meta["affine_ras"]
   Path(path).parent.mkdir(parents=True, exist_ok=True)
   if is_nifti(path):

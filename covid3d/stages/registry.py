@@ -1,6 +1,7 @@
 """Which code runs each stage: the ``STAGES`` table, and ``run`` that dispatches on it.
 
-``run`` refuses a workdir that holds a run with other settings (``changed_fields``);
+``run`` refuses a workdir that holds a run with other settings
+(``covid3d.train.config.check_same_settings``);
 ``python -m covid3d.main --overwrite`` deletes such a run first.
 """
 import json
@@ -9,6 +10,8 @@ import jax
 import ml_collections
 from etils import epath
 
+from covid3d import config as base_config
+from covid3d.train import config as train_config
 from covid3d.stages import (finetune, handoff, multitask, predict, pretrain2d, pseudolabel,
                             segmentation, segmia)
 
@@ -31,31 +34,20 @@ def run(config: ml_collections.ConfigDict, workdir: str):
 
   A workdir that already holds work keeps its ``config.json``, and the stage
   resumes it (skipping what is done) when the settings agree; otherwise
-  HandOffError names the changed fields.
+  ``covid3d.train.config.SettingsChanged`` names the changed fields.
 
   ``stage:NAME`` sources are first resolved to the workdir ``NAME`` beside ``workdir``.
   """
   if config.stage not in STAGES:
     raise handoff.HandOffError(f"config.stage={config.stage!r} is not one of {sorted(STAGES)}")
-  config = handoff.resolve_siblings(config, workdir)
+  config = base_config.split_string_tuples(handoff.resolve_siblings(config, workdir))
   saved = epath.Path(workdir) / "config.json"
   if holds_results(workdir):
-    changed = changed_fields(json.loads(saved.read_text()), config)
-    if changed:
-      raise handoff.HandOffError(
-          f"{workdir} holds a run with other settings ({'; '.join(changed[:6])}"
-          f"{'; ...' if len(changed) > 6 else ''}): use another --workdir, or --overwrite to "
-          "delete that run and start afresh")
+    train_config.check_same_settings(json.loads(saved.read_text()), config, workdir)
   elif jax.process_index() == 0:
     epath.Path(workdir).mkdir(parents=True, exist_ok=True)
     saved.write_text(config.to_json_best_effort(indent=2))
   return STAGES[config.stage](config, workdir)
-
-
-# Fields that do not change what a stage computes: a rerun may change them.
-NEUTRAL_FIELDS = ("cache_dir", "data.workers", "data.loader_threads", "train.log_every",
-                  "train.progress_bar", "train.keep_checkpoints", "train.distributed",
-                  "pretrain2d.prefetch", "pretrain2d.loader_workers")
 
 
 def holds_results(workdir) -> bool:
@@ -64,23 +56,3 @@ def holds_results(workdir) -> bool:
   return (path / "config.json").exists() and any(
       p.name not in ("config.json", "skips.json") and not p.name.startswith("log.")
       for p in path.iterdir())
-
-
-def _flatten(tree, prefix=""):
-  out = {}
-  for key, value in tree.items():
-    name = f"{prefix}{key}"
-    if isinstance(value, dict) and value:
-      out.update(_flatten(value, name + "."))
-    else:
-      out[name] = value
-  return out
-
-
-def changed_fields(stored: dict, config: ml_collections.ConfigDict) -> list[str]:
-  """'field: old -> new' for each field of ``config`` that changes what the stage computes."""
-  old = _flatten(stored)
-  new = _flatten(json.loads(config.to_json_best_effort()))
-  neutral = lambda k: any(k == f or k.startswith(f + ".") for f in NEUTRAL_FIELDS)
-  return [f"{k}: {old.get(k, '(absent)')!r} -> {new.get(k, '(absent)')!r}"
-          for k in sorted(set(old) | set(new)) if not neutral(k) and old.get(k) != new.get(k)]

@@ -131,6 +131,11 @@ class Checkpointer:
         state=ocp.args.StandardRestore(abstract), data=IteratorRestore()))
     return restored.state, restored.data
 
+  def saved_config(self, step: int) -> dict:
+    """The config saved with the checkpoint of ``step`` (as JSON)."""
+    return self.manager.restore(step, args=ocp.args.Composite(
+        config=ocp.args.JsonRestore())).config
+
   def restore_params(self, step: int, ema: bool = True):
     """The (EMA) parameters saved at ``step``, as host arrays, without a template."""
     restored = self.manager.restore(step, args=ocp.args.Composite(

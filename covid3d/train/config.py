@@ -1,4 +1,6 @@
 """The ``train`` block of a stage config: every field of the training engine."""
+import json
+
 import jax.numpy as jnp
 import ml_collections
 
@@ -88,3 +90,43 @@ def default_config() -> ml_collections.ConfigDict:
   c.distributed.num_processes = ml_collections.config_dict.placeholder(int)
   c.distributed.process_id = ml_collections.config_dict.placeholder(int)
   return c
+
+
+# Fields that do not change what a stage computes: a rerun may change them.
+NEUTRAL_FIELDS = ("cache_dir", "data.workers", "data.loader_threads", "train.log_every",
+                  "train.progress_bar", "train.keep_checkpoints", "train.distributed",
+                  "pretrain2d.prefetch", "pretrain2d.loader_workers")
+
+
+class SettingsChanged(ValueError):
+  """A workdir holds a run (or a checkpoint) made with other settings."""
+
+
+def _flatten(tree, prefix=""):
+  out = {}
+  for key, value in tree.items():
+    name = f"{prefix}{key}"
+    if isinstance(value, dict) and value:
+      out.update(_flatten(value, name + "."))
+    else:
+      out[name] = value
+  return out
+
+
+def changed_fields(stored: dict, config: ml_collections.ConfigDict) -> list[str]:
+  """'field: old -> new' for each field of ``config`` that changes what the stage computes."""
+  old = _flatten(stored)
+  new = _flatten(json.loads(config.to_json_best_effort()))
+  neutral = lambda k: any(k == f or k.startswith(f + ".") for f in NEUTRAL_FIELDS)
+  return [f"{k}: {old.get(k, '(absent)')!r} -> {new.get(k, '(absent)')!r}"
+          for k in sorted(set(old) | set(new)) if not neutral(k) and old.get(k) != new.get(k)]
+
+
+def check_same_settings(stored: dict, config: ml_collections.ConfigDict, where) -> None:
+  """Raises SettingsChanged (one line naming the fields) unless ``config`` matches ``stored``."""
+  changed = changed_fields(stored, config)
+  if changed:
+    raise SettingsChanged(
+        f"{where} holds a run with other settings ({'; '.join(changed[:6])}"
+        f"{'; ...' if len(changed) > 6 else ''}): use another --workdir, or --overwrite to "
+        "delete that run and start afresh")

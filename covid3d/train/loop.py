@@ -13,7 +13,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from covid3d.train import checkpoint, log, optim, steps
-from covid3d.train.config import compute_dtype
+from covid3d.train.config import check_same_settings, compute_dtype
 from covid3d.train.state import create_state
 from covid3d.train.tasks import Task
 
@@ -185,6 +185,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, model, p
                                  config.keep_checkpoints, config.best_metric)
   latest = ckpt.latest_step()
   if latest is not None:
+    # A checkpoint of other settings is not this run's to resume.
+    check_same_settings(ckpt.saved_config(latest), saved_config,
+                                    f"{workdir} (checkpoint of step {latest})")
     state, iterator_state = ckpt.restore(latest, state)
     train_iter.set_state(iterator_state)
     logging.info("resumed from step %d in %s", latest, workdir)
