@@ -24,7 +24,7 @@ def get_config(stage: str) -> ml_collections.ConfigDict:
   # Where the initial weights come from: 'random'; an earlier stage's workdir
   # (its best EMA checkpoint; a 2-D one is inflated); 'stage:NAME', the workdir
   # NAME beside this one (R/NAME for the workdir R/x, the launchers' layout);
-  # or a checkpoint file (.pth, .pt, .tar, .safetensors, .npz) of a 2-D
+  # or a checkpoint file (.pth, .pt, .tar, .bin, .ckpt, .safetensors, .npz) of a 2-D
   # ConvNeXt (inflated) or of the authors' 3-D models.
   c.init_from = "random"
   # Slice axis of the volumes an init_from checkpoint FILE was trained on:

@@ -50,7 +50,7 @@ NAMINGS = {
         head_norm="head.norm", pre_head="head.pre_logits.fc", fc="head.fc"),
 }
 STEM_PATCH, DOWN_PATCH, DW_KERNEL = 4, 2, 7
-TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
+TORCH_SUFFIXES = (".pth", ".pt", ".tar", ".bin", ".ckpt")  # .tar: the authors' pretrainings
 # Every file type read_state_dict reads (what ``config.init_from`` accepts as a checkpoint file).
 CHECKPOINT_SUFFIXES = TORCH_SUFFIXES + (".safetensors", ".npz")
 # Wrappers of a state dict in a training/pretraining checkpoint: EMA weights, then raw ones.

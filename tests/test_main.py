@@ -61,6 +61,8 @@ CASES = {
     "no_file": [f"--config={ROOT / 'configs' / 'nothere.py'}", "--workdir={w}"],
     "empty_workdir": [f"--config={SEVERITY}:demo", "--workdir="],
     "unknown_field": [f"--config={SEVERITY}:demo", "--workdir={w}", "--config.nothing=3"],
+    "bad_init_from": [f"--config={SEVERITY}:demo", "--workdir={w}", "--config.init_from={w}_none",
+                      "--config.data.phantom_dir={w}_phantom", "--config.cache_dir={w}_cache"],
     # Parses, logs the resolved config, then stops at the unknown stage name.
     "bad_stage": [f"--config={SEVERITY}:demo", "--workdir={w}", "--config.train.num_steps=3",
                   NO_STAGE],
@@ -164,3 +166,12 @@ def test_a_workdir_holding_another_run_is_refused_until_overwrite(tmp_path):
 def test_a_user_mistake_is_one_line(runs, case, line):
   code, text, _ = runs[case]
   assert code == 2 and text.strip() == line
+
+
+def test_a_bad_init_from_stops_before_the_data_is_made(runs):
+  code, text, workdir = runs["bad_init_from"]
+  assert code == 2 and "Traceback" not in text
+  assert text.strip().splitlines()[-1] == (
+      f"covid3d.main: stage severity: init_from='{workdir}_none' is neither 'random', a workdir "
+      "nor a checkpoint file (.pth, .pt, .tar, .bin, .ckpt, .safetensors, .npz)")
+  assert not Path(f"{workdir}_phantom").exists()      # the phantom was not generated

@@ -149,6 +149,26 @@ def read_source(src: str, slice_axis: str = "first"):
                      f"({', '.join(weights.CHECKPOINT_SUFFIXES)})")
 
 
+def check_source(src: str) -> None:
+  """Cheap checks of an ``init_from`` before a stage's expensive work (data, compilation).
+
+  Raises:
+    HandOffError: a missing file or folder, or a workdir that holds no checkpoints.
+  """
+  if src in ("", "random"):
+    return
+  path = epath.Path(src)
+  if src.endswith(weights.CHECKPOINT_SUFFIXES):
+    if not path.exists():
+      raise HandOffError(f"init_from checkpoint {src} does not exist")
+    return
+  if not path.is_dir():
+    raise HandOffError(f"init_from={src!r} is neither 'random', a workdir nor a checkpoint "
+                       f"file ({', '.join(weights.CHECKPOINT_SUFFIXES)})")
+  if not (path / "checkpoints").exists() and (path / DONE).exists():
+    best_params(src)   # raises its one line: a finished stage that writes no checkpoints
+
+
 def merge_source(source, params, config: ml_collections.ConfigDict, what: str):
   """Freshly initialised 3-D ``params`` with the parts of ``source`` that carry over.
 

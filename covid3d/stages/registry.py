@@ -41,6 +41,8 @@ def run(config: ml_collections.ConfigDict, workdir: str):
   if config.stage not in STAGES:
     raise handoff.HandOffError(f"config.stage={config.stage!r} is not one of {sorted(STAGES)}")
   config = base_config.split_string_tuples(handoff.resolve_siblings(config, workdir))
+  if config.stage != "predict":   # predict's init_from is a fine-tuning workdir (its folds)
+    handoff.check_source(config.init_from)
   saved = epath.Path(workdir) / "config.json"
   if holds_results(workdir):
     train_config.check_same_settings(json.loads(saved.read_text()), config, workdir)
