@@ -175,3 +175,24 @@ def test_a_bad_init_from_stops_before_the_data_is_made(runs):
       f"covid3d.main: stage severity: init_from='{workdir}_none' is neither 'random', a workdir "
       "nor a checkpoint file (.pth, .pt, .tar, .bin, .ckpt, .safetensors, .npz)")
   assert not Path(f"{workdir}_phantom").exists()      # the phantom was not generated
+
+
+def test_ctrl_c_before_the_training_loop_is_one_line(tmp_path):
+  """SIGINT while the stage prepares its data: exit status 130 and one line, no traceback."""
+  import signal
+  import time
+  work = tmp_path / "work"
+  cmd = [sys.executable, "-m", "covid3d.main", f"--config={SEVERITY}:demo", f"--workdir={work}",
+         f"--config.data.phantom_dir={tmp_path / 'phantom'}",
+         f"--config.cache_dir={tmp_path / 'cache'}"]
+  proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 120
+  while not (work / "config.json").exists():   # the stage has started on its data
+    assert proc.poll() is None and time.time() < deadline
+    time.sleep(0.1)
+  proc.send_signal(signal.SIGINT)
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode == 130, err
+  assert "Traceback" not in err
+  assert err.strip().splitlines()[-1] == "covid3d.main: stage severity: interrupted"
