@@ -30,6 +30,7 @@ setuptools.setup(
         "tqdm>=4.66",
         "matplotlib>=3.8",
         "threadpoolctl>=3.1",
+        "flatbuffers>=24.3",  # jax.export serialisation (covid3d.export)
     ],
     extras_require={
         "test": ["pytest>=8.0", "scikit-learn>=1.4", "portpicker>=1.5", "protobuf>=4.21",

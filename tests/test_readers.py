@@ -160,7 +160,10 @@ def test_stoic_mha_direction_and_labels(tmp_path):
 
 def test_stoic_patient_as_a_dicom_series(tmp_path):
   """A STOIC-like set whose patient 9 is a DICOM folder reads as its MHA twin does."""
+  import locale
+
   from covid3d.data import phantom_writers
+  before = locale.setlocale(locale.LC_ALL)
   hu = fx.hu_volume(seed=5)
   fx.write_stoic(tmp_path, {4: hu}, {4: (1, 0), 9: (0, 0)})
   image = sitk.ReadImage(str(tmp_path / "data" / "mha" / "4.mha"))
@@ -172,6 +175,7 @@ def test_stoic_patient_as_a_dicom_series(tmp_path):
   np.testing.assert_allclose(dicom.spacing, mha.spacing, atol=1e-5)
   np.testing.assert_allclose(dicom.origin, mha.origin, atol=1e-4)
   assert dicom.labels == {"stoic_covid": 0, "stoic_severe": 0}
+  assert locale.setlocale(locale.LC_ALL) == before   # GDCM's "C" locale does not leak
 
 
 def test_lesion_pairs_and_jpeg_mask_round_trip(tmp_path):

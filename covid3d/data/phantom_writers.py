@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from covid3d.data import phantom
-from covid3d.data.read_common import HU_WINDOW
+from covid3d.data.read_common import HU_WINDOW, kept_locale
 
 DATASETS = ("cov19ctdb", "lesions", "stoic")
 # Root folder of each dataset under `write_all`'s root.
@@ -304,7 +304,8 @@ def write_dicom_series(image, folder, *, series_uid="1.2.826.0.1.3680043.2.1125.
       one.SetMetaData(tag, value)
     path = folder / f"{depth - 1 - k}.dcm"
     writer.SetFileName(str(path))
-    writer.Execute(one)
+    with kept_locale():
+      writer.Execute(one)
     paths.append(str(path))
   return paths
 

@@ -1,6 +1,8 @@
 """Helpers shared by the dataset readers: folders, label CSVs, volume files, HU scaling."""
+import contextlib
 import csv
 import errno
+import locale
 import logging
 import os
 import stat
@@ -218,6 +220,17 @@ def best_first(paths) -> tuple[list, dict]:
   return ranked, notes
 
 
+@contextlib.contextmanager
+def kept_locale():
+  """Restores the process locale afterwards: GDCM (SimpleITK's DICOM IO) sets it to "C",
+  which would make Python decode text as ASCII from then on."""
+  saved = locale.setlocale(locale.LC_ALL)
+  try:
+    yield
+  finally:
+    locale.setlocale(locale.LC_ALL, saved)
+
+
 def read_dicom_series(folder):
   """A folder's DICOM series as a SimpleITK image in Hounsfield units.
 
@@ -229,8 +242,9 @@ def read_dicom_series(folder):
   """
   import SimpleITK as sitk  # pylint: disable=g-import-not-at-top
   reader = sitk.ImageSeriesReader()
-  series = {uid: reader.GetGDCMSeriesFileNames(str(folder), uid)
-            for uid in reader.GetGDCMSeriesIDs(str(folder))}
+  with kept_locale():
+    series = {uid: reader.GetGDCMSeriesFileNames(str(folder), uid)
+              for uid in reader.GetGDCMSeriesIDs(str(folder))}
   if not series:
     raise ValueError("no DICOM series (and no .jpg/.png slices) in the folder")
   uid = max(series, key=lambda u: (len(series[u]), u))
@@ -238,7 +252,8 @@ def read_dicom_series(folder):
     log.info("%s: %d DICOM series; reading the largest, %s (%d slices)", folder, len(series),
              uid, len(series[uid]))
   reader.SetFileNames(series[uid])
-  return reader.Execute()
+  with kept_locale():
+    return reader.Execute()
 
 
 def read_volume(path):
