@@ -178,6 +178,22 @@ def test_stoic_patient_as_a_dicom_series(tmp_path):
   assert locale.setlocale(locale.LC_ALL) == before   # GDCM's "C" locale does not leak
 
 
+def test_a_folder_of_two_dicom_series_reads_the_larger_and_says_so(tmp_path, caplog):
+  from covid3d.data import phantom_writers
+  hu = fx.hu_volume(seed=6)
+  big = sitk.GetImageFromArray(hu.astype(np.int16))
+  small = sitk.GetImageFromArray(hu[:3].astype(np.int16) + 100)
+  phantom_writers.write_dicom_series(big, tmp_path / "scan")
+  phantom_writers.write_dicom_series(small, tmp_path / "other", series_uid="1.2.3.4.5")
+  for f in (tmp_path / "other").iterdir():
+    f.rename(tmp_path / "scan" / f"small_{f.name}")
+  with caplog.at_level("WARNING"):
+    scan = readers.read_path(tmp_path / "scan")
+  np.testing.assert_array_equal(scan.volume, hu_to_unit(hu))
+  assert "2 DICOM series; reading the largest" in caplog.text
+  assert f"({hu.shape[0]} slices)" in caplog.text
+
+
 def test_lesion_pairs_and_jpeg_mask_round_trip(tmp_path):
   hu = fx.hu_volume()
   aff = fx.lps_affine((2.0, 1.0, 1.0))

@@ -317,6 +317,9 @@ def test_missing_checkpoint_names_the_producing_command(root, chain, tmp_path):
     run("segmentation", root, "seg_bad", init_from=str(tmp_path / "nothing"))
   with pytest.raises(HandOffError, match="pseudolabel stage"):
     run("segmia", root, "segmia_bad", pseudo_labels=str(tmp_path))
+  with pytest.raises(HandOffError, match="multitask trains on pseudo-labels: give "
+                                         "--config.pseudo_labels="):
+    run("multitask", root, "multitask_bad")
   with pytest.raises(HandOffError, match="config.data.cov19ctdb_dir"):
     run("severity", root, "sev_bad",
         **{"data.phantom": False, "data.cov19ctdb_dir": str(tmp_path / "x")})

@@ -249,7 +249,7 @@ def read_dicom_series(folder):
     raise ValueError("no DICOM series (and no .jpg/.png slices) in the folder")
   uid = max(series, key=lambda u: (len(series[u]), u))
   if len(series) > 1:
-    log.info("%s: %d DICOM series; reading the largest, %s (%d slices)", folder, len(series),
+    log.warning("%s: %d DICOM series; reading the largest, %s (%d slices)", folder, len(series),
              uid, len(series[uid]))
   reader.SetFileNames(series[uid])
   with kept_locale():

@@ -169,6 +169,21 @@ def check_source(src: str) -> None:
     best_params(src)   # raises its one line: a finished stage that writes no checkpoints
 
 
+def check_pseudo_labels(pseudo_dir: str, stage: str) -> None:
+  """Cheap checks of ``pseudo_labels`` before a stage that trains on them does its work.
+
+  Raises:
+    HandOffError: none given, or a folder that holds no pseudo-labels.
+  """
+  if not pseudo_dir:
+    raise HandOffError(f"{stage} trains on pseudo-labels: give --config.pseudo_labels=<the "
+                       "workdir of the pseudolabel stage>")
+  if not (epath.Path(pseudo_dir) / "masks").is_dir():
+    raise HandOffError(
+        f"no pseudo-labels in {pseudo_dir}: run the pseudolabel stage first "
+        f"(python -m covid3d.main --config=configs/pseudolabel.py --workdir={pseudo_dir})")
+
+
 def merge_source(source, params, config: ml_collections.ConfigDict, what: str):
   """Freshly initialised 3-D ``params`` with the parts of ``source`` that carry over.
 

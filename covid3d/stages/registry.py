@@ -27,6 +27,8 @@ STAGES = {
     "detection": finetune.run,
     "predict": predict.run,
 }
+# The stages that train on the pseudolabel stage's masks (config.pseudo_labels).
+TRAIN_ON_PSEUDO_LABELS = ("segmia", "multitask")
 
 
 def run(config: ml_collections.ConfigDict, workdir: str):
@@ -43,6 +45,8 @@ def run(config: ml_collections.ConfigDict, workdir: str):
   config = base_config.split_string_tuples(handoff.resolve_siblings(config, workdir))
   if config.stage != "predict":   # predict's init_from is a fine-tuning workdir (its folds)
     handoff.check_source(config.init_from)
+  if config.stage in TRAIN_ON_PSEUDO_LABELS:
+    handoff.check_pseudo_labels(config.pseudo_labels, config.stage)
   saved = epath.Path(workdir) / "config.json"
   if holds_results(workdir):
     train_config.check_same_settings(json.loads(saved.read_text()), config, workdir)
