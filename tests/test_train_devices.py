@@ -1,10 +1,12 @@
 """1 device (2 micro-batches) and 8 simulated devices give the same training run."""
 import json
 
+import jax
 import numpy as np
 import pytest
 
 import train_helpers as h
+from covid3d.train import checkpoint
 
 
 @pytest.mark.slow
@@ -25,3 +27,11 @@ def test_one_and_eight_devices_agree(tmp_path):
   losses = [[json.loads(l)["loss"] for l in open(tmp_path / f"d{d}" / "metrics.jsonl")]
             for d in (1, 8)]
   np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
+  # The 8-device checkpoint restores here, on 1 device (a pod run read on one host).
+  ckpt = checkpoint.Checkpointer.open(str(tmp_path / "d8" / "checkpoints"))
+  for ema, key in ((False, "params"), (True, "ema")):
+    restored = ckpt.restore_params(3, ema=ema)
+    for path, leaf in jax.tree_util.tree_leaves_with_path(restored):
+      assert len(leaf.sharding.device_set) == 1
+      np.testing.assert_array_equal(np.asarray(leaf),
+                                    runs[8][f"['{key}']{jax.tree_util.keystr(path)}"])

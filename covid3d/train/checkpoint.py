@@ -137,9 +137,21 @@ class Checkpointer:
         config=ocp.args.JsonRestore())).config
 
   def restore_params(self, step: int, ema: bool = True):
-    """The (EMA) parameters saved at ``step``, as host arrays, without a template."""
+    """The (EMA) parameters saved at ``step``, on this process's first device.
+
+    Needs no template and works whatever device or process count saved them
+    (a pod run read on one host): the target is built from the checkpoint's
+    own metadata, placed on one local device.
+    """
+    metadata = ocp.StandardCheckpointer().metadata(
+        epath.Path(self.manager.directory) / str(step) / "state")
+    tree = getattr(metadata, "item_metadata", metadata)
+    one_device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one_device)
+        if hasattr(m, "shape") and hasattr(m, "dtype") else m, getattr(tree, "tree", tree))
     restored = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore()))
+        state=ocp.args.StandardRestore(target)))
     return restored.state["ema_params" if ema else "params"]
 
   def wait(self):
