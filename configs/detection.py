@@ -23,4 +23,4 @@ PRESETS = {
 
 def get_config(arg=None):
   # 70 epochs over the 1992 training scans of the 2nd challenge (docs/method.md).
-  return base.finetune_config("detection", arg, epochs=70, labelled_scans=1992, presets=PRESETS)
+  return base.finetune_config("detection", arg, epochs=70, presets=PRESETS)

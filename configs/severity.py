@@ -32,4 +32,4 @@ PRESETS = {
 
 def get_config(arg=None):
   # 100 epochs over the 258 labelled training scans (docs/method.md).
-  return base.finetune_config("severity", arg, epochs=100, labelled_scans=258, presets=PRESETS)
+  return base.finetune_config("severity", arg, epochs=100, presets=PRESETS)

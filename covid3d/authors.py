@@ -43,7 +43,7 @@ def target_config(target: str) -> ml_collections.ConfigDict:
     spec.loader.exec_module(module)
     return module.get_config()
   # Installed without the configs folder: the training schedule is not used by prediction.
-  return base_config.finetune_config(target, None, epochs=1, labelled_scans=1000)
+  return base_config.finetune_config(target, None, epochs=1)
 
 
 def infer_target(obj, num_classes: int | None) -> str:

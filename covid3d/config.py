@@ -122,12 +122,13 @@ def pretraining_config(stage: str, arg, num_steps: int,
   return finalize(c, arg)
 
 
-def finetune_config(target: str, arg, epochs: int, labelled_scans: int,
-                    presets=None) -> ml_collections.ConfigDict:
-  """Fine-tuning for ``target`` (the challenge recipe), ``epochs`` over the training folds.
+def finetune_config(target: str, arg, epochs: int, presets=None) -> ml_collections.ConfigDict:
+  """Fine-tuning for ``target`` (the challenge recipe): ``epochs`` over the training folds.
 
   ``target`` is the stage: 'severity' (4 classes) or 'detection' (2 classes);
   ``presets``: name -> ``finetune_preset(...)``, the names ``arg`` may hold.
+  The steps follow from the epochs when a fold starts (``train.num_epochs``,
+  evaluated every epoch), on any number of hosts and any batch size.
   """
   c = get_config(target)
   c.augment.noise.space = "input"     # the authors add fine-tuning noise to the normalised input
@@ -138,15 +139,12 @@ def finetune_config(target: str, arg, epochs: int, labelled_scans: int,
   # The preset the config file's argument named (``finetune_preset``; '' = none),
   # recorded for the report, which puts the paper's figure beside a preset's run.
   c.preset = ""
+  c.train.num_epochs = float(epochs)
+  c.train.eval_every_epochs = 1.0
   c = finalize(c, arg, presets)
   c.preset = ",".join(w for w in _words(arg) if w != "demo")
-  folds = c.data.folds
-  training_scans = labelled_scans * (folds - 1) // folds if folds > 1 else labelled_scans
-  steps_per_epoch = training_scans // c.train.batch_size
-  c.train.num_steps = epochs * steps_per_epoch
-  c.train.eval_every = steps_per_epoch
-  c.train.checkpoint_every = steps_per_epoch
-  if "demo" in _words(arg):  # 15 fold trainings in the demo: keep each short
+  if "demo" in _words(arg):  # 15 fold trainings in the demo: keep each short, in steps
+    c.train.num_epochs = c.train.eval_every_epochs = 0.0
     c.train.num_steps = 200
     c.train.eval_every = c.train.checkpoint_every = 100
   return c

@@ -43,9 +43,7 @@ def test_presets_are_the_authors_submissions(target, number):
       f"stage:{stage}", inflation, rot90, folds)
   assert c.loss.balanced and c.predict.folds == str(folds - 1)   # the code's last fold
   epochs = {"severity": 100, "detection": 70}[target]
-  scans = {"severity": 258, "detection": 1992}[target]
-  per_epoch = (scans * (folds - 1) // folds if folds > 1 else scans) // c.train.batch_size
-  assert c.train.num_steps == epochs * per_epoch and c.train.eval_every == per_epoch
+  assert c.train.num_epochs == epochs and c.train.eval_every_epochs == 1   # steps: at run time
 
 
 def test_ablation_presets_and_demo_combine():
@@ -151,3 +149,19 @@ def test_a_tuple_of_names_written_with_commas_is_split():
   assert c.segmia.partitions == ("train",)
   assert c.pseudolabel.datasets == ("stoic", "cov19ctdb")
   assert tuple(c.data.sizes) == (256, 224)        # numbers untouched
+
+
+def test_epochs_become_steps_from_the_records_and_the_global_batch():
+  from covid3d.train import config as train_config
+  c = load_config("severity").train        # 100 epochs, evaluated every epoch
+  records = 258 * 4 // 5                   # four folds of the 258 labelled scans
+  resolved, schedule = train_config.resolve_schedule(c, records)
+  assert (resolved.num_steps, resolved.eval_every, resolved.checkpoint_every) == (5100, 51, 51)
+  assert schedule["steps_per_epoch"] == 51 and c.num_steps != 5100   # the input is unchanged
+  c.batch_size = 32                        # e.g. 8 hosts x 4: the same 100 epochs
+  resolved, _ = train_config.resolve_schedule(c, records)
+  assert (resolved.num_steps, resolved.eval_every) == (600, 6)
+  demo = load_config("severity", "demo").train
+  assert train_config.resolve_schedule(demo, records) == (demo, None)   # steps as given
+  with pytest.raises(ValueError, match="how many training records"):
+    train_config.resolve_schedule(c, None)

@@ -208,7 +208,8 @@ def test_finished_folds_are_skipped_on_rerun(chain, caplog):
 
 def test_a_preset_without_cv_trains_one_model_selected_on_validation(chain):
   """detection:authors5 (no CV): its source named as a sibling stage, all training scans."""
-  workdir = run("detection", chain, "detection_authors5", "authors5,demo", **{"data.folds": 1})
+  workdir = run("detection", chain, "detection_authors5", "authors5,demo",
+                **{"data.folds": 1, "train.num_epochs": 1.0, "train.eval_every_epochs": 1.0})
   saved = json.loads((workdir / "config.json").read_text())
   assert saved["init_from"] == str(chain / "segmentation")
   cv = json.loads((workdir / "cv.json").read_text())
@@ -220,6 +221,11 @@ def test_a_preset_without_cv_trains_one_model_selected_on_validation(chain):
   assert sum(cv["folds"][0]["train_counts"]) == labelled["train"]
   assert cv["folds"][0]["n_val"] == labelled["validation"] > 0
   assert json.loads((workdir / "DONE").read_text())["ensemble_folds"] == [0]
+  # One epoch, resolved from the fold's training records and the global batch (2).
+  schedule = json.loads((workdir / "fold0" / "schedule.json").read_text())
+  assert schedule["training_records"] == labelled["train"]
+  assert schedule["num_steps"] == labelled["train"] // 2 == schedule["steps_per_epoch"]
+  assert cv["folds"][0]["step"] == schedule["num_steps"]     # evaluated once, at the end
 
 
 def test_infer_gives_one_answer_per_volume_whatever_the_format(chain, tmp_path, capsys):

@@ -49,4 +49,5 @@ def fit(config, workdir, model, source, train_idx, val_idx, fields, task, *, out
       augment_fn=functools.partial(
           augment.augment_example,
           config=augment.resolve_noise_space(config.augment, config.data.mean, config.data.std)),
-      apply_fn=build.apply_fn(model, config, output), stage_config=config)
+      apply_fn=build.apply_fn(model, config, output), stage_config=config,
+      num_records=len(train_idx))

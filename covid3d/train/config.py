@@ -19,7 +19,15 @@ def default_config() -> ml_collections.ConfigDict:
 
   Fields:
     seed: int, seeds the train state's key (augmentation, drop path).
-    num_steps: int, optimiser updates to run (skipped non-finite steps excluded).
+    num_steps: int, optimiser updates to run (skipped non-finite steps
+      excluded); replaced by the epochs when ``num_epochs`` is set.
+    num_epochs: float, > 0: the run's length in passes over the training
+      records, resolved when it starts (``resolve_schedule``) from their count
+      and the global batch, so an epoch is an epoch on any number of hosts
+      and any batch size; 0: ``num_steps`` as given.
+    eval_every_epochs: float, > 0 (with ``num_epochs``): evaluate and
+      checkpoint every this many epochs, replacing ``eval_every`` and
+      ``checkpoint_every``.
     batch_size: int, GLOBAL examples per update, summed over all devices and
       hosts; must divide by the device count times ``micro_batches``.
     micro_batches: int, gradient accumulation: each device splits its share of
@@ -62,6 +70,8 @@ def default_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.num_steps = 1000
+  c.num_epochs = 0.0
+  c.eval_every_epochs = 0.0
   c.batch_size = 4
   c.micro_batches = 1
   c.eval_batch_size = 4
@@ -90,6 +100,33 @@ def default_config() -> ml_collections.ConfigDict:
   c.distributed.num_processes = ml_collections.config_dict.placeholder(int)
   c.distributed.process_id = ml_collections.config_dict.placeholder(int)
   return c
+
+
+def resolve_schedule(config: ml_collections.ConfigDict, num_records: int | None):
+  """``(config, schedule)``: a copy of the train block with its step counts from the epochs.
+
+  ``schedule`` (a dict, for the logs and the workdir) says how they were
+  resolved: steps per epoch = ``num_records // batch_size`` (at least 1).
+  Without ``num_epochs`` the config is returned as it is, ``schedule`` None.
+
+  Raises:
+    ValueError: ``num_epochs`` set but the number of records unknown.
+  """
+  if not config.num_epochs:
+    return config, None
+  if not num_records:
+    raise ValueError("train.num_epochs is set, but this stage did not say how many training "
+                     "records it has; give train.num_steps instead")
+  per_epoch = max(1, num_records // config.batch_size)
+  resolved = ml_collections.ConfigDict(config.to_dict())
+  resolved.num_steps = max(1, round(config.num_epochs * per_epoch))
+  if config.eval_every_epochs:
+    resolved.eval_every = max(1, round(config.eval_every_epochs * per_epoch))
+    resolved.checkpoint_every = resolved.eval_every
+  schedule = {"num_epochs": config.num_epochs, "training_records": num_records,
+              "global_batch": config.batch_size, "steps_per_epoch": per_epoch,
+              "num_steps": resolved.num_steps, "eval_every": resolved.eval_every}
+  return resolved, schedule
 
 
 # Fields that do not change what a stage computes: a rerun may change them.

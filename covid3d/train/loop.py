@@ -1,4 +1,5 @@
 """``train_and_evaluate``: the training loop every stage runs."""
+import json
 import signal
 import threading
 import time
@@ -13,7 +14,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from covid3d.train import checkpoint, log, optim, steps
-from covid3d.train.config import check_same_settings, compute_dtype
+from covid3d.train.config import check_same_settings, compute_dtype, resolve_schedule
 from covid3d.train.state import create_state
 from covid3d.train.tasks import Task
 
@@ -131,7 +132,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, model, p
                        eval_batches: Callable[[], Iterable[dict]] | None = None,
                        augment_fn: steps.AugmentFn | None = None,
                        apply_fn: steps.ApplyFn | None = None,
-                       stage_config: ml_collections.ConfigDict | None = None) -> dict:
+                       stage_config: ml_collections.ConfigDict | None = None,
+                       num_records: int | None = None) -> dict:
   """Trains ``model`` from ``params`` for ``config.num_steps`` updates, resuming if possible.
 
   On start the latest checkpoint in ``<workdir>/checkpoints`` (if any) is
@@ -156,6 +158,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, model, p
     apply_fn: overrides ``model`` (see ``steps``).
     stage_config: the whole resolved config, saved with each checkpoint
       (default ``config``).
+    num_records: the number of training records (global), for a schedule in
+      epochs (``config.num_epochs``; ``train.config.resolve_schedule``): the
+      resolved steps are logged and written to ``<workdir>/schedule.json``.
 
   Returns:
     Dict: 'state' (the final TrainState), 'step', 'best_step' (None without
@@ -169,6 +174,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, model, p
       checkpoint of the current step is written.
   """
   process0 = jax.process_index() == 0
+  saved_config = stage_config if stage_config is not None else config
+  config, schedule = resolve_schedule(config, num_records)
+  if schedule is not None:
+    logging.info("schedule: %g epochs of %d steps (%d training records / global batch %d) = "
+                 "%d steps, evaluation every %d", schedule["num_epochs"],
+                 schedule["steps_per_epoch"], num_records, config.batch_size, config.num_steps,
+                 config.eval_every)
+    if process0:
+      epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+      (epath.Path(workdir) / "schedule.json").write_text(json.dumps(schedule, indent=1))
   mesh = steps.make_mesh()
   host_batch = _per_host(config.batch_size, "batch_size", mesh)
   if (config.batch_size // mesh.size) % config.micro_batches:
@@ -177,7 +192,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, model, p
   host_eval_batch = _per_host(config.eval_batch_size, "eval_batch_size", mesh)
   dtype = compute_dtype(config.compute_dtype)
   apply_fn = apply_fn or steps.flax_apply_fn(model)
-  saved_config = stage_config if stage_config is not None else config
 
   tx = optim.make_optimizer(config)
   state = steps.replicate(create_state(params, tx, config.seed), mesh)
