@@ -149,6 +149,9 @@ def plot_views(volume, path, title, mask=None, heat=None):
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  if heat is not None and np.ptp(heat) < 1e-6:
+    # e.g. a 32^3 input: the last stage is one voxel, so the map is uniform.
+    heat, title = None, f"{title} (Grad-CAM uniform: not drawn)"
   focus = mask if mask is not None and mask.any() else heat
   if focus is not None and focus.any():
     axial = int(np.argmax(focus.sum(axis=(1, 2))))

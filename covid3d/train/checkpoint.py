@@ -143,13 +143,12 @@ class Checkpointer:
     (a pod run read on one host): the target is built from the checkpoint's
     own metadata, placed on one local device.
     """
-    metadata = ocp.StandardCheckpointer().metadata(
+    tree = ocp.StandardCheckpointHandler().metadata(
         epath.Path(self.manager.directory) / str(step) / "state")
-    tree = getattr(metadata, "item_metadata", metadata)
     one_device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = jax.tree.map(
         lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one_device)
-        if hasattr(m, "shape") and hasattr(m, "dtype") else m, getattr(tree, "tree", tree))
+        if hasattr(m, "shape") and hasattr(m, "dtype") else m, dict(tree))
     restored = self.manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(target)))
     return restored.state["ema_params" if ema else "params"]
