@@ -142,8 +142,8 @@ def finetune_config(target: str, arg, epochs: int, presets=None) -> ml_collectio
   c.train.num_epochs = float(epochs)
   c.train.eval_every_epochs = 1.0
   c = finalize(c, arg, presets)
-  c.preset = ",".join(w for w in _words(arg) if w != "demo")
-  if "demo" in _words(arg):  # 15 fold trainings in the demo: keep each short, in steps
+  c.preset = ",".join(w for w in listed(arg) if w != "demo")
+  if "demo" in listed(arg):  # 15 fold trainings in the demo: keep each short, in steps
     c.train.num_epochs = c.train.eval_every_epochs = 0.0
     c.train.num_steps = 200
     c.train.eval_every = c.train.checkpoint_every = 100
@@ -196,14 +196,10 @@ def split_string_tuples(c: ml_collections.ConfigDict) -> ml_collections.ConfigDi
   return c
 
 
-def _words(arg) -> list:
-  return list(listed(arg))
-
-
 def finalize(c: ml_collections.ConfigDict, arg, presets=None) -> ml_collections.ConfigDict:
   """Applies the config-file argument: '' (full size), or comma-separated presets and 'demo'."""
   presets = presets or {}
-  words = _words(arg)
+  words = listed(arg)
   for word in words:
     if word != "demo" and word not in presets:
       choices = ", ".join(["demo", *sorted(presets)])

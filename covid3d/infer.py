@@ -37,7 +37,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from scipy import ndimage
 
 from covid3d import export, saliency
 from covid3d.data import preprocess, readers, schema
@@ -114,31 +113,32 @@ def output_name(path, taken: set) -> str:
   return name
 
 
-def model_input(scan, size: int) -> np.ndarray:
-  """The model's float32 (1, s, s, s, 1) input of a Scan, as the training records hold it."""
-  record = preprocess.preprocess_scan(scan, (size,))
-  return np.asarray(record[schema.volume_key(size)], np.float32)[None, ..., None]
+def model_inputs(scan) -> Callable[[int], np.ndarray]:
+  """``get(size)``: the model's float32 (1, s, s, s, 1) input of a Scan, as the training
+  records hold it; each size is resampled once however many models read it."""
+  cubes = {}
+
+  def get(size: int) -> np.ndarray:
+    if size not in cubes:
+      record = preprocess.preprocess_scan(scan, (size,))
+      cubes[size] = np.asarray(record[schema.volume_key(size)], np.float32)[None, ..., None]
+    return cubes[size]
+  return get
 
 
-def to_scan_grid(cube: np.ndarray, scan) -> np.ndarray:
-  """A (s, s, s) map on the model's cube resampled (linear) to the scan's volume grid."""
-  return ndimage.zoom(np.asarray(cube, np.float32), np.divide(scan.volume.shape, cube.shape),
-                      order=1, grid_mode=False)
-
-
-def segment(segmenter: Segmenter, scan, out: Path, name: str) -> np.ndarray:
+def segment(segmenter: Segmenter, scan, cube, out: Path, name: str) -> np.ndarray:
   """The lesion mask (uint8, scan grid); written as ``<name>_lesions.nii.gz`` (scan geometry)."""
-  prob = to_scan_grid(segmenter.fn(model_input(scan, segmenter.input_size)), scan)
+  prob = preprocess.zoom_linear(segmenter.fn(cube(segmenter.input_size)), scan.volume.shape)
   mask = np.asarray(prob > 0.5, np.uint8)
   readers.write_mask_like(mask, scan, out / f"{name}_lesions.nii.gz")
   return mask
 
 
-def explain(cam_fn, predictor: export.Predictor, scan, probs, out: Path, name: str):
+def explain(cam_fn, predictor: export.Predictor, scan, cube, probs, out: Path, name: str):
   """Grad-CAM (scan grid, [0, 1]) of the predicted class; written as
   ``<name>_saliency.nii.gz`` in the scan's geometry (float32)."""
-  cube = cam_fn(model_input(scan, predictor.input_size), [int(np.argmax(probs))])[0]
-  heat = np.clip(to_scan_grid(cube, scan), 0.0, 1.0)
+  heat = cam_fn(cube(predictor.input_size), [int(np.argmax(probs))])[0]
+  heat = np.clip(preprocess.zoom_linear(heat, scan.volume.shape), 0.0, 1.0)
   readers.write_image_like(heat, scan, out / f"{name}_saliency.nii.gz")
   return heat
 
@@ -187,12 +187,13 @@ def predict_scans(predictor: export.Predictor, paths, out: Path,
     rows.append(row)
     try:
       scan = readers.read_path(path)
-      row.probs = predictor.fn(model_input(scan, predictor.input_size))[0]
+      cube = model_inputs(scan)
+      row.probs = predictor.fn(cube(predictor.input_size))[0]
       if segmenter is None and cam_fn is None:
         continue
       name = output_name(path, taken)
-      mask = segment(segmenter, scan, out, name) if segmenter is not None else None
-      heat = explain(cam_fn, predictor, scan, row.probs, out, name) if cam_fn else None
+      mask = segment(segmenter, scan, cube, out, name) if segmenter is not None else None
+      heat = explain(cam_fn, predictor, scan, cube, row.probs, out, name) if cam_fn else None
       title = f"{name}: {predictor.names[int(np.argmax(row.probs))]}"
       if mask is not None:
         row.lesion_fraction = float(mask.mean())

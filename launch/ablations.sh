@@ -34,17 +34,7 @@ Python: \$PYTHON if set, else 'python' on PATH.
 EOF
 }
 
-split_option_values "$@"
-set -- "${ARGS[@]}"
-while (($#)); do
-  case $1 in
-    -h | --help) usage; exit 0 ;;
-    --config.*) OPT_EXTRA+=("$1"); shift; continue ;;
-  esac
-  parse_pipeline_option "$@"
-  ((OPT_SHIFT)) || usage_error "unknown option '$1'"
-  shift "$OPT_SHIFT"
-done
+BARE_OVERRIDES=1 parse_pipeline_args "$@"
 
 CHAIN_ROOT=${OPT_ROOT:-./covid3d_ablations}
 CHAIN_CONFIGS=$(local_configs)

@@ -161,6 +161,29 @@ parse_pipeline_option() {
   esac
 }
 
+# parse_pipeline_args ARGS...: all of a script's arguments as pipeline options
+# (-h/--help: the script's usage). With BARE_OVERRIDES=1 a --config.F=V is an
+# override (OPT_EXTRA) without the "--" before it.
+parse_pipeline_args() {
+  split_option_values "$@"
+  set -- "${ARGS[@]}"
+  while (($#)); do
+    case $1 in
+      -h | --help) usage; exit 0 ;;
+      --config.*)
+        if [[ ${BARE_OVERRIDES:-0} == 1 ]]; then
+          OPT_EXTRA+=("$1")
+          shift
+          continue
+        fi
+        ;;
+    esac
+    parse_pipeline_option "$@"
+    ((OPT_SHIFT)) || usage_error "unknown option '$1'"
+    shift "$OPT_SHIFT"
+  done
+}
+
 # deprecated_option OLD NEW: one line on stderr; the option works as NEW.
 deprecated_option() {
   echo "$PROG: $1 is deprecated, use $2" >&2

@@ -24,16 +24,7 @@ Python: \$PYTHON if set, else 'python' on PATH.
 EOF
 }
 
-split_option_values "$@"
-set -- "${ARGS[@]}"
-while (($#)); do
-  case $1 in
-    -h | --help) usage; exit 0 ;;
-  esac
-  parse_pipeline_option "$@"
-  ((OPT_SHIFT)) || usage_error "unknown option '$1'"
-  shift "$OPT_SHIFT"
-done
+parse_pipeline_args "$@"
 check_pipeline_options
 check_local_inputs
 

@@ -111,6 +111,17 @@ def resample(volume: np.ndarray, shape, order: int = 3) -> np.ndarray:
   return np.ascontiguousarray(out)
 
 
+def zoom_linear(cube: np.ndarray, shape) -> np.ndarray:
+  """A model-grid map (e.g. lesion probabilities) resampled linearly to ``shape``, float32.
+
+  On the host: every scan has its own shape, and a jitted resize would compile
+  once per shape. Order 1 with ``grid_mode=False`` is the corners-aligned
+  convention of ``models.ops.resize_linear(align_corners=True)``.
+  """
+  cube = np.asarray(cube, np.float32)
+  return scipy.ndimage.zoom(cube, np.divide(shape, cube.shape), order=1, grid_mode=False)
+
+
 def settings(sizes) -> dict:
   """The preprocessing settings that go into every cache key."""
   return {"version": VERSION, "sizes": [int(s) for s in sizes], "volume_order": 3,

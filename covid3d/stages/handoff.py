@@ -133,9 +133,8 @@ def read_source(src: str, slice_axis: str = "first"):
   files (``weights.load_authors_checkpoint``; EMA weights); ``slice_axis='last'``
   maps weights trained on slice-last volumes (the authors' pretrainings).
   """
+  check_source(src)
   if src.endswith(weights.CHECKPOINT_SUFFIXES):
-    if not epath.Path(src).exists():
-      raise HandOffError(f"init_from checkpoint {src} does not exist")
     tree = weights.load_authors_checkpoint(src, slice_axis=slice_axis)
     if isinstance(tree, list):
       raise HandOffError(
@@ -143,10 +142,7 @@ def read_source(src: str, slice_axis: str = "first"):
           f"python -m covid3d.authors convert {src} OUT, then use init_from=OUT/fold<k> "
           "(or predict with init_from=OUT)")
     return tree
-  if epath.Path(src).is_dir():
-    return best_params(src)
-  raise HandOffError(f"init_from={src!r} is neither 'random', a workdir nor a checkpoint file "
-                     f"({', '.join(weights.CHECKPOINT_SUFFIXES)})")
+  return best_params(src)
 
 
 def check_source(src: str) -> None:

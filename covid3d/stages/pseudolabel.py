@@ -24,10 +24,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from etils import epath
-from scipy import ndimage
 from tqdm import tqdm
 
-from covid3d.data import readers
+from covid3d.data import preprocess, readers
 from covid3d.data.skips import SkipLog
 from covid3d.models import build
 from covid3d.models.ops import resize_linear
@@ -133,12 +132,7 @@ def _write_nifti(ref, prob_large, nifti_dir, config):
   scan = readers.load_scan(ref, strict=config.data.strict)
   if scan is None:
     return
-  # On the host: every scan has its own shape, and a jitted resize would
-  # compile once per shape. order 1 with grid_mode=False is resize_linear's
-  # align_corners=True convention.
-  prob_large = np.asarray(prob_large[..., 0], np.float32)
-  prob = ndimage.zoom(prob_large, np.divide(scan.volume.shape, prob_large.shape), order=1,
-                      grid_mode=False)
+  prob = preprocess.zoom_linear(prob_large[..., 0], scan.volume.shape)
   name = f"{inputs.file_stem({'partition': ref.partition, 'scan_id': ref.scan_id})}_pseudo.nii.gz"
   with tempfile.TemporaryDirectory() as tmp:  # nibabel writes local files; the workdir may be gs://
     readers.write_mask_like(np.asarray(prob > 0.5, np.uint8), scan, os.path.join(tmp, name))
