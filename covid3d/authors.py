@@ -16,7 +16,6 @@ their ensemble (docs/weights.md, "The authors' checkpoints").
 """
 import argparse
 import importlib.util
-import json
 import logging
 from pathlib import Path
 
@@ -25,7 +24,7 @@ import numpy as np
 from etils import epath
 
 from covid3d import config as base_config
-from covid3d import weights
+from covid3d import storage, weights
 from covid3d.models.variants import VARIANTS
 from covid3d.stages import handoff
 from covid3d.train import checkpoint
@@ -133,7 +132,7 @@ def convert_submission(source, out_dir, *, target: str | None = None,
   config.data.folds = len(trees)
   config.init_from = str(source) if not isinstance(source, dict) else "random"
   out.mkdir(parents=True, exist_ok=True)
-  (out / "config.json").write_text(config.to_json_best_effort(indent=2))
+  storage.write_text(out / "config.json", config.to_json_best_effort(indent=2))
   for fold, tree in enumerate(trees):
     fold_dir = out / f"fold{fold}"
     ckpt = checkpoint.Checkpointer(str(fold_dir / "checkpoints"), keep=1, best_metric=None)
@@ -148,7 +147,7 @@ def convert_submission(source, out_dir, *, target: str | None = None,
              "head_hidden": cfg["head_hidden"], "weights": key, "out_dir": str(out)}
   record = dict(summary, source=str(source), config=obj.get("config"),
                 data_transforms=obj.get("data_transforms"))
-  (out / RECORD).write_text(json.dumps(record, indent=1, default=str))
+  storage.write_json(out / RECORD, record, indent=1, default=str)
   logging.info("wrote %d fold(s) of %s to %s", len(trees), source, out)
   return summary
 

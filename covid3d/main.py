@@ -8,13 +8,14 @@ import logging as pylogging
 import os
 import re
 import sys
+import tempfile
 
 from absl import app, flags, logging
 from etils import epath
 import jax
 from ml_collections import config_flags
 
-from covid3d import cachedir
+from covid3d import cachedir, storage
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "stage config file (configs/*.py[:demo])",
                                           lock_config=True)
@@ -43,12 +44,18 @@ _CONFIG_LOG = pylogging.getLogger("covid3d.config")
 _CONFIG_LOG.propagate = False
 
 
-def _log_to_workdir(workdir) -> str | None:
-  """Copies every log line into ``<workdir>/log.<process>.txt``; its path (None on gs://)."""
-  if "://" in workdir:
-    return None
-  os.makedirs(workdir, exist_ok=True)
-  path = os.path.join(workdir, f"log.{jax.process_index()}.txt")
+def _log_to_workdir(workdir: str) -> str:
+  """Copies every log line into a file; returns its path.
+
+  That is ``<workdir>/log.<process>.txt``; for a bucket workdir, a local
+  temporary file that `_upload_log` copies there when the stage ends.
+  """
+  name = f"log.{jax.process_index()}.txt"
+  if storage.is_remote(workdir):
+    path = os.path.join(tempfile.mkdtemp(prefix="covid3d-log-"), name)
+  else:
+    os.makedirs(workdir, exist_ok=True)
+    path = os.path.join(workdir, name)
   handler = pylogging.FileHandler(path)
   handler.setFormatter(pylogging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
   handler.addFilter(_QuietLibraries())
@@ -56,6 +63,17 @@ def _log_to_workdir(workdir) -> str | None:
   _CONFIG_LOG.addHandler(handler)
   _CONFIG_LOG.setLevel(pylogging.INFO)
   return path
+
+
+def _upload_log(log_file: str, workdir: str):
+  """Copies the local log of a bucket workdir to ``<workdir>/log.<process>.txt``.
+
+  Runs when the stage returns, fails or stops on a signal; a process killed
+  outright (SIGKILL) leaves its log only in the local temporary folder.
+  """
+  if storage.is_remote(workdir):
+    with open(log_file, "rb") as f:
+      storage.write_bytes(f"{workdir.rstrip('/')}/{os.path.basename(log_file)}", f.read())
 
 
 def main(argv):
@@ -92,17 +110,26 @@ def main(argv):
   if jax.process_index() == 0:
     logging.info("stage %s, workdir %s, %d devices on %d processes%s", config.stage, workdir,
                  jax.device_count(), jax.process_count(),
-                 f"; this log and the resolved config: {log_file}" if log_file else "")
-    (_CONFIG_LOG if log_file else pylogging.getLogger()).info("resolved config:\n%s", config)
+                 f"; this log and the resolved config: {log_file}"
+                 + (f" (copied into {workdir} at the end)" if storage.is_remote(workdir) else ""))
+    _CONFIG_LOG.info("resolved config:\n%s", config)
   try:
     registry.run(config, workdir)
   except (HandOffError, DataError, SettingsChanged) as e:
     # A missing input, (strict mode) a bad file, a workdir of another run: one line, no traceback.
     print(f"covid3d.main: stage {config.stage}: {e}", file=sys.stderr)
     sys.exit(2)
+  except TimeoutError as e:   # a bucket that stopped answering (see covid3d.storage)
+    # The stuck request cannot be cancelled and would keep the interpreter from exiting.
+    print(f"covid3d.main: stage {config.stage}: {e or type(e).__name__}; this process's log: "
+          f"{log_file}", file=sys.stderr)
+    sys.stderr.flush()
+    os._exit(3)  # pylint: disable=protected-access
   except KeyboardInterrupt:   # before the training loop (which checkpoints on a signal itself)
     print(f"covid3d.main: stage {config.stage}: interrupted", file=sys.stderr)
     sys.exit(130)
+  finally:
+    _upload_log(log_file, workdir)
 
 
 def usage_error(message) -> None:

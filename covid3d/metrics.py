@@ -6,12 +6,13 @@ added up over batches, devices and hosts (the eval step of
 ``covid3d.train.tasks`` does that) and turned into the final figure once at
 the end. Everything except ``plot_confusion_matrix`` works under ``jax.jit``.
 """
-import os
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from covid3d import storage
 
 
 def _check_classes(name, values, num_classes, lowest):
@@ -199,8 +200,5 @@ def plot_confusion_matrix(cm, class_names: Sequence[str], path, title=None):
     title = f"accuracy {float(accuracy(cm)):.3f}, macro F1 {float(macro_f1(cm)):.3f}"
   ax.set_title(title)
   fig.tight_layout()
-  folder = os.path.dirname(os.fspath(path))
-  if folder:
-    os.makedirs(folder, exist_ok=True)
-  fig.savefig(path, format="png", dpi=100)
+  storage.save_figure(fig, path)
   return fig

@@ -7,10 +7,9 @@ A run made with a preset of the paper's rows (``configs/severity.py:NAME``) gets
 the paper's CV macro F1 beside its own, and a marker in the plot.
 """
 import argparse
-import json
-from pathlib import Path
-
 import numpy as np
+
+from covid3d import storage
 
 # The paper's severity CV macro F1 (%) of the rows the presets reproduce
 # (Tables 1-3 and 5 of Kienzle et al.; its Table 1 gives 64.99 for the
@@ -26,20 +25,20 @@ PAPER_CV_MACRO_F1 = {
 def collect(root) -> list[dict]:
   """One row per finetune workdir under ``root``, sorted by name."""
   rows = []
-  for cv_path in sorted(Path(root).glob("*/cv.json")):
-    cv = json.loads(cv_path.read_text())
+  for cv_path in sorted(storage.as_path(root).glob("*/cv.json")):
+    cv = storage.read_json(cv_path)
     folds = [f["macro_f1"] for f in cv["folds"]]
     row = {"run": cv_path.parent.name, "target": cv["target"], "init_from": cv["init_from"],
            "folds": folds, "cv_macro_f1": float(np.mean(folds)), "cv_std": float(np.std(folds)),
            "f1_per_class": cv["mean_f1_per_class"]}
     config = cv_path.parent / "config.json"
-    preset = json.loads(config.read_text()).get("preset", "") if config.exists() else ""
+    preset = storage.read_json(config).get("preset", "") if config.exists() else ""
     paper = PAPER_CV_MACRO_F1.get(cv["target"], {}).get(preset)
     if paper is not None:
       row["paper_cv_macro_f1"] = paper
     val = cv_path.parent / "metrics_validation.json"
     if val.exists():
-      row["validation_macro_f1"] = json.loads(val.read_text())["macro_f1"]
+      row["validation_macro_f1"] = storage.read_json(val)["macro_f1"]
     rows.append(row)
   return rows
 
@@ -58,7 +57,7 @@ def markdown(rows) -> str:
           + ["validation macro F1 (ensemble)"] + (["paper: CV macro F1"] if paper else []))
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for r in rows:
-    cells = [r["run"], Path(r["init_from"]).name or r["init_from"],
+    cells = [r["run"], r["init_from"].rstrip("/").rsplit("/", 1)[-1] or r["init_from"],
              f"{100 * r['cv_macro_f1']:.2f} ± {100 * r['cv_std']:.2f}"]
     cells += [f"{100 * r['f1_per_class'][c]:.2f}" for c in classes]
     cells.append(f"{100 * r['validation_macro_f1']:.2f}" if "validation_macro_f1" in r else "-")
@@ -90,7 +89,7 @@ def plot(rows, path):
   ax.set_title("cross-validation macro F1 per run (dots: folds)")
   ax.legend(loc="upper right", fontsize=8)
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  storage.save_figure(fig, path, dpi=110)
   plt.close(fig)
 
 
@@ -99,12 +98,12 @@ def main(argv=None):
                                    description="The results table and plot of the fine-tuning runs "
                                    "under ROOT.")
   parser.add_argument("root", metavar="ROOT", help="the folder holding the fine-tuning workdirs")
-  root = Path(parser.parse_args(argv).root)
+  root = storage.as_path(parser.parse_args(argv).root)
   if not root.is_dir():
     parser.exit(2, f"{parser.prog}: {root}: no such folder\n")
   rows = collect(root)
   text = markdown(rows)
-  (root / "report.md").write_text(text)
+  storage.write_text(root / "report.md", text)
   if rows:
     plot(rows, root / "report.png")
   print(text, end="")

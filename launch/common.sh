@@ -73,11 +73,56 @@ run_python() {
   run "$PYTHON" "$@"
 }
 
+# A pod rehearsed on this machine (demo.sh --processes N): a step on 'all'
+# hosts runs as LOCAL_PROCESSES JAX processes on 127.0.0.1, each with 2 CPU
+# devices and its own cache under LOCAL_CACHE, as the hosts of a pod would.
+# When one fails, the others are stopped (they would wait for it in their
+# collectives), and the step fails.
+LOCAL_PROCESSES=1
+LOCAL_CACHE=
+run_python_local_processes() {
+  local workers=$1 port i status=0
+  shift
+  if [[ $workers != all ]]; then
+    run "$PYTHON" "$@"
+    return
+  fi
+  port=$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  local -a pids=()
+  for ((i = 0; i < LOCAL_PROCESSES; i++)); do
+    run env XLA_FLAGS=--xla_force_host_platform_device_count=2 JAX_PLATFORMS=cpu "$PYTHON" "$@" \
+      --config.train.distributed.initialize=True \
+      --config.train.distributed.coordinator_address="127.0.0.1:$port" \
+      --config.train.distributed.num_processes="$LOCAL_PROCESSES" \
+      --config.train.distributed.process_id="$i" --config.cache_dir="$LOCAL_CACHE/process$i" &
+    pids+=($!)
+  done
+  for ((i = 0; i < LOCAL_PROCESSES; i++)); do
+    if ! wait -n; then
+      status=$?
+      kill "${pids[@]}" 2>/dev/null || true
+      wait
+      break
+    fi
+  done
+  ((status == 0)) || fail "a process of this step failed (exit status $status); the others were stopped"
+}
+
 # True if the stage in workdir $1 has finished (its DONE marker exists). A
-# gs:// marker is looked up with gcloud, except in dry-run mode.
+# gs:// marker is looked up with gcloud, except in dry-run mode; with a GCS
+# emulator (STORAGE_EMULATOR_HOST set), which gcloud does not use, with Python.
 stage_done() {
   case $1 in
-    gs://*) ! is_dry_run && gcloud storage ls "$1/DONE" >/dev/null 2>&1 ;;
+    gs://*)
+      if is_dry_run; then
+        return 1
+      elif [[ -n ${STORAGE_EMULATOR_HOST:-} ]]; then
+        "$PYTHON" -c 'import sys, covid3d; from etils import epath
+sys.exit(not epath.Path(sys.argv[1]).exists())' "$1/DONE"
+      else
+        gcloud storage ls "$1/DONE" >/dev/null 2>&1
+      fi
+      ;;
     *) [[ -f $1/DONE ]] ;;
   esac
 }

@@ -9,15 +9,21 @@ set -euo pipefail
 
 usage() {
   cat <<EOF
-Usage: bash launch/$PROG [--dry-run] [--targets LIST] [ROOT] [--config.FIELD=VALUE ...]
+Usage: bash launch/$PROG [--dry-run] [--targets LIST] [--processes N [--local DIR]] [ROOT]
+                        [--config.FIELD=VALUE ...]
 
 Runs every stage on the phantom (generated on first use under ROOT/data);
 workdirs ROOT/<stage>, report ROOT/report.md. A stage whose workdir holds a
 DONE file is skipped (delete the workdir to rerun it).
 
-  ROOT               workdir root (default ./covid3d_demo)
+  ROOT               workdir root (default ./covid3d_demo); may be gs://BUCKET/PATH
+                     (with --local; a GCS emulator: set STORAGE_EMULATOR_HOST)
   --targets LIST     comma-separated fine-tuning targets (default severity;
                      severity,detection runs both; --tasks is its deprecated old name)
+  --processes N      a pod rehearsed on this machine: every stage as N JAX processes
+                     on 127.0.0.1 (jax.distributed), 2 CPU devices each, each with its
+                     own cache (LOCAL/cache/process<i>), as the hosts of a pod
+  --local DIR        the phantom and the caches (default ROOT, which must then be local)
   --config.F=V       override passed to every stage, e.g. --config.train.num_steps=20
   --dry-run          print the commands, run nothing (or DRY_RUN=1)
 Python: \$PYTHON if set, else 'python' on PATH.
@@ -25,7 +31,9 @@ EOF
 }
 
 root=
+local_dir=
 demo_targets=severity
+processes=1
 split_option_values "$@"
 set -- "${ARGS[@]}"
 while (($#)); do
@@ -34,6 +42,8 @@ while (($#)); do
     --dry-run) DRY_RUN=1; shift ;;
     --targets) need_value "$@"; demo_targets=$2; shift 2 ;;
     --tasks) need_value "$@"; deprecated_option --tasks --targets; demo_targets=$2; shift 2 ;;
+    --processes) need_value "$@"; processes=$2; shift 2 ;;
+    --local) need_value "$@"; local_dir=$2; shift 2 ;;
     --config.*) OPT_EXTRA+=("$1"); shift ;;
     -*) usage_error "unknown option $1" ;;
     *)
@@ -45,12 +55,20 @@ while (($#)); do
 done
 check_targets "$demo_targets"
 check_overrides "${OPT_EXTRA[@]}"
+[[ $processes =~ ^[1-9][0-9]*$ ]] || usage_error "--processes: '$processes' is not a positive integer"
 
 CHAIN_ROOT=${root:-./covid3d_demo}
+local_dir=${local_dir:-$CHAIN_ROOT}
+[[ $local_dir != *://* ]] || usage_error "ROOT $CHAIN_ROOT is a bucket: give --local DIR for the phantom and the caches"
 CHAIN_CONFIGS=$(local_configs)
 CHAIN_SUFFIX=:demo
 CHAIN_TARGETS=$demo_targets
-CHAIN_FLAGS=(--config.data.phantom_dir="$CHAIN_ROOT/data" --config.cache_dir="$CHAIN_ROOT/cache")
-echo "== covid3d demo under $CHAIN_ROOT (python: $PYTHON)"
+CHAIN_FLAGS=(--config.data.phantom_dir="$local_dir/data" --config.cache_dir="$local_dir/cache")
+if ((processes > 1)); then
+  LOCAL_PROCESSES=$processes
+  LOCAL_CACHE=$local_dir/cache
+  run_python() { run_python_local_processes "$@"; }
+fi
+echo "== covid3d demo under $CHAIN_ROOT (python: $PYTHON${processes/#[2-9]*/, $processes processes})"
 run_chain
 print_total_time

@@ -3,7 +3,9 @@
 # installs the project on every worker, copies gs:// data to the workers'
 # disks, runs each stage of pipeline.sh's chain on all workers at once (one
 # JAX process per host, jax.distributed initialised), workdirs on a gs://
-# bucket; optionally deletes the slice at the end.
+# bucket; optionally deletes the slice at the end. Every command goes through
+# `run`, so a dry run prints exactly what a real run does; only the read-only
+# lookups (does the slice exist, does a stage's DONE exist) are not printed.
 set -euo pipefail
 # shellcheck source=launch/common.sh
 . "$(dirname "$0")/common.sh"
@@ -16,7 +18,7 @@ Usage: bash launch/$PROG --bucket gs://BUCKET[/PREFIX] --cov19ctdb DIR --lesions
 Workdirs are gs://BUCKET[/PREFIX]/<stage>, the report .../report.md; a stage
 whose workdir holds a DONE file is skipped, so a rerun resumes. Data folders
 and --init2d may be gs:// paths (copied to --worker-data on every worker) or
-paths that exist on every worker (e.g. a disk attached to all of them).
+absolute paths that exist on every worker (e.g. a disk attached to all of them).
 Needs gcloud, logged in, with TPU quota in the zone, and python here (\$PYTHON if
 set, else 'python' on PATH; the standard library is enough) to list the stages.
 
@@ -28,16 +30,21 @@ TPU slice:
   --project PROJECT       (default: gcloud's configured project)
   --accelerator-type T    (default v4-32: 4 hosts x 4 chips)
   --version V             TPU VM image (default tpu-ubuntu2204-base)
+  --spot                  create a Spot slice (cheaper, may be preempted: rerun
+                          the same command to resume)
   --repo URL              git clone URL of the project on the workers
                           (default: 'git archive' of this checkout, copied)
   --ref REF               branch or tag to clone / commit to archive (default HEAD)
-  --worker-data DIR       folder on every worker for copied data and the
-                          record cache (default /tmp/covid3d_data)
-  --skip-create           the slice exists already
+  --worker-data DIR       absolute folder on every worker for copied data and
+                          the record cache (default /tmp/covid3d_data)
+  --skip-create           the slice exists already (else it must not)
   --skip-install          the project is installed on it already
-  --delete                delete the slice at the end (also after a failure)
+  --delete                delete the slice at the end (also after a failure or
+                          an interruption); without it the slice stays up, and
+                          is billed, until you delete it
 
-Pipeline options (as pipeline.sh; no --root, the root is --bucket):
+Pipeline options (as pipeline.sh; no --root, the root is --bucket; --cache is
+an absolute path on the workers, default --worker-data/cache):
 $PIPELINE_OPTIONS_HELP
 $RUN_OPTIONS_HELP
 EOF
@@ -55,6 +62,7 @@ worker_data=/tmp/covid3d_data
 create=1
 install=1
 delete=0
+spot=0
 split_option_values "$@"
 set -- "${ARGS[@]}"
 while (($#)); do
@@ -72,6 +80,7 @@ while (($#)); do
     --skip-create) create=0; shift ;;
     --skip-install) install=0; shift ;;
     --delete) delete=1; shift ;;
+    --spot) spot=1; shift ;;
     *)
       parse_pipeline_option "$@"
       ((OPT_SHIFT)) || usage_error "unknown option '$1'"
@@ -83,9 +92,21 @@ done
 [[ $bucket == gs://?* ]] || usage_error "--bucket $bucket: not a gs:// path"
 [[ -z $OPT_ROOT ]] || usage_error "--root: the workdir root of a pod run is --bucket"
 check_pipeline_options
+# The stages run in ~/covid3d on the workers, the copies in ~: only an absolute
+# path names the same folder for both. The record cache is written by every
+# host on its own disk, never on the bucket.
+[[ $worker_data == /* ]] || usage_error "--worker-data $worker_data: not an absolute path"
+[[ -z $OPT_CACHE || $OPT_CACHE == /* ]] ||
+  usage_error "--cache $OPT_CACHE: not an absolute path on the workers (a gs:// cache is not supported)"
+for flag in cov19ctdb lesions stoic imagenet init2d; do
+  var=OPT_${flag^^}
+  [[ -z ${!var} || ${!var} == gs://?* || ${!var} == /* ]] ||
+    usage_error "--$flag ${!var}: give a gs:// path or an absolute path on the workers"
+done
 
 gcloud_args=(--zone="$zone")
 [[ -z $project ]] || gcloud_args+=(--project="$project")
+delete_cmd=(gcloud compute tpus tpu-vm delete "$name" "${gcloud_args[@]}" --quiet)
 
 # on_workers WORKERS COMMAND: runs the shell COMMAND on the workers ('all' or an index).
 on_workers() {
@@ -99,9 +120,22 @@ run_python() {
   on_workers "$workers" "cd covid3d && .venv/bin/python $(quote_words "$@")"
 }
 
-delete_slice() {
-  echo "== deleting the TPU slice $name"
-  run gcloud compute tpus tpu-vm delete "$name" "${gcloud_args[@]}" --quiet
+# On exit (success, failure or interruption): with --delete, deletes the slice
+# and keeps the exit status (1 if the deletion failed); else says how to.
+finish() {
+  local status=$?
+  if ((delete)); then
+    echo "== deleting the TPU slice $name"
+    if ! run "${delete_cmd[@]}"; then
+      echo "$PROG: could not delete the TPU slice $name; it is billed while it exists." >&2
+      echo "Check with: $(quote_words gcloud compute tpus tpu-vm list "${gcloud_args[@]}")" >&2
+      ((status)) || status=1
+    fi
+  else
+    echo "== the TPU slice $name is not deleted (no --delete) and is billed while it exists;"
+    echo "   delete it with: $(quote_words "${delete_cmd[@]}")"
+  fi
+  exit "$status"
 }
 
 # stage_input dir|file SOURCE NAME: a gs:// SOURCE is copied to
@@ -143,13 +177,20 @@ install_project() {
 }
 
 echo "== covid3d on TPU slice $name ($accelerator, $zone), workdirs under $bucket"
-if ((delete)); then
-  trap delete_slice EXIT
+# A slice of that name that exists already (an earlier run's, someone else's)
+# is neither created over nor, with --delete, deleted.
+if ((create)) && ! is_dry_run &&
+  gcloud compute tpus tpu-vm describe "$name" "${gcloud_args[@]}" >/dev/null 2>&1; then
+  fail "a TPU slice $name exists already in $zone. To run on it, add --skip-create (and
+--skip-install if the project is installed on it); to replace it (e.g. a preempted Spot
+slice), delete it first: $(quote_words "${delete_cmd[@]}"); or choose another --name."
 fi
+trap finish EXIT
 if ((create)); then
   echo "== creating the TPU slice $name"
-  run gcloud compute tpus tpu-vm create "$name" "${gcloud_args[@]}" \
-    --accelerator-type="$accelerator" --version="$version"
+  create_flags=(--accelerator-type="$accelerator" --version="$version")
+  ((spot == 0)) || create_flags+=(--spot)
+  run gcloud compute tpus tpu-vm create "$name" "${gcloud_args[@]}" "${create_flags[@]}"
 fi
 if ((install)); then
   install_project

@@ -1,8 +1,11 @@
-"""The benchmarks' plumbing: the GPU script parses, its commands parse, the PyTorch twin matches.
+"""The benchmarks' plumbing: the GPU script parses, its commands parse, the PyTorch twin matches,
+the host-memory benchmark measures every stage at a tiny size.
 
-Nothing here times anything or runs the GPU script.
+Nothing here runs the GPU script; only the memory benchmark's test times anything.
 """
 import argparse
+import json
+import math
 import os
 import re
 import shlex
@@ -15,6 +18,7 @@ import pytest
 
 from covid3d.bench import __main__ as bench_main
 from covid3d.bench import common
+from covid3d.bench import memory as bench_memory
 from covid3d.bench import model as bench_model
 from covid3d.bench import train as bench_train
 from covid3d.models import ConvNeXt, variant
@@ -117,3 +121,22 @@ def test_torch_twin_has_the_same_parameters(spatial_dims):
   with torch.no_grad():
     out = net(torch.zeros((2, 1) + (32,) * spatial_dims))
   assert tuple(out.shape) == (2, 2)
+
+
+def test_memory_benchmark_measures_every_stage(tmp_path):
+  out = tmp_path / "memory.json"
+  bench_main.main(["memory", "--sizes", "40,32", "--scan", "24x64x64", "--scans", "1",
+                   "--records", "4", "--batch", "2", "--batches", "2", "--threads", "2",
+                   "--images", "16", "--image-size", "32", "--image-batch", "4",
+                   "--image-batches", "2", "--json", str(out)])
+  rows = {r["stage"]: r for r in json.loads(out.read_text())["rows"]}
+  assert tuple(rows) == bench_memory.STAGES
+  for r in rows.values():
+    assert 0 < r["base_MiB"] <= r["peak_MiB"] < 4096, r
+    assert math.isfinite(r["per_s"]) and r["per_s"] > 0, r
+    assert r["cache_MB"] > 0, r
+  item = lambda volume_bytes: (32 ** 3 * volume_bytes + 9) / 1e6  # + label, index, valid
+  assert rows["cls3d"]["batch_MB"] == pytest.approx(item(4))
+  assert rows["cls3d-f16"]["batch_MB"] == pytest.approx(item(2))
+  assert rows["cls3d-u8"]["batch_MB"] == pytest.approx(item(1))
+  assert rows["cls3d-u8"]["cache_MB"] < 0.6 * rows["cls3d"]["cache_MB"]

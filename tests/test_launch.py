@@ -308,6 +308,34 @@ def tpu_args(data, *extra):
           "--lesions", "/mnt/disks/data/lesions", "--stoic", "gs://bucket/data/stoic", *extra)
 
 
+def gcloud_stand_in(tmp_path, body=""):
+  """A `gcloud` in tmp_path/bin that logs every call to tmp_path/gcloud.log (its words
+  separated by \\x1f, calls ended by \\x1e) and then runs ``body`` (bash). Unless ``body``
+  exits first, the read-only lookups find nothing (no slice, no DONE) and the rest succeed.
+  Returns (PATH for launch(), a function reading the log as argument lists)."""
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir(exist_ok=True)
+  log = tmp_path / "gcloud.log"
+  (bin_dir / "gcloud").write_text(f"""#!/usr/bin/env bash
+printf '%s\\x1f' gcloud "$@" >> {shlex.quote(str(log))}
+printf '\\x1e' >> {shlex.quote(str(log))}
+{body}
+[[ $* != *"tpu-vm describe"* && $* != *"storage ls"* ]] || exit 1
+""")
+  (bin_dir / "gcloud").chmod(0o755)
+
+  def calls():
+    text = log.read_text() if log.exists() else ""
+    return [c.split("\x1f")[:-1] for c in text.split("\x1e")[:-1]]
+  return search_path(bin_dir), calls
+
+
+def is_lookup(argv):
+  """The read-only gcloud calls that a dry run does not print (nor make)."""
+  return argv[:5] == ["gcloud", "compute", "tpus", "tpu-vm", "describe"] or argv[1:3] == [
+      "storage", "ls"]
+
+
 def test_tpu_pod_dry_run(data):
   out = dry("tpu_pod.sh", *tpu_args(data, "--init2d", "gs://bucket/ckpt/convnext.pth",
                                     "--zone", "us-central2-b", "--project", "proj", "--delete",
@@ -316,7 +344,7 @@ def test_tpu_pod_dry_run(data):
   create = cmds[0]
   assert create[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "create", "covid3d"]
   assert {"--zone=us-central2-b", "--project=proj", "--accelerator-type=v4-32",
-          "--version=tpu-ubuntu2204-base"} <= set(create)
+          "--version=tpu-ubuntu2204-base"} <= set(create) and "--spot" not in create
   ssh = [c for c in cmds if c[:5] == SSH]
   install = " ".join(remote(ssh[1]))
   assert "pip install -q -e .[tpu,torch]" in install and "python3.11 -m venv .venv" in install
@@ -365,28 +393,116 @@ def test_tpu_pod_options(data):
   assert parsed[0]["stage"] == "pretrain2d"
   assert parsed[0]["flags"]["--config.data.imagenet_dir"] == "/mnt/imagenet"
   assert parsed[1]["flags"]["--config.init_from"] == "gs://bucket/run1/pretrain2d"
+  # no --delete: the run ends saying that the slice is still billed, and how to delete it
+  assert out.splitlines()[-1] == (
+      "   delete it with: gcloud compute tpus tpu-vm delete covid3d --zone=us-central2-b --quiet")
 
 
 def test_tpu_pod_deletes_after_a_failure(tmp_path, data):
   """With --delete the slice goes even when a stage fails; the failure is the exit status."""
-  bin_dir = tmp_path / "bin"
-  bin_dir.mkdir()
-  log = tmp_path / "gcloud.log"
-  (bin_dir / "gcloud").write_text(f"""#!/usr/bin/env bash
-echo "$*" >> {log}
-[[ $* != *"storage ls"* ]] || exit 1
-[[ $* != *severity_multitask* ]] || exit 4
-""")
-  (bin_dir / "gcloud").chmod(0o755)
+  path, calls = gcloud_stand_in(tmp_path, "[[ $* != *severity_multitask* ]] || exit 4")
   result = launch("tpu_pod.sh", *tpu_args(data, "--init2d", "/ckpt.pth", "--skip-install",
                                           "--delete", "--targets", "severity"),
-                  env={"PATH": search_path(bin_dir)})
+                  env={"PATH": path})
   assert result.returncode == 4
-  calls = log.read_text().splitlines()
-  assert "severity_multitask" in calls[-2] and "severity_random" not in log.read_text()
-  assert calls[-1].startswith("compute tpus tpu-vm delete covid3d")
-  # every stage was first looked up on the bucket
-  assert calls.count("storage ls gs://bucket/run1/segmentation/DONE") == 1
+  made = [" ".join(c) for c in calls()]
+  assert "severity_multitask" in made[-2] and not any("severity_random" in c for c in made)
+  assert made[-1].startswith("gcloud compute tpus tpu-vm delete covid3d")
+  # the slice's name was free; every stage was first looked up on the bucket
+  assert made[0] == "gcloud compute tpus tpu-vm describe covid3d --zone=us-central2-b"
+  assert made.count("gcloud storage ls gs://bucket/run1/segmentation/DONE") == 1
+
+
+def test_tpu_pod_hand_offs_are_on_the_bucket(data):
+  """Every stage runs chain.py's step, word for word, on all workers: its workdir, the
+  workdirs it starts from and the pseudo-labels it reads are on the bucket, as is the
+  report; only the input copies and the record cache are on the workers' disks."""
+  bucket, local = "gs://bucket/run1", "/tmp/covid3d_data"
+  targets = ("severity", "detection")
+  out = dry("tpu_pod.sh", *tpu_args(data, "--imagenet", "gs://bucket/data/imagenet",
+                                    "--targets", ",".join(targets), "--batch-size", "8"))
+  data_flags = {"cov19ctdb": f"{local}/cov19ctdb", "lesions": "/mnt/disks/data/lesions",
+                "stoic": f"{local}/stoic", "imagenet": f"{local}/imagenet"}
+  flags = (*(f"--config.data.{k}_dir={v}" for k, v in data_flags.items()),
+           f"--config.cache_dir={local}/cache", "--config.train.distributed.initialize=True")
+  steps = chain_steps(bucket, targets=targets, flags=flags, flags_3d=(
+      "--config.train.batch_size=8", "--config.train.eval_batch_size=8"))
+  ssh = [c for c in commands(out) if c[:5] == SSH and "covid3d.main" in remote(c)]
+  assert [remote(c) for c in ssh] == [
+      ["cd", "covid3d", "&&", ".venv/bin/python", *s.args] for s in steps]
+  assert all("--worker=all" in c for c in ssh)
+  handed = [p for s in steps for p in (s.output, s.init_from, s.pseudo_labels) if p]
+  assert {p for p in handed if not p.startswith(f"{bucket}/")} == {"random"}
+  assert {s.pseudo_labels for s in steps} == {"", f"{bucket}/pseudolabel"}
+  (headline,) = [line for line in out.splitlines() if line.startswith("== [") and "report:" in line]
+  assert headline.endswith(f"-> {bucket}/report.md")
+  assert remote(commands(out)[-1])[-3:] == ["-m", "covid3d.report", bucket]
+
+
+def test_tpu_pod_dry_run_is_what_runs(tmp_path, data):
+  """The dry run's '+ ' lines, pasted into bash, make the very gcloud calls of a real run
+  (the read-only lookups aside), in the same order."""
+  args = tpu_args(data, "--init2d", "gs://bucket/ckpt/it's.pth", "--project", "my proj",
+                  "--spot", "--delete", "--targets", "detection", "--",
+                  "--config.notes=a 'quoted' \"value\" $HOME")
+  path, calls = gcloud_stand_in(tmp_path)
+  env = {"PATH": path, "TMPDIR": str(tmp_path)}
+  result = launch("tpu_pod.sh", *args, env=env)
+  assert result.returncode == 0, result.stderr
+  real = [c for c in calls() if not is_lookup(c)]
+  assert [c for c in calls() if is_lookup(c)]            # the real run did look up
+  (tmp_path / "gcloud.log").unlink()
+
+  out = dry("tpu_pod.sh", *args, env=env)
+  lines = [line[2:] for line in out.splitlines() if line.startswith("+ ")]
+  pasted = subprocess.run(["bash", "-euc", "\n".join(lines)], env={**os.environ, **env},
+                          cwd=REPO, capture_output=True, text=True, timeout=60, check=False)
+  assert pasted.returncode == 0, pasted.stderr
+  assert calls() == real
+  assert real[0][:5] == ["gcloud", "compute", "tpus", "tpu-vm", "create"] and "--spot" in real[0]
+  assert real[-1] == ["gcloud", "compute", "tpus", "tpu-vm", "delete", "covid3d",
+                      "--zone=us-central2-b", "--project=my proj", "--quiet"]
+  override = "--config.notes=a 'quoted' \"value\" $HOME"
+  assert all(remote(c)[-1] == override for c in real if "covid3d.main" in " ".join(c))
+
+
+def test_tpu_pod_leaves_an_existing_slice_alone(tmp_path, data):
+  """A slice of that name exists: no create over it, and no delete of it even with --delete."""
+  path, calls = gcloud_stand_in(tmp_path, '[[ $* != *"tpu-vm describe"* ]] || exit 0')
+  result = launch("tpu_pod.sh", *tpu_args(data, "--init2d", "/ckpt.pth", "--delete"),
+                  env={"PATH": path})
+  assert result.returncode == 1 and "exists already" in result.stderr
+  assert "--skip-create" in result.stderr
+  assert "gcloud compute tpus tpu-vm delete covid3d --zone=us-central2-b --quiet" in result.stderr
+  assert [c[4] for c in calls()] == ["describe"]
+
+
+def test_tpu_pod_says_when_the_delete_failed(tmp_path, data):
+  """A failed delete is an error (the slice is still billed), with the command to check."""
+  path, calls = gcloud_stand_in(tmp_path, '[[ $* != *"tpu-vm delete"* ]] || exit 5')
+  result = launch("tpu_pod.sh", *tpu_args(data, "--init2d", "/ckpt.pth", "--skip-create",
+                                          "--skip-install", "--delete"), env={"PATH": path})
+  assert result.returncode == 1
+  assert "could not delete the TPU slice covid3d" in result.stderr
+  assert "gcloud compute tpus tpu-vm list --zone=us-central2-b" in result.stderr
+  assert calls()[-1][4] == "delete"
+
+
+def test_docs_first_pod_run_dry_runs():
+  """docs/launch.md's walkthrough: its variables and its dry-run block, pasted into bash,
+  print a run with every workdir under the run's bucket path."""
+  section = (REPO / "docs" / "launch.md").read_text().split("\n## Your first pod run\n")[1]
+  blocks = re.findall(r"```bash\n(.*?)```", section, re.S)
+  variables = blocks[0]
+  (dry_block,) = [b for b in blocks if "DRY_RUN=1 bash launch/tpu_pod.sh" in b]
+  result = subprocess.run(["bash", "-euc", variables + dry_block], cwd=REPO, capture_output=True,
+                          text=True, timeout=60, check=False,
+                          env={**os.environ, "PATH": search_path()})
+  assert result.returncode == 0, result.stderr
+  parsed = stages(result.stdout, remote_if_ssh)
+  assert parsed and all(s["workdir"].startswith("gs://my-covid3d-bucket/runs/run1/")
+                        for s in parsed)
+  assert commands(result.stdout)[-1][4] == "delete"
 
 
 # ----------------------------------------------------------------------------- GPU host
@@ -525,6 +641,12 @@ def test_tasks_is_a_deprecated_alias_of_targets(data):
     ("tpu_pod.sh", ["@all", "--imagenet", "I"], "missing --bucket"),
     ("tpu_pod.sh", ["@all", "--imagenet", "I", "--bucket", "/local/dir"], "not a gs:// path"),
     ("tpu_pod.sh", ["--bucket", "gs://b", "--imagenet", "I"], "missing --cov19ctdb"),
+    ("tpu_pod.sh", ["@all", "--bucket", "gs://b", "--imagenet", "data/imagenet"],
+     "--imagenet data/imagenet: give a gs:// path or an absolute path on the workers"),
+    ("tpu_pod.sh", ["@all", "--bucket", "gs://b", "--init2d", "/k.pth", "--cache", "gs://b/c"],
+     "--cache gs://b/c: not an absolute path on the workers"),
+    ("tpu_pod.sh", ["@all", "--bucket", "gs://b", "--init2d", "/k.pth", "--worker-data", "data"],
+     "--worker-data data: not an absolute path"),
     ("gpu.sh", ["@all", "--init2d", "@init2d"], "no GPU to use: --gpus is '0'"),
     ("gpu.sh", ["--gpus", "2", "--stoic", "S"], "missing --cov19ctdb"),
     ("demo.sh", ["--targets", "grading"],

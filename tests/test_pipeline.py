@@ -151,6 +151,18 @@ def test_batch_keys_from_a_mapping():
                           train=True, fields={"valid": "severity"})
 
 
+def test_volumes_keep_the_cached_dtype_when_asked():
+  source = make_source(5)
+  fields = {"image": f"volume_{SIZE}"}
+  b, = host_batches(source, np.arange(5), 1, global_batch_size=4, train=False, fields=fields,
+                    volume_dtype=None)
+  assert b["image"].dtype == np.float16
+  np.testing.assert_array_equal(b["image"][3, ..., 0], make_record(3)[f"volume_{SIZE}"])
+  last = host_batches(source, np.arange(5), 2, global_batch_size=4, train=False,
+                      fields=fields, volume_dtype=None)[1]
+  assert last["image"].dtype == np.float16 and not last["image"][1:].any()
+
+
 def test_file_source_from_the_cache(tmp_path):
   phantom_writers.write_stoic(tmp_path / "raw", 3, 2, sizes=(32, 40),
                               slices=(16, 20))
@@ -205,7 +217,6 @@ def test_state_restore_gives_the_same_batches():
 _MULTIHOST = textwrap.dedent("""
     import json, sys
     import jax
-    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
     jax.config.update('jax_num_cpu_devices', 2)
     jax.distributed.initialize(sys.argv[1], 2, int(sys.argv[2]))
     import numpy as np

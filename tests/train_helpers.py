@@ -107,8 +107,6 @@ def _worker(args: dict):
   if args["log_info"]:
     from absl import logging  # pylint: disable=import-outside-toplevel
     logging.set_verbosity(logging.INFO)
-  if args["coordinator"]:
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
   from covid3d import train  # pylint: disable=import-outside-toplevel
   from covid3d.train.iterators import ArrayIterator  # pylint: disable=import-outside-toplevel
 

@@ -3,7 +3,7 @@ import argparse
 import importlib
 import sys
 
-SUBCOMMANDS = ("model", "augment", "data", "train", "imagenet")
+SUBCOMMANDS = ("model", "augment", "data", "train", "imagenet", "memory")
 
 
 def main(argv=None):

@@ -22,7 +22,6 @@ unless ``--plain``) and reports:
 import io
 import multiprocessing
 import os
-import re
 import tarfile
 import tempfile
 import time
@@ -30,6 +29,7 @@ import time
 import numpy as np
 
 from covid3d.bench.common import print_table
+from covid3d.bench.rss import memory, reset_peak
 
 # (width, height) of ImageNet-like images and their shares; the rest uniform in [200, 800]^2.
 SIZES = (((500, 375), 0.45), ((375, 500), 0.2), ((500, 333), 0.15), ((500, 500), 0.05),
@@ -124,23 +124,6 @@ def write_manual_dir(root: str, train: int, val: int, classes: int = 10, seed: i
 def _prepare(manual_dir, data_dir):
   from covid3d.data import imagenet  # pylint: disable=g-import-not-at-top
   imagenet.prepare(manual_dir, data_dir)
-
-
-def memory() -> dict:
-  """{'VmRSS', 'VmHWM'} of this process in bytes (Linux)."""
-  with open("/proc/self/status") as f:
-    found = dict(re.findall(r"(VmRSS|VmHWM):\s+(\d+) kB", f.read()))
-  return {k: int(v) * 1024 for k, v in found.items()}
-
-
-def reset_peak() -> bool:
-  """Resets VmHWM to the current RSS (Linux >= 4.0); False where not allowed."""
-  try:
-    with open("/proc/self/clear_refs", "w") as f:
-      f.write("5")
-    return True
-  except OSError:
-    return False
 
 
 def run(args):

@@ -19,12 +19,13 @@ A split can also be read from a file (`read_folds_csv`), in either of two format
   fold splits, and rejected as such for k > 2.)
 """
 import csv
+import io
 import logging
-import os
 from collections.abc import Hashable, Sequence
 
 import numpy as np
 
+from covid3d import storage
 from covid3d.data import read_cov19ctdb
 
 FOLDS_FILE = "folds.csv"
@@ -77,12 +78,11 @@ def make_folds(scan_ids: Sequence[str], labels: Sequence[Hashable], k: int = 5,
 
 
 def _read_folds_csv(path: str) -> tuple[list[str], list[str], np.ndarray]:
-  with open(path, newline="", encoding="utf-8") as f:
-    reader = csv.DictReader(f)
-    if reader.fieldnames != ["scan_id", "label", "fold"]:
-      raise ValueError(f"{path}: expected the header scan_id,label,fold, "
-                       f"found {reader.fieldnames}")
-    rows = list(reader)
+  reader = csv.DictReader(storage.text_lines(path))
+  if reader.fieldnames != ["scan_id", "label", "fold"]:
+    raise ValueError(f"{path}: expected the header scan_id,label,fold, "
+                     f"found {reader.fieldnames}")
+  rows = list(reader)
   try:
     folds = np.array([int(r["fold"]) for r in rows], np.int64)
   except ValueError as e:
@@ -143,10 +143,9 @@ def _authors_scan_id(path_value: str, set_value: str) -> tuple[str | None, str]:
 
 def _read_split_rows(path: str, partition: str):
   """(format, [(line, scan_id, fold)], rows of other partitions) of a split file."""
-  with open(path, newline="", encoding="utf-8-sig") as f:
-    reader = csv.DictReader(f)
-    header = reader.fieldnames or []
-    rows = list(reader)
+  reader = csv.DictReader(storage.text_lines(path, encoding="utf-8-sig"))
+  header = reader.fieldnames or []
+  rows = list(reader)
   by_lower = {h.strip().lower(): h for h in header}
   if "scan_id" in by_lower and "fold" in by_lower:
     fmt, fold_col = "covid3d", by_lower["fold"]
@@ -239,12 +238,11 @@ def read_folds_csv(path: str, scan_ids: Sequence[str], *, k: int | None = None,
 
 
 def _write_folds(path, scan_ids, text_labels, folds):
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w", newline="", encoding="utf-8") as f:
-    writer = csv.writer(f)
-    writer.writerow(["scan_id", "label", "fold"])
-    writer.writerows(zip(scan_ids, text_labels, folds.tolist()))
-  os.replace(tmp, path)
+  text = io.StringIO(newline="")
+  writer = csv.writer(text)
+  writer.writerow(["scan_id", "label", "fold"])
+  writer.writerows(zip(scan_ids, text_labels, folds.tolist()))
+  storage.write_text(path, text.getvalue())
 
 
 def load_or_make_folds(workdir: str, scan_ids: Sequence[str],
@@ -276,23 +274,22 @@ def load_or_make_folds(workdir: str, scan_ids: Sequence[str],
   Raises:
     ValueError: naming the CSV when it does not match the request.
   """
-  path = os.path.join(workdir, FOLDS_FILE)
+  path = storage.as_path(workdir) / FOLDS_FILE
   scan_ids = [str(s) for s in scan_ids]
   text_labels = [str(l) for l in labels]
   if folds_csv:
     given = read_folds_csv(folds_csv, scan_ids, k=k, allow_unused_rows=allow_unused_rows)
     folds = np.array([given[s] for s in scan_ids], np.int64)
-    if os.path.exists(path) and os.path.abspath(path) != os.path.abspath(folds_csv):
+    if path.exists() and path != storage.as_path(folds_csv):
       stored = load_or_make_folds(workdir, scan_ids, labels, k)
       if not np.array_equal(stored, folds):
         raise ValueError(f"{path} holds another split than {folds_csv} for "
                          f"{int(np.sum(stored != folds))} scans; delete it or use another "
                          "workdir")
-    elif not os.path.exists(path):
-      os.makedirs(workdir, exist_ok=True)
+    elif not path.exists():
       _write_folds(path, scan_ids, text_labels, folds)
     return folds
-  if os.path.exists(path):
+  if path.exists():
     csv_ids, csv_labels, csv_folds = _read_folds_csv(path)
     if len(set(csv_ids)) != len(csv_ids):
       raise ValueError(f"{path}: duplicate scan ids")
@@ -304,6 +301,5 @@ def load_or_make_folds(workdir: str, scan_ids: Sequence[str],
     fold_of = dict(zip(csv_ids, csv_folds.tolist()))
     return np.array([fold_of[s] for s in scan_ids], np.int64)
   folds = make_folds(scan_ids, labels, k, seed)
-  os.makedirs(workdir, exist_ok=True)
   _write_folds(path, scan_ids, text_labels, folds)
   return folds

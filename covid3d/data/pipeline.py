@@ -164,16 +164,18 @@ class _LoadBatch:
   """Reads the records of a host batch of indices into stacked numpy arrays.
 
   `fields` are (batch key, record field) pairs. Index -1 is padding: the
-  `padding` element (by record field), with `valid` False.
+  `padding` element (by record field), with `valid` False. Volumes become
+  `volume_dtype` (`schema.to_numpy`).
   """
   records: Sequence[Mapping]
   fields: tuple[tuple[str, str], ...]
   padding: Mapping[str, np.ndarray] | None
+  volume_dtype: str | None
 
   def __call__(self, indices: np.ndarray) -> dict[str, np.ndarray]:
     names = [f for _, f in self.fields]
     elems = [self.padding if i < 0 else
-             schema.to_numpy(self.records[i], names)
+             schema.to_numpy(self.records[i], names, self.volume_dtype)
              for i in indices.tolist()]
     batch = {key: np.stack([e[f] for e in elems]) for key, f in self.fields}
     batch["valid"] = indices >= 0
@@ -181,10 +183,10 @@ class _LoadBatch:
     return batch
 
 
-def _padding_element(source: RecordSource, index: int,
-                     fields: Sequence[str]) -> dict[str, np.ndarray]:
+def _padding_element(source: RecordSource, index: int, fields: Sequence[str],
+                     volume_dtype: str | None) -> dict[str, np.ndarray]:
   """Zeros shaped like record `index`, labels -1."""
-  example = schema.to_numpy(source.records[index], fields)
+  example = schema.to_numpy(source.records[index], fields, volume_dtype)
   return {k: np.full_like(v, -1 if k in schema.LABELS else 0)
           for k, v in example.items()}
 
@@ -204,7 +206,8 @@ def host_dataset(source: RecordSource, indices: np.ndarray, *,
                  fields: Sequence[str] | Mapping[str, str], train: bool,
                  seed: int = 0, num_epochs: int | None = None,
                  process_index: int = 0, process_count: int = 1,
-                 threads: int = 4, prefetch: int = 4) -> grain.IterDataset:
+                 threads: int = 4, prefetch: int = 4,
+                 volume_dtype: str | None = "float32") -> grain.IterDataset:
   """This process's numpy batches of the selected records.
 
   Args:
@@ -223,10 +226,13 @@ def host_dataset(source: RecordSource, indices: np.ndarray, *,
     process_index, process_count: this process and the number of processes.
     threads, prefetch: grain reader threads and prefetched batches per
       process (host memory holds about `prefetch` batches).
+    volume_dtype: dtype of the batched volumes; None keeps the cached one
+      (float16: half the host memory and host-to-device bytes of float32,
+      for the device to convert).
 
   Returns:
     IterDataset of dicts: each field stacked to (b, ...) with b = G /
-    process_count (volumes float32 (b, s, s, s, 1), masks uint8
+    process_count (volumes `volume_dtype` (b, s, s, s, 1), masks uint8
     (b, s, s, s, 1), labels int32 (b,), -1 unknown), plus `valid` bool (b,)
     and `record_index` int32 (b,) (-1 for padding). Its iterators have
     JSON-serialisable `get_state()` / `set_state()`.
@@ -253,11 +259,11 @@ def host_dataset(source: RecordSource, indices: np.ndarray, *,
     pad = -n % global_batch_size
     ds = grain.MapDataset.source(np.concatenate([indices, np.full(pad, -1)]))
     ds = ds.batch(global_batch_size)
-    padding = _padding_element(source, int(indices[0]),
-                               [f for _, f in pairs])
+    padding = _padding_element(source, int(indices[0]), [f for _, f in pairs],
+                               volume_dtype)
   start = process_index * per_host
   ds = ds.map(_HostSlice(start, start + per_host))
-  ds = ds.map(_LoadBatch(source.records, pairs, padding))
+  ds = ds.map(_LoadBatch(source.records, pairs, padding, volume_dtype))
   return ds.to_iter_dataset(grain.ReadOptions(num_threads=threads,
                                               prefetch_buffer_size=prefetch))
 

@@ -80,11 +80,13 @@ def index_entry(record: Mapping) -> dict:
           **{k: int(record[k]) for k in INT_FIELDS}}
 
 
-def to_numpy(record: Mapping, fields: Sequence[str]) -> dict[str, np.ndarray]:
+def to_numpy(record: Mapping, fields: Sequence[str],
+             volume_dtype=np.float32) -> dict[str, np.ndarray]:
   """Numpy arrays of `fields` of one record, as the model side wants them.
 
-  Volumes become float32 (s, s, s, 1) and masks uint8 (s, s, s, 1), channels
-  last; labels and `has_mask` int32 scalars.
+  Volumes become `volume_dtype` (s, s, s, 1) (None: as cached, float16, for
+  the device to convert) and masks uint8 (s, s, s, 1), channels last; labels
+  and `has_mask` int32 scalars.
 
   Raises:
     ValueError: for a field that is not an array or integer field.
@@ -92,7 +94,7 @@ def to_numpy(record: Mapping, fields: Sequence[str]) -> dict[str, np.ndarray]:
   out = {}
   for k in fields:
     if k.startswith("volume_"):
-      out[k] = np.asarray(record[k], np.float32)[..., None]
+      out[k] = np.asarray(record[k], volume_dtype)[..., None]
     elif k.startswith("mask_"):
       out[k] = np.asarray(record[k], np.uint8)[..., None]
     elif k in INT_FIELDS:

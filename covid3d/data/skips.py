@@ -18,11 +18,9 @@ the ledger).
 import collections
 import contextlib
 import dataclasses
-import json
 import logging
-import os
-from pathlib import Path
 
+from covid3d import storage
 from covid3d.data import ledger as ledger_lib
 
 log = logging.getLogger("covid3d.data")
@@ -195,13 +193,8 @@ class SkipLog:
     n}}}) and 'ledger' ({'ok', 'rows': [{dataset, partition, offered, used,
     skipped, missing, ok}]}).
     """
-    Path(workdir).mkdir(parents=True, exist_ok=True)
-    path = os.path.join(workdir, SKIPS_FILE)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-      json.dump(self.to_json(), f, indent=1)
-    os.replace(tmp, path)
-    return path
+    return str(storage.write_json(storage.as_path(workdir) / SKIPS_FILE, self.to_json(),
+                                  indent=1))
 
 
 def reject(path, reason: str, *, strict: bool, skips: SkipLog | None,

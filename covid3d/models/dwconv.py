@@ -17,9 +17,13 @@ cross-correlation with 'same' zero padding, exactly what
   the current device and uses the fastest (``pallas`` only on GPU/TPU, see
   ``auto_candidates``). The decision is memoised in this process and written
   to ``dwconv_auto.json`` under the cache root (``covid3d.cachedir``) so later
-  processes reuse the measurement.
+  processes reuse the measurement. With several processes (a pod) process 0
+  decides, from its own table or measurement, and the others take its
+  answer through JAX's distributed key-value store: every host compiles the
+  same program whatever its own cache holds. ``decisions()`` lists the
+  choices this process made or received (a stage records them in its
+  ``config.json`` as ``dwconv_auto``).
 """
-import functools
 import itertools
 import json
 import os
@@ -28,6 +32,8 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from jax._src import distributed
 
 from covid3d import cachedir
 from covid3d.models.dwconv_pallas import depthwise_conv_pallas
@@ -154,8 +160,39 @@ def time_impl(impl, x_shape, k_shape, dtype=jnp.float32, reps=3, grad=True):
   return median_seconds(jax.jit(fn), x, kern, reps=reps)
 
 
-@functools.lru_cache(maxsize=None)
+# Seconds the other processes wait for process 0's choice (it may be timing
+# four backends, each compiled for the first time).
+SHARED_TIMEOUT_S = 1800
+
+
+_DECIDED = {}   # cache key -> backend: the choices of this process (a memo)
+
+
 def _choose_cached(key, x_shape, k_shape, dtype_name):
+  if key not in _DECIDED:
+    _DECIDED[key] = _choose_shared(key, x_shape, k_shape, dtype_name)
+  return _DECIDED[key]
+
+
+def _choose_shared(key, x_shape, k_shape, dtype_name):
+  """Process 0's choice on every process (see the module docstring)."""
+  if jax.process_count() == 1:
+    return _choose_here(key, x_shape, k_shape, dtype_name)
+  client, name = distributed.global_state.client, f"covid3d/dwconv_auto/{key}"
+  if jax.process_index() == 0:
+    best = _choose_here(key, x_shape, k_shape, dtype_name)
+    client.key_value_set(name, best, allow_overwrite=True)
+    return best
+  return client.blocking_key_value_get(name, SHARED_TIMEOUT_S * 1000)
+
+
+def decisions() -> dict:
+  """``{cache key: backend}`` of every ``auto`` choice made in this process so far."""
+  return dict(_DECIDED)
+
+
+def _choose_here(key, x_shape, k_shape, dtype_name):
+  """This process's choice: from the table under the cache root, else measured."""
   path = cachedir.path("dwconv_auto.json")
   table = {}
   if os.path.exists(path):

@@ -19,7 +19,7 @@ import logging
 import numpy as np
 from etils import epath
 
-from covid3d import losses
+from covid3d import losses, storage
 from covid3d.data import folds as folds_lib
 from covid3d.data import pipeline
 from covid3d.data.skips import SkipLog
@@ -91,7 +91,7 @@ def run(config, workdir):
         "mean_macro_f1": float(np.mean([s["macro_f1"] for s in summaries])),
         "mean_f1_per_class": {name: float(np.mean([s[f"f1_{k}"] for s in summaries]))
                               for k, name in enumerate(names)}}
-  (epath.Path(workdir) / "cv.json").write_text(json.dumps(cv, indent=1))
+  storage.write_json(epath.Path(workdir) / "cv.json", cv, indent=1)
   logging.info("CV macro F1 %.4f over %d folds", cv["mean_macro_f1"], len(summaries))
   outputs = predict.predict_finetuned(config, workdir, skips=skips)
   handoff.mark_done(workdir, {"cv_macro_f1": cv["mean_macro_f1"], **outputs})

@@ -16,8 +16,8 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from covid3d import inflation, weights
-from covid3d.train import checkpoint
+from covid3d import inflation, storage, weights
+from covid3d.train import checkpoint, log
 
 DONE = "DONE"
 
@@ -40,7 +40,7 @@ def target(stage: str) -> Target:
 
 def mark_done(workdir, summary: dict | None = None):
   """Writes ``<workdir>/DONE`` (what the launchers check) with a summary."""
-  (epath.Path(workdir) / DONE).write_text(json.dumps(summary or {}, indent=1, default=float))
+  storage.write_json(epath.Path(workdir) / DONE, summary or {}, indent=1, default=float)
 
 
 def stage_info(workdir) -> dict:
@@ -87,8 +87,7 @@ def best_evaluation(workdir) -> dict:
   ckpt = checkpoint.Checkpointer.open(str(epath.Path(workdir) / "checkpoints"))
   step = ckpt.best_step()
   ckpt.close()
-  rows = [json.loads(line) for line in (epath.Path(workdir) / "metrics.jsonl").read_text()
-          .splitlines() if line.strip()]
+  rows = log.read_metrics(workdir)
   at_best = [r for r in rows if r.get("split") == "eval" and r["step"] == step]
   if not at_best:
     raise HandOffError(f"{workdir}: no evaluation of the best checkpoint (step {step}) in "

@@ -17,6 +17,7 @@ import jax
 import ml_collections
 import numpy as np
 from etils import epath
+from jax.experimental import multihost_utils
 
 from covid3d import cachedir
 from covid3d.data import cache, phantom_writers, pipeline, preprocess, readers
@@ -25,18 +26,33 @@ from covid3d.stages.handoff import HandOffError
 
 
 def dataset_dirs(config: ml_collections.ConfigDict) -> dict:
-  """dataset name -> root folder; generates the phantom first when asked."""
+  """dataset name -> root folder; generates the phantom first when asked.
+
+  With several processes, process 0 writes the phantom first and the others
+  wait for it, so processes that share a disk (a pod rehearsed on one
+  machine) do not write the same files at once; a host with a disk of its
+  own then writes its own copy, the same scans from the same seed.
+  """
   d = config.data
-  if d.phantom:
-    root = epath.Path(d.phantom_dir)
-    if not (root / phantom_writers.MANIFEST).exists():
-      logging.info("writing the synthetic phantom (%d scans per dataset) to %s",
-                   d.phantom_scans, root)
-      n = d.phantom_scans
-      phantom_writers.write_all(root, config.seed, {"cov19ctdb": 5 * n, "lesions": n, "stoic": n},
-                                workers=max(1, d.workers), sizes=(48, 64), slices=(32, 48))
-    return {name: str(root / sub) for name, sub in phantom_writers.DATASET_DIRS.items()}
-  return {"cov19ctdb": d.cov19ctdb_dir, "lesions": d.lesions_dir, "stoic": d.stoic_dir}
+  if not d.phantom:
+    return {"cov19ctdb": d.cov19ctdb_dir, "lesions": d.lesions_dir, "stoic": d.stoic_dir}
+  root = epath.Path(d.phantom_dir)
+  if jax.process_count() > 1:
+    if jax.process_index() == 0:
+      _write_phantom_if_missing(config, root)
+    multihost_utils.sync_global_devices(f"covid3d phantom {root}")
+  _write_phantom_if_missing(config, root)
+  return {name: str(root / sub) for name, sub in phantom_writers.DATASET_DIRS.items()}
+
+
+def _write_phantom_if_missing(config: ml_collections.ConfigDict, root: epath.Path):
+  d = config.data
+  if not (root / phantom_writers.MANIFEST).exists():
+    logging.info("writing the synthetic phantom (%d scans per dataset) to %s",
+                 d.phantom_scans, root)
+    n = d.phantom_scans
+    phantom_writers.write_all(root, config.seed, {"cov19ctdb": 5 * n, "lesions": n, "stoic": n},
+                              workers=max(1, d.workers), sizes=(48, 64), slices=(32, 48))
 
 
 def list_refs(config, dataset: str, partitions: Sequence[str] = ("train",),

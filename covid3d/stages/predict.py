@@ -10,7 +10,7 @@ exist ``metrics_<partition>.json`` and ``confusion_<partition>.png``.
 """
 import csv
 import dataclasses
-import json
+import io
 import logging
 from typing import Any
 
@@ -20,7 +20,7 @@ import numpy as np
 from etils import epath
 
 from covid3d import config as base_config
-from covid3d import metrics
+from covid3d import metrics, storage
 from covid3d.data.skips import SkipLog
 from covid3d.models import build
 from covid3d.stages import handoff, inputs
@@ -54,18 +54,18 @@ def predict_probs(config, model, params_list, source, output):
 
 def write_outputs(outdir, partition, ids, probs, names, labels=None):
   """CSV, submission files and (with labels) metrics + confusion plot; returns the metrics."""
-  outdir = epath.Path(outdir)
+  outdir = storage.as_path(outdir)
   pred = np.argmax(probs, axis=1)
-  with open(outdir / f"predictions_{partition}.csv", "w", newline="") as f:
-    w = csv.writer(f)
-    w.writerow(["scan"] + [f"p_{n}" for n in names] + ["class"])
-    for sid, p, c in zip(ids, probs, pred):
-      w.writerow([sid] + [f"{x:.6f}" for x in p] + [names[c]])
+  table = io.StringIO(newline="")
+  w = csv.writer(table)
+  w.writerow(["scan"] + [f"p_{n}" for n in names] + ["class"])
+  for sid, p, c in zip(ids, probs, pred):
+    w.writerow([sid] + [f"{x:.6f}" for x in p] + [names[c]])
+  storage.write_text(outdir / f"predictions_{partition}.csv", table.getvalue())
   sub = outdir / f"submission_{partition}"
-  sub.mkdir(parents=True, exist_ok=True)
   for k, name in enumerate(names):
     # The challenge lists scan folder names (ct_scan_N) under a 'patient' header.
-    (sub / f"{name}.csv").write_text("patient\n" + "".join(
+    storage.write_text(sub / f"{name}.csv", "patient\n" + "".join(
         f"{sid.split('/')[-1]}\n" for sid, c in zip(ids, pred) if c == k))
   if labels is None or not np.any(labels >= 0):
     return None
@@ -75,7 +75,7 @@ def write_outputs(outdir, partition, ids, probs, names, labels=None):
             "accuracy": float(metrics.accuracy(cm)),
             "f1_per_class": dict(zip(names, map(float, np.asarray(metrics.f1_per_class(cm))))),
             "confusion_matrix": cm.tolist()}
-  (outdir / f"metrics_{partition}.json").write_text(json.dumps(result, indent=1))
+  storage.write_json(outdir / f"metrics_{partition}.json", result, indent=1)
   metrics.plot_confusion_matrix(cm, list(names), str(outdir / f"confusion_{partition}.png"))
   return result
 

@@ -26,6 +26,7 @@ import numpy as np
 from etils import epath
 from tqdm import tqdm
 
+from covid3d import storage
 from covid3d.data import preprocess, readers
 from covid3d.data.skips import SkipLog
 from covid3d.models import build
@@ -117,7 +118,7 @@ def run(config, workdir):
         np.savez_compressed(
             buffer, **{f"mask_{small}": np.asarray(little[row, ..., 0] > 0.5, np.uint8),
                        f"mask_{big}": np.asarray(large[row, ..., 0] > 0.5, np.uint8)})
-        (mask_dir / f"{inputs.file_stem(entry)}.npz").write_bytes(buffer.getvalue())
+        storage.write_bytes(mask_dir / f"{inputs.file_stem(entry)}.npz", buffer.getvalue())
         if p.write_nifti:
           _write_nifti(ref_of[entry["partition"], entry["scan_id"]], large[row], nifti_dir, config)
         done += 1
@@ -136,4 +137,4 @@ def _write_nifti(ref, prob_large, nifti_dir, config):
   name = f"{inputs.file_stem({'partition': ref.partition, 'scan_id': ref.scan_id})}_pseudo.nii.gz"
   with tempfile.TemporaryDirectory() as tmp:  # nibabel writes local files; the workdir may be gs://
     readers.write_mask_like(np.asarray(prob > 0.5, np.uint8), scan, os.path.join(tmp, name))
-    (nifti_dir / name).write_bytes(epath.Path(tmp, name).read_bytes())
+    storage.write_bytes(nifti_dir / name, epath.Path(tmp, name).read_bytes())

@@ -11,6 +11,8 @@ import ml_collections
 from etils import epath
 
 from covid3d import config as base_config
+from covid3d import storage
+from covid3d.models import dwconv
 from covid3d.train import config as train_config
 from covid3d.stages import (finetune, handoff, multitask, predict, pretrain2d, pseudolabel,
                             segmentation, segmia)
@@ -51,9 +53,25 @@ def run(config: ml_collections.ConfigDict, workdir: str):
   if holds_results(workdir):
     train_config.check_same_settings(json.loads(saved.read_text()), config, workdir)
   elif jax.process_index() == 0:
-    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
-    saved.write_text(config.to_json_best_effort(indent=2))
-  return STAGES[config.stage](config, workdir)
+    storage.write_text(saved, config.to_json_best_effort(indent=2))
+  try:
+    return STAGES[config.stage](config, workdir)
+  finally:
+    record_dwconv_choices(saved)
+
+
+def record_dwconv_choices(saved: epath.Path):
+  """Adds the backends ``dwconv_impl='auto'`` chose to ``config.json`` as ``dwconv_auto``.
+
+  ``{'<platform>|<device kind>|<input shape>|<kernel shape>|<dtype>|<candidates>':
+  backend}``: the same on every process (``covid3d.models.dwconv``); written by
+  process 0, merged with what an earlier part of the run recorded.
+  """
+  chosen = dwconv.decisions()
+  if chosen and jax.process_index() == 0:
+    stored = storage.read_json(saved)
+    stored["dwconv_auto"] = {**stored.get("dwconv_auto", {}), **chosen}
+    storage.write_json(saved, stored, indent=2)
 
 
 def holds_results(workdir) -> bool:

@@ -20,6 +20,8 @@ import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint import checkpoint_managers as policies
 
+from covid3d import storage
+
 RECORD = "checkpointer.json"
 
 
@@ -68,9 +70,13 @@ class Checkpointer:
       is kept besides the latest ones; recorded in the directory. None: read
       it from the directory (a run's checkpoints opened for reading; see
       ``open``).
+    timeout_s: float, seconds a save (its synchronous part, then the wait for
+      its background writes) may take before `storage.StorageTimeout`; a
+      checkpointer that timed out refuses further saves at once.
   """
 
-  def __init__(self, directory: str, keep: int, best_metric: str | None):
+  def __init__(self, directory: str, keep: int, best_metric: str | None,
+               timeout_s: float = 600.0):
     if keep < 1:
       raise ValueError(f"train.keep_checkpoints must be >= 1, got {keep}")
     directory = absolute(directory)
@@ -93,8 +99,10 @@ class Checkpointer:
                                              enable_async_checkpointing=True)
     self.manager = ocp.CheckpointManager(directory, options=options,
                                          item_names=("state", "data", "config"))
+    self.timeout_s = timeout_s
+    self._stuck = None   # the StorageTimeout of a save that never finished
     if best_metric is not None and jax.process_index() == 0:
-      record.write_text(json.dumps({"best_metric": best_metric}))
+      storage.write_json(record, {"best_metric": best_metric})
 
   @classmethod
   def open(cls, directory: str) -> "Checkpointer":
@@ -117,7 +125,19 @@ class Checkpointer:
         config=ocp.args.JsonSave(json.loads(config.to_json_best_effort())))
     clean = None if metrics is None else {k: float(v) for k, v in metrics.items()
                                           if jax.numpy.ndim(v) == 0}
-    self.manager.save(step, args=args, metrics=clean, force=True)
+    self._bounded(lambda: self.manager.save(step, args=args, metrics=clean, force=True),
+                  f"checkpoint of step {step} to {self.manager.directory}")
+
+  def _bounded(self, fn, what: str):
+    """``fn()`` within ``timeout_s`` (see the class docstring)."""
+    if self._stuck is not None:
+      raise self._stuck
+    try:
+      return storage.within(self.timeout_s, fn, what)
+    except storage.StorageTimeout as e:
+      self._stuck = storage.StorageTimeout(f"{e} (train.save_timeout_s); is the bucket "
+                                           "reachable from this host?")
+      raise self._stuck from None
 
   def restore(self, step: int, like):
     """Restores ``(state, iterator_state)`` at ``step``.
@@ -154,8 +174,10 @@ class Checkpointer:
     return restored.state["ema_params" if ema else "params"]
 
   def wait(self):
-    """Blocks until pending async saves are written."""
-    self.manager.wait_until_finished()
+    """Blocks until pending async saves are written (at most ``timeout_s``)."""
+    self._bounded(self.manager.wait_until_finished,
+                  f"writing the checkpoints in {self.manager.directory}")
 
   def close(self):
-    self.manager.close()
+    if self._stuck is None:   # else closing would wait for the stuck write
+      self.manager.close()

@@ -54,6 +54,9 @@ def default_config() -> ml_collections.ConfigDict:
     checkpoint_every: int, steps between checkpoints (also at every
       evaluation and at the end).
     keep_checkpoints: int, latest checkpoints kept (the best one is kept too).
+    save_timeout_s: float, seconds a checkpoint save may wait for its storage
+      (a bucket that stopped answering) before the stage stops with an error
+      that says so, also when the save follows a SIGTERM.
     best_metric: str, the evaluation metric (higher is better) that chooses
       the best checkpoint, the one handed to the next stage: 'macro_f1' for
       classification, 'dice' for segmentation, 'auc' (STOIC ROC AUC) for
@@ -91,6 +94,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.eval_every = 100
   c.checkpoint_every = 100
   c.keep_checkpoints = 2
+  c.save_timeout_s = 600.0
   c.best_metric = "macro_f1"
   c.max_nonfinite_in_a_row = 10
   c.progress_bar = True
@@ -130,8 +134,10 @@ def resolve_schedule(config: ml_collections.ConfigDict, num_records: int | None)
 
 
 # Fields that do not change what a stage computes: a rerun may change them.
-NEUTRAL_FIELDS = ("cache_dir", "data.workers", "data.loader_threads", "train.log_every",
-                  "train.progress_bar", "train.keep_checkpoints", "train.distributed",
+# dwconv_auto is not a setting: the record of what dwconv_impl='auto' chose.
+NEUTRAL_FIELDS = ("cache_dir", "dwconv_auto", "data.workers", "data.loader_threads",
+                  "train.log_every", "train.progress_bar", "train.keep_checkpoints",
+                  "train.save_timeout_s", "train.distributed",
                   "pretrain2d.prefetch", "pretrain2d.loader_workers")
 
 

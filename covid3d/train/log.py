@@ -15,6 +15,8 @@ import numpy as np
 import tqdm
 from etils import epath
 
+from covid3d import storage
+
 
 def _crc32c_table() -> np.ndarray:
   table = np.zeros(256, np.uint32)
@@ -108,9 +110,35 @@ def _scalars(metrics: dict) -> dict:
   return {k: float(v) for k, v in metrics.items() if np.ndim(v) == 0}
 
 
+METRICS_FILE = "metrics.jsonl"
+
+
+def read_metrics(workdir) -> list[dict]:
+  """The rows of ``<workdir>/metrics.jsonl`` in the order written ([] if there is none).
+
+  A resumed run appends after its earlier rows, so a step may appear twice
+  (the later row is the resumed run's). A torn last line (a local run killed
+  while writing it) is dropped.
+  """
+  path = epath.Path(workdir) / METRICS_FILE
+  if not path.exists():
+    return []
+  rows = []
+  for line in path.read_text().splitlines():
+    try:
+      rows.append(json.loads(line))
+    except json.JSONDecodeError:
+      continue
+  return rows
+
+
 class MetricLogger:
-  """JSON lines (``metrics.jsonl``, appended on resume; ``metrics.<time>.jsonl`` per run
-  on gs://) and TensorBoard scalars (``tensorboard/``, one event file per run).
+  """JSON lines (``metrics.jsonl``, continued on resume; see ``read_metrics``) and
+  TensorBoard scalars (``tensorboard/``, one event file per run).
+
+  A local file is appended to. An object in a bucket cannot be appended to, so
+  on gs:// the whole file (earlier rows included) is uploaded again at every
+  write; each upload replaces the object whole.
 
   Args:
     workdir: str, local or gs:// directory.
@@ -123,10 +151,12 @@ class MetricLogger:
       return
     workdir = epath.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    if str(workdir).startswith("gs://"):  # object stores cannot append: one file per run
-      self._jsonl = (workdir / f"metrics.{int(time.time())}.jsonl").open("w")
+    self._path = workdir / METRICS_FILE
+    if storage.is_remote(workdir):
+      self._lines = [json.dumps(row) + "\n" for row in read_metrics(workdir)]
+      self._jsonl = None
     else:
-      self._jsonl = (workdir / "metrics.jsonl").open("a")
+      self._jsonl = self._path.open("a")
     self._events = EventWriter(str(workdir / "tensorboard"))
 
   def write(self, step: int, split: str, metrics: dict):
@@ -134,13 +164,19 @@ class MetricLogger:
     if not self.enabled:
       return
     scalars = _scalars(metrics)
-    self._jsonl.write(json.dumps({"step": int(step), "split": split, **scalars}) + "\n")
-    self._jsonl.flush()
+    line = json.dumps({"step": int(step), "split": split, **scalars}) + "\n"
+    if self._jsonl is None:
+      self._lines.append(line)
+      storage.write_text(self._path, "".join(self._lines))
+    else:
+      self._jsonl.write(line)
+      self._jsonl.flush()
     self._events.scalars(int(step), {f"{split}/{k}": v for k, v in scalars.items()})
 
   def close(self):
     if self.enabled:
-      self._jsonl.close()
+      if self._jsonl is not None:
+        self._jsonl.close()
       self._events.close()
 
 

@@ -1,5 +1,4 @@
 """``train_and_evaluate``: the training loop every stage runs."""
-import json
 import signal
 import threading
 import time
@@ -13,6 +12,7 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
+from covid3d import storage
 from covid3d.train import checkpoint, log, optim, steps
 from covid3d.train.config import check_same_settings, compute_dtype, resolve_schedule
 from covid3d.train.state import create_state
@@ -36,8 +36,8 @@ def init_distributed(config: ml_collections.ConfigDict):
   """Calls ``jax.distributed.initialize`` if ``config.distributed.initialize``.
 
   Must run before anything touches the devices. Unset fields are detected by
-  JAX (TPU pods, SLURM); on CPU give all three (and set
-  ``jax_cpu_collectives_implementation`` to 'gloo' first).
+  JAX (TPU pods, SLURM); on CPU give all three (the CPU collectives across
+  processes are gloo's, the default of the JAX covid3d requires: nothing to set).
   """
   d = config.distributed
   if d.initialize:
@@ -182,8 +182,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, model, p
                  schedule["steps_per_epoch"], num_records, config.batch_size, config.num_steps,
                  config.eval_every)
     if process0:
-      epath.Path(workdir).mkdir(parents=True, exist_ok=True)
-      (epath.Path(workdir) / "schedule.json").write_text(json.dumps(schedule, indent=1))
+      storage.write_json(epath.Path(workdir) / "schedule.json", schedule, indent=1)
   mesh = steps.make_mesh()
   host_batch = _per_host(config.batch_size, "batch_size", mesh)
   if (config.batch_size // mesh.size) % config.micro_batches:
@@ -196,7 +195,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, model, p
   tx = optim.make_optimizer(config)
   state = steps.replicate(create_state(params, tx, config.seed), mesh)
   ckpt = checkpoint.Checkpointer(str(epath.Path(workdir) / "checkpoints"),
-                                 config.keep_checkpoints, config.best_metric)
+                                 config.keep_checkpoints, config.best_metric,
+                                 timeout_s=config.save_timeout_s)
   latest = ckpt.latest_step()
   if latest is not None:
     # A checkpoint of other settings is not this run's to resume.

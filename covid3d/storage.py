@@ -1,0 +1,139 @@
+"""Files that may be local or in a bucket (``gs://``), written so they are never torn.
+
+Every file a stage reads or writes goes through ``etils.epath`` (gcsfs serves
+``gs://`` when TensorFlow is absent; tensorstore serves Orbax's arrays). The
+writers here are whole-file: a local file is written to a temporary name and
+renamed into place, and a bucket object is uploaded in one request, which
+creates it whole or not at all. A reader never sees half a JSON file or CSV.
+
+Emulator: set ``STORAGE_EMULATOR_HOST=http://127.0.0.1:PORT`` (the variable
+Google's client libraries read) and nothing else. ``use_emulator`` derives
+from it what the other libraries need; it runs when ``covid3d`` is imported,
+before any ``gs://`` path is opened:
+
+* ``TENSORSTORE_GCS_HTTP_URL``: tensorstore ignores ``STORAGE_EMULATOR_HOST``
+  and would retry the real endpoint (an Orbax save then hangs);
+* ``GOOGLE_AUTH_TOKEN_FOR_TESTING``: tensorstore asks for no credentials;
+* ``GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false``: gcsfs does not ask the
+  storage-control API (which emulators lack) for the bucket's layout.
+
+Values already set by the user are kept.
+
+Bounded time: a bucket that accepts connections but never answers would
+make a write wait forever. gcsfs requests (every epath file and folder
+operation on ``gs://``) give up after ``REQUEST_TIMEOUT_S`` (set as fsspec's
+default for ``gcs``; a user's ``FSSPEC_GCS='{"requests_timeout": 300}'``
+wins), and Orbax's tensorstore writes are bounded by `within` (see
+``train.save_timeout_s``).
+"""
+import io
+import json
+import os
+import threading
+
+from etils import epath
+
+EMULATOR = "STORAGE_EMULATOR_HOST"
+REQUEST_TIMEOUT_S = 120.0
+
+
+def configure():
+  """What ``import covid3d`` sets up: `use_emulator` and the gcsfs request timeout."""
+  use_emulator()
+  import fsspec  # pylint: disable=import-outside-toplevel  (a dependency of gcsfs)
+  fsspec.config.conf.setdefault("gcs", {}).setdefault("requests_timeout", REQUEST_TIMEOUT_S)
+
+
+def use_emulator(environ=os.environ) -> dict:
+  """Derives the variables above from ``$STORAGE_EMULATOR_HOST``; returns those set."""
+  host = environ.get(EMULATOR, "")
+  if not host:
+    return {}
+  url = host if "://" in host else f"http://{host}"
+  derived = {"TENSORSTORE_GCS_HTTP_URL": url.rstrip("/"),
+             "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator",
+             "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
+  for name, value in derived.items():
+    environ.setdefault(name, value)
+  return {name: environ[name] for name in derived}
+
+
+class StorageTimeout(TimeoutError):
+  """Storage (a bucket) did not answer within the time allowed."""
+
+
+def within(seconds: float, fn, what: str):
+  """``fn()``, or `StorageTimeout` naming ``what`` if it has not returned after ``seconds``.
+
+  ``fn`` runs in a daemon thread. A request stuck on an endpoint that accepts
+  connections but never answers cannot be cancelled: after a timeout it is
+  left behind, and the caller should stop rather than wait for it.
+  """
+  done, result = threading.Event(), {}
+  def call():
+    try:
+      result["value"] = fn()
+    except BaseException as e:  # pylint: disable=broad-except  (re-raised by the caller)
+      result["error"] = e
+    finally:
+      done.set()
+  threading.Thread(target=call, name=f"covid3d-storage: {what}", daemon=True).start()
+  if not done.wait(seconds):
+    raise StorageTimeout(f"{what}: storage did not answer within {seconds:g} s")
+  if "error" in result:
+    raise result["error"]
+  return result.get("value")
+
+
+def is_remote(path) -> bool:
+  """Whether ``path`` is a URL (``gs://...``) rather than a local path."""
+  return "://" in str(path)
+
+
+def as_path(path) -> epath.Path:
+  """``path`` as an epath: a local path made absolute, a URL unchanged."""
+  path = str(path)
+  return epath.Path(path if is_remote(path) else os.path.abspath(path))
+
+
+def write_bytes(path, data: bytes) -> epath.Path:
+  """Writes ``data`` to ``path`` whole (see the module docstring); creates parent folders."""
+  path = as_path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  if is_remote(path):
+    path.write_bytes(data)
+    return path
+  tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+  try:
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+  finally:
+    if tmp.exists():
+      tmp.unlink()
+  return path
+
+
+def write_text(path, text: str) -> epath.Path:
+  """``write_bytes`` of UTF-8 ``text``."""
+  return write_bytes(path, text.encode("utf-8"))
+
+
+def write_json(path, value, **dump_args) -> epath.Path:
+  """``value`` as JSON (``json.dumps(value, **dump_args)``), written whole."""
+  return write_text(path, json.dumps(value, **dump_args))
+
+
+def text_lines(path, encoding: str = "utf-8") -> io.StringIO:
+  """The text of ``path`` as a file for ``csv`` (line endings kept as written)."""
+  return io.StringIO(as_path(path).read_bytes().decode(encoding), newline="")
+
+
+def read_json(path):
+  return json.loads(as_path(path).read_text())
+
+
+def save_figure(fig, path, dpi: int = 100) -> epath.Path:
+  """A matplotlib figure as PNG at ``path``, written whole."""
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format="png", dpi=dpi)
+  return write_bytes(path, buffer.getvalue())
