@@ -10,7 +10,10 @@ sets it for a ``covid3d.main`` run) holds:
 * ``records/<dataset>/``: preprocessed scans (``covid3d.data.preprocess``),
   keyed by file contents and settings, so several runs can share them.
 
-Everything here can be deleted; it is rebuilt on use.
+Everything here can be deleted; it is rebuilt on use. The root is a local
+folder, one per host on a pod: each host builds the same records from the
+same files, and the depthwise choice of process 0 is used by every host
+(``covid3d.models.dwconv``).
 """
 import os
 

@@ -7,6 +7,7 @@ stage it names (``covid3d.stages.registry``). Any field can be overridden:
 import logging as pylogging
 import os
 import re
+import signal
 import sys
 import tempfile
 
@@ -94,6 +95,10 @@ def main(argv):
   from covid3d.train.config import SettingsChanged
   from covid3d.train.loop import init_distributed
   init_distributed(config.train)
+  # jax.distributed's preemption notifier takes SIGTERM over, which would leave a
+  # stage without a training loop (pseudolabel, predict) running after a
+  # preemption; the training loop handles SIGTERM itself (a checkpoint, then exit).
+  signal.signal(signal.SIGTERM, _exit_on_signal)
   if config.cache_dir:
     os.environ[cachedir.ENV] = config.cache_dir
   jax.config.update("jax_compilation_cache_dir", cachedir.path("jax"))
@@ -130,6 +135,11 @@ def main(argv):
     sys.exit(130)
   finally:
     _upload_log(log_file, workdir)
+
+
+def _exit_on_signal(signum, frame):
+  del frame
+  raise SystemExit(128 + signum)
 
 
 def usage_error(message) -> None:

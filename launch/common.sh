@@ -88,22 +88,27 @@ run_python_local_processes() {
     return
   fi
   port=$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-  local -a pids=()
+  local -a pids=() argv
   for ((i = 0; i < LOCAL_PROCESSES; i++)); do
-    run env XLA_FLAGS=--xla_force_host_platform_device_count=2 JAX_PLATFORMS=cpu "$PYTHON" "$@" \
-      --config.train.distributed.initialize=True \
-      --config.train.distributed.coordinator_address="127.0.0.1:$port" \
-      --config.train.distributed.num_processes="$LOCAL_PROCESSES" \
-      --config.train.distributed.process_id="$i" --config.cache_dir="$LOCAL_CACHE/process$i" &
-    pids+=($!)
+    argv=(env XLA_FLAGS=--xla_force_host_platform_device_count=2 JAX_PLATFORMS=cpu "$PYTHON" "$@"
+      --config.train.distributed.initialize=True
+      --config.train.distributed.coordinator_address="127.0.0.1:$port"
+      --config.train.distributed.num_processes="$LOCAL_PROCESSES"
+      --config.train.distributed.process_id="$i" --config.cache_dir="$LOCAL_CACHE/process$i")
+    printf '+ %s\n' "$(quote_words "${argv[@]}")"
+    is_dry_run || {
+      "${argv[@]}" &
+      pids+=($!)
+    }
   done
+  is_dry_run && return
   for ((i = 0; i < LOCAL_PROCESSES; i++)); do
-    if ! wait -n; then
+    wait -n || {
       status=$?
       kill "${pids[@]}" 2>/dev/null || true
       wait
       break
-    fi
+    }
   done
   ((status == 0)) || fail "a process of this step failed (exit status $status); the others were stopped"
 }

@@ -1,25 +1,20 @@
-"""Every stage with its workdir in a bucket of a real GCS emulator (fake-gcs-server).
+"""covid3d.storage against a real GCS emulator (fake-gcs-server on 127.0.0.1).
 
-The chain pretrain2d -> segmentation -> pseudolabel -> severity runs with gs://
-workdirs, hands on by gs:// URL, resumes on a rerun, writes the report to the
-bucket, and writes nothing into a local folder named ``gs:``.
+Files round-trip through a bucket, the variables tensorstore and gcsfs need
+are derived from ``STORAGE_EMULATOR_HOST`` alone, and a checkpoint save to a
+bucket that stops answering fails within its time limit. The stages'
+workdirs in a bucket: tests/test_pod_rehearsal.py.
 """
 import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
-from etils import epath
 
 import gcs_emulator
-from covid3d import report, storage
-from covid3d.stages import registry
-from covid3d.train import log
-from test_stages import tiny
+from covid3d import storage
 
-pytestmark = pytest.mark.slow
 BUCKET = "covid3d-test"
 
 
@@ -30,37 +25,24 @@ def emulator(tmp_path_factory):
   emu.stop()
 
 
-def test_the_chain_runs_in_a_bucket(emulator, tmp_path, monkeypatch):
-  monkeypatch.chdir(tmp_path)   # a relative "gs:" folder would appear here
-  url = f"gs://{BUCKET}/chain"
-  def run(name, **overrides):
-    registry.run(tiny(name, tmp_path, **overrides), f"{url}/{name}")
-    return epath.Path(f"{url}/{name}")
-  pretrain = run("pretrain2d")
-  assert {"DONE", "config.json", "checkpoints", "metrics.jsonl"} <= names(pretrain)
-  run("segmentation", init_from=f"{url}/pretrain2d")
-  pseudo = run("pseudolabel", init_from=f"{url}/segmentation")
-  assert (pseudo / "DONE").exists() and list(pseudo.glob("nifti/*/*_pseudo.nii.gz"))
-  assert list(pseudo.glob("masks/*/*.npz"))
-  severity = run("severity", init_from=f"{url}/segmentation")
-  assert {"DONE", "config.json", "cv.json", "fold0", "fold1", "folds.csv"} <= names(severity)
-  assert {"DONE", "checkpoints", "metrics.jsonl"} <= names(severity / "fold0")
-  assert log.read_metrics(severity / "fold0"), "no metrics read back from the bucket"
-  cv = storage.read_json(severity / "cv.json")
-
-  # A rerun finds every fold finished and changes nothing.
-  before = (severity / "fold0" / "DONE").read_text()
-  run("severity", init_from=f"{url}/segmentation")
-  assert (severity / "fold0" / "DONE").read_text() == before
-  assert storage.read_json(severity / "cv.json") == cv
-
-  report.main([url])
-  assert "severity" in (epath.Path(url) / "report.md").read_text()
-  assert not list(tmp_path.glob("**/gs:*")) and not list(Path.cwd().glob("gs:*"))
+def test_the_emulator_variable_is_the_only_one_needed():
+  env = {storage.EMULATOR: "http://127.0.0.1:4443"}
+  assert storage.use_emulator(env) == {"TENSORSTORE_GCS_HTTP_URL": "http://127.0.0.1:4443",
+                                       "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator",
+                                       "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
+  kept = {storage.EMULATOR: "127.0.0.1:4443", "TENSORSTORE_GCS_HTTP_URL": "http://other:1"}
+  assert storage.use_emulator(kept)["TENSORSTORE_GCS_HTTP_URL"] == "http://other:1"
+  assert storage.use_emulator({}) == {}
 
 
-def names(path: epath.Path) -> set[str]:
-  return {p.name for p in path.iterdir()}
+def test_files_round_trip_through_a_bucket(emulator):
+  url = f"gs://{BUCKET}/files"
+  storage.write_json(f"{url}/a/b.json", {"x": [1, 2]})
+  assert storage.read_json(f"{url}/a/b.json") == {"x": [1, 2]}
+  storage.write_text(f"{url}/t.csv", "a,b\r\n1,2\r\n")
+  assert storage.text_lines(f"{url}/t.csv").read() == "a,b\r\n1,2\r\n"
+  assert storage.as_path(url).joinpath("a", "b.json").exists()
+  assert storage.is_remote(url) and not storage.is_remote("/tmp/x")
 
 
 # Saves step 1, waits for a line on stdin, then saves step 2: exits 3 on a timeout.

@@ -654,6 +654,8 @@ def test_tasks_is_a_deprecated_alias_of_targets(data):
     ("demo.sh", ["--targets"], "--targets needs a value"),
     ("demo.sh", ["root1", "root2"], "one ROOT only"),
     ("demo.sh", ["root", "--config.train.num_steps"], "not a --config.FIELD=VALUE"),
+    ("demo.sh", ["--processes", "0"], "--processes: '0' is not a positive integer"),
+    ("demo.sh", ["gs://b/run"], "is a bucket: give --local DIR"),
 ])
 def test_usage_errors(tmp_path, data, script, args, message):
   words = []
@@ -670,3 +672,25 @@ def test_usage_errors(tmp_path, data, script, args, message):
   assert result.returncode == 2, result.stdout
   assert message in result.stderr and "--help" in result.stderr
   assert not commands(result.stdout)
+
+
+def test_demo_processes_runs_each_stage_as_a_pod_of_local_processes(tmp_path):
+  out = dry("demo.sh", "--processes", "2", "--local", tmp_path / "local", "gs://b/run")
+  argvs = commands(out)
+  stages = [a for a in argvs if "covid3d.main" in a]
+  assert len(stages) % 2 == 0 and stages
+  for first, second in zip(stages[::2], stages[1::2]):
+    assert first[:3] == second[:3] == ["env", "XLA_FLAGS=--xla_force_host_platform_device_count=2",
+                                       "JAX_PLATFORMS=cpu"]
+    flags = [dict(w.split("=", 1) for w in a if w.startswith("--config.")) for a in (first, second)]
+    for pid, f in enumerate(flags):
+      assert f["--config.train.distributed.initialize"] == "True"
+      assert f["--config.train.distributed.num_processes"] == "2"
+      assert f["--config.train.distributed.process_id"] == str(pid)
+      assert f["--config.cache_dir"] == f"{tmp_path / 'local'}/cache/process{pid}"
+      assert f["--config.data.phantom_dir"] == f"{tmp_path / 'local'}/data"
+    address = "--config.train.distributed.coordinator_address"
+    assert flags[0][address] == flags[1][address]
+    assert [w for w in first if w.startswith("--workdir=gs://b/run/")]
+  report = [a for a in argvs if "covid3d.report" in a]
+  assert len(report) == 1 and "env" not in report[0]
