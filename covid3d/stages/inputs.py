@@ -170,10 +170,11 @@ def iterators(config, source, train_idx, val_idx, fields, eval_fields=None, val_
   dataset), else from ``source``.
   """
   t = config.train
+  # Volumes stay float16 as cached: the train step converts them on the devices.
   train_iter = iter(pipeline.host_dataset(
       source, train_idx, global_batch_size=t.batch_size, fields=fields, train=True,
       seed=t.seed, process_index=jax.process_index(), process_count=jax.process_count(),
-      threads=config.data.loader_threads))
+      threads=config.data.loader_threads, volume_dtype=None))
   eval_fields = eval_fields or fields
 
   def eval_batches():
