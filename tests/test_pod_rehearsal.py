@@ -28,7 +28,7 @@ import pytest
 from etils import epath
 
 import gcs_emulator
-from covid3d import report
+from covid3d import report, storage
 from covid3d.train import checkpoint, log
 
 pytestmark = pytest.mark.slow
@@ -158,9 +158,17 @@ def test_a_pod_run_survives_a_lost_host_and_a_preemption(emulator, tmp_path):
   chain = epath.Path(f"{url}/interrupted")
   stage("pseudolabel", str(chain / "pseudolabel"),
         f"--config.init_from={chain / 'segmentation'}").finish()
-  assert list(chain.glob("pseudolabel/nifti/*/*_pseudo.nii.gz"))
-  assert list(chain.glob("pseudolabel/masks/*/*.npz"))
+  # Every scan once, whichever process read it.
+  phantom = tmp_path / "data" / "cov19ctdb"
+  scans = lambda partition: len(list((phantom / partition).glob("**/ct_scan_*")))
+  labelled = storage.read_json(chain / "pseudolabel" / "DONE")["scans"]
+  assert labelled["cov19ctdb"] == sum(scans(p) for p in ("train", "validation", "test"))
+  for dataset, count in labelled.items():
+    assert len(list(chain.glob(f"pseudolabel/masks/{dataset}/*.npz"))) == count > 0, dataset
+    assert len(list(chain.glob(f"pseudolabel/nifti/{dataset}/*_pseudo.nii.gz"))) == count
   severity = chain / "severity"
+  predicted = (severity / "predictions_validation.csv").read_text().splitlines()[1:]
+  assert len(predicted) == scans("validation") > 0
   assert {"DONE", "config.json", "cv.json", "fold0", "fold1", "folds.csv", "skips.json",
           "log.0.txt", "log.1.txt"} <= {p.name for p in severity.iterdir()}
   assert "resumed from step" in (severity / "log.0.txt").read_text()

@@ -43,7 +43,8 @@ def predict_probs(config, model, params_list, source, output):
   indices = np.arange(len(source.index))
   fields = inputs.batch_fields(config, image_only=True)
   ids, probs = [], []
-  for batch in inputs.host_batches(source, indices, config.train.eval_batch_size, fields, config):
+  for batch in inputs.host_batches(source, indices, config.train.eval_batch_size, fields, config,
+                                   every_record=True):
     p = np.mean([np.asarray(forward(params, jnp.asarray(batch["image"])))
                  for params in params_list], axis=0)
     keep = np.asarray(batch["valid"])

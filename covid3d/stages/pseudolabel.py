@@ -21,6 +21,7 @@ import os
 import tempfile
 
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 from etils import epath
@@ -97,7 +98,7 @@ def run(config, workdir):
     fields = {"image": f"volume_{small}", "image_large": f"volume_{big}"}
     done = 0
     batches = inputs.host_batches(source, np.arange(len(source.index)),
-                                  config.train.eval_batch_size, fields, config)
+                                  config.train.eval_batch_size, fields, config, every_record=True)
     total = -(-len(source.index) // config.train.eval_batch_size)
     for batch in tqdm(batches, desc=f"pseudo-labels {dataset}", unit="batch", total=total):
       if p.mode == "sliding":
@@ -111,8 +112,10 @@ def run(config, workdir):
         little = prob(jnp.asarray(batch["image"]))
         large = resize_linear(little, (big,) * 3, align_corners=True)
       # Every process predicts every scan (a model at one device per scan); process 0 writes.
-      rows = np.flatnonzero(np.asarray(batch["valid"])) if jax.process_index() == 0 else []
-      for row in rows:
+      for row in np.flatnonzero(np.asarray(batch["valid"])):
+        done += 1
+        if jax.process_index() != 0:
+          continue
         entry = source.index[int(batch["record_index"][row])]
         buffer = io.BytesIO()
         np.savez_compressed(
@@ -121,9 +124,10 @@ def run(config, workdir):
         storage.write_bytes(mask_dir / f"{inputs.file_stem(entry)}.npz", buffer.getvalue())
         if p.write_nifti:
           _write_nifti(ref_of[entry["partition"], entry["scan_id"]], large[row], nifti_dir, config)
-        done += 1
     counts[dataset] = done
     logging.info("pseudo-labelled %d %s scans into %s", done, dataset, mask_dir)
+  if jax.process_count() > 1:  # DONE only once process 0 has written every mask
+    multihost_utils.sync_global_devices("covid3d pseudolabel written")
   handoff.mark_done(workdir, {"scans": counts})
   return counts
 
