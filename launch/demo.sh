@@ -69,6 +69,8 @@ if ((processes > 1)); then
   LOCAL_CACHE=$local_dir/cache
   run_python() { run_python_local_processes "$@"; }
 fi
-echo "== covid3d demo under $CHAIN_ROOT (python: $PYTHON${processes/#[2-9]*/, $processes processes})"
+pod=
+((processes == 1)) || pod=", $processes processes"
+echo "== covid3d demo under $CHAIN_ROOT (python: $PYTHON$pod)"
 run_chain
 print_total_time

@@ -676,6 +676,8 @@ def test_usage_errors(tmp_path, data, script, args, message):
 
 def test_demo_processes_runs_each_stage_as_a_pod_of_local_processes(tmp_path):
   out = dry("demo.sh", "--processes", "2", "--local", tmp_path / "local", "gs://b/run")
+  assert out.splitlines()[0] == "== covid3d demo under gs://b/run (python: python, 2 processes)"
+  assert dry("demo.sh", tmp_path).splitlines()[0].endswith("(python: python)")
   argvs = commands(out)
   stages = [a for a in argvs if "covid3d.main" in a]
   assert len(stages) % 2 == 0 and stages
@@ -694,3 +696,21 @@ def test_demo_processes_runs_each_stage_as_a_pod_of_local_processes(tmp_path):
     assert [w for w in first if w.startswith("--workdir=gs://b/run/")]
   report = [a for a in argvs if "covid3d.report" in a]
   assert len(report) == 1 and "env" not in report[0]
+
+
+def test_local_processes_wait_for_all_and_fail_when_one_fails(tmp_path):
+  """demo.sh --processes: a step ends when every process has; one failure stops it."""
+  script = (f'. "{LAUNCH}/common.sh"; LOCAL_PROCESSES=2; LOCAL_CACHE="{tmp_path}"; '
+            'run_python_local_processes all -c "$1"; echo finished')
+  body = ("import pathlib, sys, time; pid = sys.argv[-2].rsplit('=', 1)[1]; {}; "
+          f"pathlib.Path(r'{tmp_path}', 'done' + pid).touch()")
+  env = {**os.environ, "PYTHON": sys.executable}
+  ok = subprocess.run(["bash", "-c", script, "bash", body.format("time.sleep(1 + int(pid))")],
+                      env=env, capture_output=True, text=True, timeout=60)
+  assert ok.returncode == 0 and ok.stdout.strip().endswith("finished"), ok.stderr
+  assert {p.name for p in tmp_path.glob("done*")} == {"done0", "done1"}
+  failed = subprocess.run(
+      ["bash", "-c", script, "bash", body.format("sys.exit(3) if pid == '1' else time.sleep(30)")],
+      env=env, capture_output=True, text=True, timeout=60)
+  assert failed.returncode == 1 and "finished" not in failed.stdout
+  assert "a process of this step failed (exit status 3); the others were stopped" in failed.stderr
