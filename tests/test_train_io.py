@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
-from covid3d import train
+from covid3d import storage, train
 from covid3d.train import checkpoint, log
 from covid3d.train.iterators import ArrayIterator
 
@@ -132,7 +132,7 @@ def test_checkpointer_takes_a_relative_directory(tmp_path, monkeypatch):
   np.testing.assert_array_equal(reopened.restore(1, {"w": jnp.zeros(2)})[0]["w"], [1.0, 1.0])
   reopened.close()
   assert (tmp_path / "run" / "checkpoints" / "1").is_dir()
-  assert str(checkpoint.absolute("gs://bucket/run")) == "gs://bucket/run"
+  assert str(storage.as_path("gs://bucket/run")) == "gs://bucket/run"
 
 
 def test_array_iterator_resume_and_process_split():

@@ -11,7 +11,6 @@ Paths may be local or ``gs://``.
 """
 import dataclasses
 import json
-import os
 from typing import Any
 
 import jax
@@ -54,12 +53,6 @@ class IteratorRestore(ocp.args.CheckpointArgs):
   pass
 
 
-def absolute(directory: str) -> epath.Path:
-  """``directory`` as Orbax needs it: a local path made absolute; gs:// and other URLs unchanged."""
-  directory = str(directory)
-  return epath.Path(directory if "://" in directory else os.path.abspath(directory))
-
-
 class Checkpointer:
   """Saves and restores (state, iterator state, config) under ``directory``.
 
@@ -79,7 +72,7 @@ class Checkpointer:
                timeout_s: float = 600.0):
     if keep < 1:
       raise ValueError(f"train.keep_checkpoints must be >= 1, got {keep}")
-    directory = absolute(directory)
+    directory = storage.as_path(directory)   # Orbax needs a local path absolute
     record = directory / RECORD
     if best_metric is None and record.exists():
       best_metric = json.loads(record.read_text())["best_metric"]
