@@ -23,8 +23,8 @@ smoothed by the interpolation of the warps.
 Batches: :func:`augment_batch` runs the examples one after the other
 (``lax.map``), each skipping the steps it did not draw, and example i equals
 ``augment(jax.random.split(key, B)[i], ...)``. ``jax.vmap(augment)`` works too
-but turns every ``lax.cond`` into a select that computes both branches: about
-5x slower per volume on CPU at 224^3, 1.4x on an H100 (docs/augment.md). All
+but turns every ``lax.cond`` into a select that computes both branches, so it
+is slower (docs/augment.md, "Benchmark"). All
 examples of a batch share one shape; for a non-cubic shape the random quarter
 turns keep the shape (only 0 or 180 degrees in a plane of two different
 sizes), so outputs stack like inputs. :func:`rot90` with Python ints turns
@@ -112,10 +112,10 @@ def default_config() -> ml_collections.ConfigDict:
   - ``elastic.truncate``: kernel half-width in sigmas; None = the code's
     kernel, ``int(5 sigma) // 2`` taps each side (87 for sigma 35).
   - ``elastic.method``: 'exact', 'coarse' or 'covariance' (see
-    :func:`elastic_displacement`; ours). Default 'covariance': at 224^3 it is
-    4x faster than 'exact' on CPU, 4x on an H100 (docs/augment.md).
+    :func:`elastic_displacement`; ours). Default 'covariance': it draws no
+    full-resolution noise, so it is the fastest (docs/augment.md, "Benchmark").
   - ``elastic.grid``: knot spacing of 'coarse' and 'covariance', voxels
-    (ours, 8: 1.6 % RMS interpolation error at 224^3, sigma 35).
+    (ours, 8; its interpolation error is in docs/augment.md).
   """
   c = ml_collections.ConfigDict()
   c.order = 1

@@ -19,9 +19,8 @@ Sigma = Union[float, Sequence[float], jax.Array]
 # scipy.ndimage boundary mode -> jnp.pad mode (the same extension of the input).
 _PAD_MODES = {"constant": "constant", "reflect": "symmetric", "mirror": "reflect",
               "nearest": "edge", "wrap": "wrap"}
-# Measured at 224^3 on 2 CPU cores (docs/augment.md): a 7-tap shift-and-add pass
-# over three axes costs about what three dense 224 x 224 matrix products cost,
-# so wider kernels go through the matrix product, narrower ones through shifts.
+# Shift-and-add wins for narrow kernels, the dense filter matrix for wide ones
+# (docs/augment.md, "gaussian_filter: which formulation").
 _MAX_SHIFT_TAPS = 9
 _HIGHEST = lax.Precision.HIGHEST
 
@@ -413,8 +412,8 @@ def elastic_displacement(key: jax.Array, shape: Sequence[int], alpha, sigma: flo
     # Var(U(-1, 1)) = 1/3 per voxel; knot covariance = (1/3) (S S^T) per axis, Kronecker.
     noise = jax.random.normal(key, (3,) + tuple(len(k) for k in knots), jnp.float32)
     mats = [jnp.asarray(_covariance_root(r) * (1 / 3) ** (1 / 6), jnp.float32) for r in rows]
-  # One einsum per stage lets XLA order the three contractions (6x faster on
-  # CPU than three tensordots with their transposes).
+  # One einsum per stage lets XLA order the three contractions itself, which
+  # beats three tensordots with their transposes.
   coarse = jnp.einsum("ai,bj,ck,nijk->nabc", *mats, noise, precision=_HIGHEST)
   coarse = coarse * alpha[:, None, None, None]
   up = [jnp.asarray(linear_interpolation_matrix(k, n)) for n, k in zip(shape, knots)]
