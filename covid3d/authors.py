@@ -66,19 +66,6 @@ def variant_of(backbone_config: dict) -> str:
                    f"{sorted(VARIANTS)}")
 
 
-def _fold_states(obj):
-  """(list of per-fold state mappings, the wrapper they came from)."""
-  for key in ("model_ema", "model"):
-    value = obj.get(key)
-    if isinstance(value, (list, tuple)) and value:
-      return list(value), key
-  for key in ("model_ema", "model"):
-    if isinstance(obj.get(key), dict):
-      return [obj[key]], key
-  raise ValueError("not a submission file nor a training checkpoint of the authors: no "
-                   f"'model_ema' or 'model' entry (top-level keys {sorted(obj)[:10]})")
-
-
 def convert_submission(source, out_dir, *, target: str | None = None,
                        trusted: bool = False) -> dict:
   """Writes the fold ensemble of an authors' submission file as a fine-tuning workdir.
@@ -103,7 +90,7 @@ def convert_submission(source, out_dir, *, target: str | None = None,
   obj = weights.read_checkpoint(source, trusted=trusted)
   if not isinstance(obj, dict):
     obj = dict(obj)
-  states, key = _fold_states(obj)
+  states, key = weights.fold_states(obj, where=str(source))
   trees = [weights.load_authors_checkpoint({key: s}, ema=key == "model_ema", head="classifier")
            for s in states]
   num_classes = weights.multitask_config(trees[0])["heads"].get("classifier")

@@ -26,6 +26,7 @@ default for ``gcs``; a user's ``FSSPEC_GCS='{"requests_timeout": 300}'``
 wins), and Orbax's tensorstore writes are bounded by `within` (see
 ``train.save_timeout_s``).
 """
+import contextlib
 import io
 import json
 import os
@@ -96,21 +97,39 @@ def as_path(path) -> epath.Path:
   return epath.Path(path if is_remote(path) else os.path.abspath(path))
 
 
-def write_bytes(path, data: bytes) -> epath.Path:
-  """Writes ``data`` to ``path`` whole (see the module docstring); creates parent folders."""
+@contextlib.contextmanager
+def whole_file(path):
+  """A binary file to write ``path`` through, put in place whole when the block ends.
+
+  A local file is streamed to a temporary name beside ``path`` and renamed
+  into place (nothing is left behind if the block raises); a bucket object
+  is buffered in memory and uploaded in one request. Creates parent folders.
+
+  Yields:
+    The open binary file.
+  """
   path = as_path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   if is_remote(path):
-    path.write_bytes(data)
-    return path
+    buffer = io.BytesIO()
+    yield buffer
+    path.write_bytes(buffer.getvalue())
+    return
   tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
   try:
-    tmp.write_bytes(data)
+    with open(tmp, "wb") as f:
+      yield f
     os.replace(tmp, path)
   finally:
     if tmp.exists():
       tmp.unlink()
-  return path
+
+
+def write_bytes(path, data: bytes) -> epath.Path:
+  """Writes ``data`` to ``path`` whole (see the module docstring); creates parent folders."""
+  with whole_file(path) as f:
+    f.write(data)
+  return as_path(path)
 
 
 def write_text(path, text: str) -> epath.Path:

@@ -16,6 +16,7 @@ into one folder at the same time.
 """
 import csv
 import hashlib
+import io
 import json
 import os
 import threading
@@ -24,6 +25,8 @@ import re
 from pathlib import Path
 
 import numpy as np
+
+from covid3d import storage
 
 INDEX_FILE = "index.csv"
 INDEX_FIELDS = ("dataset", "partition", "scan_id", "covid", "severity", "stoic_covid",
@@ -59,15 +62,9 @@ def record_file(ref, key: str) -> str:
 
 
 def write_npz(path, arrays: dict) -> None:
-  """Writes an uncompressed .npz atomically (temporary file + rename)."""
-  tmp = f"{path}.tmp-{os.getpid()}"
-  try:
-    with open(tmp, "wb") as f:
-      np.savez(f, **arrays)
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+  """Writes an uncompressed .npz atomically (``storage.whole_file``)."""
+  with storage.whole_file(path) as f:
+    np.savez(f, **arrays)
 
 
 # numpy parses each .npy header with ast.literal_eval, and CPython 3.11's ast
@@ -116,10 +113,9 @@ def update_index(cache_dir, rows: list[dict]) -> str:
   merged = {key(r): r for r in read_index(cache_dir)}
   merged.update((key(r), r) for r in rows)
   path = Path(cache_dir) / INDEX_FILE
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w", newline="", encoding="utf-8") as f:
-    writer = csv.DictWriter(f, INDEX_FIELDS)
-    writer.writeheader()
-    writer.writerows(merged[k] for k in sorted(merged))
-  os.replace(tmp, path)
+  text = io.StringIO(newline="")
+  writer = csv.DictWriter(text, INDEX_FIELDS)
+  writer.writeheader()
+  writer.writerows(merged[k] for k in sorted(merged))
+  storage.write_text(path, text.getvalue())
   return str(path)

@@ -30,6 +30,7 @@ import tensorflow_datasets as tfds
 from covid3d.data import cache
 from covid3d.data import preprocess
 from covid3d.data import schema
+from covid3d.data.host_batch import host_share
 
 
 @dataclasses.dataclass(frozen=True)
@@ -241,15 +242,11 @@ def host_dataset(source: RecordSource, indices: np.ndarray, *,
     ValueError: on a batch size that does not split over the processes, or
       too few records.
   """
-  if global_batch_size % process_count:
-    raise ValueError(f"global_batch_size={global_batch_size} is not divisible"
-                     f" by the process count {process_count}")
   n = len(indices)
-  if n == 0 or (train and n < global_batch_size):
-    raise ValueError(f"{source.name}: {n} selected records, fewer than one "
-                     f"global batch of {global_batch_size}")
+  start, per_host = host_share(global_batch_size, n, train=train, process_index=process_index,
+                               process_count=process_count,
+                               records=f"selected records of {source.name}")
   pairs = _field_pairs(fields)
-  per_host = global_batch_size // process_count
   indices = np.asarray(indices, np.int64)
   if train:
     ds = grain.MapDataset.source(indices).shuffle(seed=seed)
@@ -261,7 +258,6 @@ def host_dataset(source: RecordSource, indices: np.ndarray, *,
     ds = ds.batch(global_batch_size)
     padding = _padding_element(source, int(indices[0]), [f for _, f in pairs],
                                volume_dtype)
-  start = process_index * per_host
   ds = ds.map(_HostSlice(start, start + per_host))
   ds = ds.map(_LoadBatch(source.records, pairs, padding, volume_dtype))
   return ds.to_iter_dataset(grain.ReadOptions(num_threads=threads,
