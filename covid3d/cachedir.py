@@ -13,7 +13,7 @@ sets it for a ``covid3d.main`` run) holds:
 Everything here can be deleted; it is rebuilt on use. The root is a local
 folder, one per host on a pod: each host builds the same records from the
 same files, and the depthwise choice of process 0 is used by every host
-(``covid3d.models.dwconv``).
+(``covid3d.models.dwconv_tune``).
 """
 import os
 

@@ -40,8 +40,7 @@ import numpy as np
 
 from covid3d.data import preprocess
 from covid3d.data.read_common import HU_WINDOW
-from covid3d.models import build
-from covid3d.stages import handoff, predict
+from covid3d.stages import build, handoff, predict
 
 FORMAT = "covid3d-ensemble-1"
 PROG = "python -m covid3d.export"

@@ -40,8 +40,7 @@ import numpy as np
 
 from covid3d import export, saliency
 from covid3d.data import preprocess, readers, schema
-from covid3d.models import build
-from covid3d.stages import handoff, pseudolabel
+from covid3d.stages import build, handoff, pseudolabel
 
 PROG = "python -m covid3d.infer"
 LESION_STAGES = ("segmentation", "segmia", "multitask")

@@ -19,8 +19,7 @@ import pytest
 
 from covid3d import authors, weights
 from covid3d.models import MultitaskModel
-from covid3d.models import build
-from covid3d.stages import handoff, predict
+from covid3d.stages import build, handoff, predict
 
 torch = pytest.importorskip("torch")
 nn = torch.nn

@@ -1,7 +1,8 @@
 """The benchmarks' plumbing: the GPU script parses, its commands parse, the PyTorch twin matches,
 the host-memory benchmark measures every stage at a tiny size.
 
-Nothing here runs the GPU script; only the memory benchmark's test times anything.
+Nothing here runs the GPU script; the memory benchmark's and the depthwise check's tests time
+something, at tiny sizes.
 """
 import argparse
 import json
@@ -107,6 +108,20 @@ def test_random_params_have_the_model_shapes():
   shapes = jax.eval_shape(model.init, jax.random.key(0), x)["params"]
   assert jax.tree.map(lambda a: a.shape, params) == jax.tree.map(lambda a: a.shape, shapes)
   assert float(params["stage0"]["block0"]["norm"]["scale"][0]) == 1.0
+
+
+def test_compile_timed_reports_the_memory_plan():
+  x = jnp.zeros((256, 256), jnp.float32)
+  compiled, seconds, plan = common.compile_timed(jax.jit(lambda a: a @ a), x)
+  assert seconds > 0 and plan >= 2 * x.nbytes   # argument and output at least
+  np.testing.assert_array_equal(compiled(x), x)
+
+
+def test_dwconv_check_passes_every_backend_against_lax(tmp_path):
+  rows = bench_model.dwconv_check((1, 6, 5, 4, 3), 3, jnp.float32, ("xla", "fft", "shift"),
+                                  reps=1, markdown=tmp_path / "out.md")
+  assert [(r["impl"], r["check"]) for r in rows] == [("xla", "ok"), ("fft", "ok"), ("shift", "ok")]
+  assert all(r["compile_s"] > 0 for r in rows)
 
 
 @pytest.mark.parametrize("spatial_dims", [2, 3])

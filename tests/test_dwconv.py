@@ -9,10 +9,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax import lax
 
 from covid3d.models import DWCONV_IMPLS, ConvNeXt, choose_impl, depthwise_conv
-from covid3d.models.dwconv import auto_candidates
+from covid3d.models.dwconv import auto_candidates, lax_depthwise_conv
 from covid3d.models.dwconv_pallas import depthwise_conv_pallas
 
 CASES = [((2, 12, 10, 8, 3), 7), ((1, 9, 9, 9, 2), 3), ((2, 16, 12, 4), 7), ((1, 8, 8, 5), 4)]
@@ -91,18 +90,6 @@ def test_auto_candidates_leave_the_pallas_interpreter_out_on_cpu():
 
 # ------------------------------------------------------------------- pallas
 
-def _lax_reference(x, kernel):
-  """The definition: XLA's grouped convolution, 'same' padding (left (k - 1) // 2)."""
-  nd = x.ndim - 2
-  spatial = "DHW"[-nd:]
-  dims = lax.conv_dimension_numbers(x.shape, kernel.shape,
-                                    (f"N{spatial}C", f"{spatial}IO", f"N{spatial}C"))
-  pad = [((k - 1) // 2, k // 2) for k in kernel.shape[:nd]]
-  return lax.conv_general_dilated(x, kernel, (1,) * nd, pad, dimension_numbers=dims,
-                                  feature_group_count=x.shape[-1],
-                                  preferred_element_type=jnp.float32)
-
-
 def _value_and_vjp(fn, x, kernel, cotangent):
   """Output and (dx, dkernel) for ``cotangent``, in one jitted program."""
   @jax.jit
@@ -141,7 +128,7 @@ def test_pallas_equals_lax_forward_and_gradients(x_shape, k, dtype, blocks):
   cot = jax.random.normal(kc, x_shape)
   got = _value_and_vjp(lambda a, b: depthwise_conv_pallas(a, b, **blocks), x, kernel, cot)
   # The reference in float32 from the same (rounded) inputs: both accumulate in float32.
-  ref = _value_and_vjp(_lax_reference, x.astype(jnp.float32), kernel.astype(jnp.float32), cot)
+  ref = _value_and_vjp(lax_depthwise_conv, x.astype(jnp.float32), kernel.astype(jnp.float32), cot)
   assert got[0].dtype == x.dtype and got[1][0].dtype == x.dtype and got[1][1].dtype == x.dtype
   # float32: summation order only; bfloat16: the rounding of the output.
   rtol = 1e-5 if dtype == "float32" else 1e-2

@@ -7,8 +7,8 @@ import pytest
 
 from covid3d import config as base
 from covid3d.inflation import inflate_params
-from covid3d.models import ConvNeXt, build
-from covid3d.stages import handoff
+from covid3d.models import ConvNeXt
+from covid3d.stages import build, handoff
 
 
 def nano_config(**model):

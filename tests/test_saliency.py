@@ -7,9 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from covid3d import saliency
-from covid3d.models import build
 from covid3d.models.convnext import ConvNeXt
 from covid3d.models.heads import ClassificationHead
+from covid3d.stages import build
 
 SEVERITY = Path(__file__).resolve().parent.parent / "configs" / "severity.py"
 SIZE = 64   # the last stage is 2^3: a map with structure to upsample

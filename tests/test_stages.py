@@ -13,8 +13,8 @@ import pytest
 from covid3d import inflation
 from covid3d.data import preprocess, readers
 from covid3d.data.skips import SkipLog
-from covid3d.models import VARIANTS, build
-from covid3d.stages import handoff, inputs, pseudolabel, registry
+from covid3d.models import VARIANTS
+from covid3d.stages import build, handoff, inputs, pseudolabel, registry
 from covid3d.stages.handoff import HandOffError
 from covid3d.train import checkpoint
 

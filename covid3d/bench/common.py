@@ -1,8 +1,10 @@
-"""Shared helpers of the benchmarks: the device line, a plain-text table, peak device
-memory and the one markdown table that ``covid3d/bench/gpu_check.sh`` collects."""
+"""Shared helpers of the benchmarks: the device line, a plain-text table, compiling with
+XLA's memory plan, peak device memory and the one markdown table that
+``covid3d/bench/gpu_check.sh`` collects."""
 import math
 import os
 import platform
+import time
 
 import jax
 
@@ -33,6 +35,24 @@ def print_table(rows, header=True):
     print("".join(k.ljust(width[k]) for k in keys))
   for r in rows:
     print("".join(_fmt(r.get(k, "")).ljust(width[k]) for k in keys), flush=True)
+
+
+def compile_timed(jitted, *args):
+  """Compiles ``jitted`` for ``args``: ``(compiled, compile seconds, planned bytes)``.
+
+  The planned bytes are XLA's buffer assignment of the compiled program
+  (arguments + outputs + temporaries - aliased; every platform), None where the
+  backend reports no ``memory_analysis``.
+  """
+  t0 = time.perf_counter()
+  compiled = jitted.lower(*args).compile()
+  seconds = time.perf_counter() - t0
+  mem = compiled.memory_analysis()
+  plan = None
+  if mem is not None:
+    plan = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
+            - mem.alias_size_in_bytes)
+  return compiled, seconds, plan
 
 
 def peak_device_bytes():

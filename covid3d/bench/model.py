@@ -20,12 +20,13 @@ the ratios JAX time / PyTorch time.
 
 ``--dwconv-check B,D,H,W,C`` instead checks the depthwise backends alone at
 one activation shape: forward, input and kernel gradients against
-``lax.conv_general_dilated(feature_group_count=C)`` at HIGHEST precision, and
+``covid3d.models.dwconv.lax_depthwise_conv`` at HIGHEST precision, and
 their times (``covid3d/bench/gpu_check.sh`` runs it at ConvNeXt-Tiny's first
 stage at 224^3). It exits with status 1 when a backend is off.
 
 ``--markdown FILE`` appends the rows to one markdown table (``common.append_markdown``).
 """
+import functools
 import sys
 import time
 
@@ -34,9 +35,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from covid3d.bench.common import (append_markdown, device_line, gib, peak_device_bytes, print_table,
-                                  random_params)
+from covid3d.bench.common import (append_markdown, compile_timed, device_line, gib,
+                                  peak_device_bytes, print_table, random_params)
 from covid3d.models import DWCONV_IMPLS, ConvNeXt, choose_impl, depthwise_conv, variant
+from covid3d.models.dwconv import lax_depthwise_conv
 from covid3d.timing import median_seconds
 
 
@@ -97,15 +99,7 @@ def bench_step(variant_name, size, batch, spatial_dims, impl, remat, dtype, reps
     logits = model.apply({"params": p}, x, deterministic=False, rngs={"dropout": jax.random.key(1)})
     return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(batch), labels])
 
-  step = jax.jit(jax.value_and_grad(loss))
-  t0 = time.perf_counter()
-  compiled = step.lower(params, x).compile()
-  compile_s = time.perf_counter() - t0
-  mem = compiled.memory_analysis()
-  plan = None
-  if mem is not None:
-    plan = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
-            - mem.alias_size_in_bytes)
+  compiled, compile_s, plan = compile_timed(jax.jit(jax.value_and_grad(loss)), params, x)
   row = {"impl": impl, "remat": remat, "compile_s": compile_s, "plan_GiB": gib(plan)}
   if compile_only:
     return row
@@ -263,17 +257,6 @@ def bench_torch(torch, variant_name, size, batch, spatial_dims, dtype, reps):
 
 # ------------------------------------------------------- depthwise check
 
-def _reference(x, kernel):
-  nd = x.ndim - 2
-  spatial = "DHW"[-nd:]
-  dims = lax.conv_dimension_numbers(x.shape, kernel.shape,
-                                    (f"N{spatial}C", f"{spatial}IO", f"N{spatial}C"))
-  pad = [((k - 1) // 2, k // 2) for k in kernel.shape[:nd]]
-  return lax.conv_general_dilated(x, kernel, (1,) * nd, pad, dimension_numbers=dims,
-                                  feature_group_count=x.shape[-1],
-                                  precision=lax.Precision.HIGHEST)
-
-
 def dwconv_check(shape, kernel_size, dtype, impls, reps, markdown=None):
   """Rows per backend: relative errors of y, dx, dkernel against lax, and times.
 
@@ -291,7 +274,8 @@ def dwconv_check(shape, kernel_size, dtype, impls, reps, markdown=None):
       return y, vjp(cot.astype(y.dtype))
     return jax.jit(run)
 
-  ref = value_and_vjp(_reference)(x.astype(jnp.float32), kernel.astype(jnp.float32))
+  ref = value_and_vjp(functools.partial(lax_depthwise_conv, precision=lax.Precision.HIGHEST))(
+      x.astype(jnp.float32), kernel.astype(jnp.float32))
   ref = [np.asarray(r, np.float32) for r in jax.tree.leaves(ref)]
   tol = 1e-4 if jnp.dtype(dtype) == jnp.float32 else 2e-2
   rows = []
@@ -300,9 +284,7 @@ def dwconv_check(shape, kernel_size, dtype, impls, reps, markdown=None):
            "k": kernel_size}
     try:
       both = value_and_vjp(lambda a, b, impl=impl: depthwise_conv(a, b, None, impl))
-      t0 = time.perf_counter()
-      compiled = both.lower(x, kernel).compile()
-      row["compile_s"] = time.perf_counter() - t0
+      compiled, row["compile_s"], _ = compile_timed(both, x, kernel)
       got = [np.asarray(g, np.float32) for g in jax.tree.leaves(compiled(x, kernel))]
       errs = [float(np.abs(g - r).max() / max(np.abs(r).max(), 1e-30)) for g, r in zip(got, ref)]
       row.update(err_y=errs[0], err_dx=errs[1], err_dw=errs[2],

@@ -28,8 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from covid3d.bench.common import (append_markdown, device_line, gib, peak_device_bytes, print_table,
-                                  random_params)
+from covid3d.bench.common import (append_markdown, compile_timed, device_line, gib,
+                                  peak_device_bytes, print_table, random_params)
 
 # Peak dense TFLOP/s per device, (float32, bfloat16), matched by substring of
 # device_kind (first match wins). GPU figures are the vendors' dense (no
@@ -107,14 +107,7 @@ def _measure(args, augment: bool) -> dict:
                                compute_dtype=jnp.dtype(args.dtype))
   state = train.replicate(train.create_state(params, tx, 0), mesh)
   sharded = train.shard_batch(host, mesh)
-  t0 = time.perf_counter()
-  compiled = step.lower(state, sharded).compile()
-  compile_s = time.perf_counter() - t0
-  mem = compiled.memory_analysis()
-  plan = None
-  if mem is not None:
-    plan = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
-            - mem.alias_size_in_bytes)
+  compiled, compile_s, plan = compile_timed(step, state, sharded)
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   # The cost of the SPMD program is per device: times the devices for the step.

@@ -13,36 +13,38 @@ cross-correlation with 'same' zero padding, exactly what
 * ``pallas``: Pallas kernels for the forward pass and both gradients
   (``covid3d.models.dwconv_pallas``): Triton on GPU; on CPU Pallas's
   interpreter, which is correct but a debugging path, not a fast one.
-* ``auto``: times the other backends once per (device kind, shape, dtype) on
-  the current device and uses the fastest (``pallas`` only on GPU/TPU, see
-  ``auto_candidates``). The decision is memoised in this process and written
-  to ``dwconv_auto.json`` under the cache root (``covid3d.cachedir``) so later
-  processes reuse the measurement. With several processes (a pod) process 0
-  decides, from its own table or measurement, and the others take its
-  answer through JAX's distributed key-value store: every host compiles the
-  same program whatever its own cache holds. ``decisions()`` lists the
-  choices this process made or received (a stage records them in its
-  ``config.json`` as ``dwconv_auto``).
+* ``auto``: the fastest of the others for this device, shape and dtype, measured
+  once and shared by every process (``covid3d.models.dwconv_tune``); ``pallas``
+  only on GPU/TPU (``auto_candidates``).
+
+``lax_depthwise_conv`` (the ``xla`` backend) is also the reference the tests and
+``python -m covid3d.bench model --dwconv-check`` compare the others with.
 """
 import itertools
-import json
-import os
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jax._src import distributed
-
-from covid3d import cachedir
+from covid3d.models import dwconv_tune
 from covid3d.models.dwconv_pallas import depthwise_conv_pallas
-from covid3d.timing import median_seconds
 
 IMPLS = ("xla", "fft", "shift", "pallas")
 
 
-def _xla(x, kernel):
+def lax_depthwise_conv(x, kernel, precision=None):
+  """XLA's grouped convolution with 'same' padding (left ``(k - 1) // 2``): the definition.
+
+  Args:
+    x: ``(B, *spatial, C)``, 2 or 3 spatial axes.
+    kernel: ``(*k, 1, C)``.
+    precision: ``lax.Precision`` of the convolution (None: the default; a
+      reference wants ``lax.Precision.HIGHEST`` on GPU/TPU).
+
+  Returns:
+    ``(B, *spatial, C)`` in ``x``'s dtype.
+  """
   nd = x.ndim - 2
   spatial = "DHW"[-nd:]
   dims = lax.conv_dimension_numbers(
@@ -50,7 +52,7 @@ def _xla(x, kernel):
   pad = [((k - 1) // 2, k // 2) for k in kernel.shape[:nd]]
   return lax.conv_general_dilated(
       x, kernel, window_strides=(1,) * nd, padding=pad,
-      dimension_numbers=dims, feature_group_count=x.shape[-1])
+      dimension_numbers=dims, feature_group_count=x.shape[-1], precision=precision)
 
 
 def _fft(x, kernel):
@@ -97,7 +99,7 @@ def _pallas(x, kernel):
   return depthwise_conv_pallas(x, kernel)
 
 
-_BACKENDS = {"xla": _xla, "fft": _fft, "shift": _shift, "pallas": _pallas}
+_BACKENDS = {"xla": lax_depthwise_conv, "fft": _fft, "shift": _shift, "pallas": _pallas}
 
 
 def auto_candidates(platform=None):
@@ -106,10 +108,9 @@ def auto_candidates(platform=None):
   ``pallas`` only on GPU/TPU. On CPU Pallas runs in its interpreter, a
   debugging path (a while loop over the grid whose body is the kernel as
   ordinary XLA ops, with a copy of every block): it compiles slowly, it lost
-  to ``fft`` in this project's CPU measurements (ConvNeXt-nano forward+backward
-  at 64^3: 148 ms against 73 ms with ``fft``), and its speed there says
-  nothing about the compiled kernel; timing it would only lengthen the first
-  use of every shape.
+  to ``fft`` in this project's CPU measurements of ConvNeXt-nano, and its
+  speed there says nothing about the compiled kernel; timing it would only
+  lengthen the first use of every shape.
   """
   platform = platform or jax.default_backend()
   return tuple(i for i in IMPLS if i != "pallas" or platform != "cpu")
@@ -141,96 +142,13 @@ def depthwise_conv(x, kernel, bias=None, impl="xla"):
   return y
 
 
-def _cache_key(x_shape, k_shape, dtype):
-  # The candidate list is part of the key: a choice made before a backend
-  # existed (or was eligible) is measured again, not reused.
-  dev = jax.devices()[0]
-  return (f"{dev.platform}|{dev.device_kind}|{tuple(x_shape)}|{tuple(k_shape)}|"
-          f"{jnp.dtype(dtype).name}|{','.join(auto_candidates(dev.platform))}")
-
-
-def time_impl(impl, x_shape, k_shape, dtype=jnp.float32, reps=3, grad=True):
-  """Median seconds of one jitted call (forward, or forward+backward)."""
-  kx, kk = jax.random.split(jax.random.key(0))
-  x = jax.random.normal(kx, x_shape, dtype)
-  kern = jax.random.normal(kk, k_shape, dtype)
-  fn = _BACKENDS[impl]
-  if grad:
-    fn = jax.grad(lambda a, b: jnp.sum(_BACKENDS[impl](a, b).astype(jnp.float32) ** 2), (0, 1))
-  return median_seconds(jax.jit(fn), x, kern, reps=reps)
-
-
-# Seconds the other processes wait for process 0's choice (it may be timing
-# four backends, each compiled for the first time).
-SHARED_TIMEOUT_S = 1800
-
-
-_DECIDED = {}   # cache key -> backend: the choices of this process (a memo)
-
-
-def _choose_cached(key, x_shape, k_shape, dtype_name):
-  if key not in _DECIDED:
-    _DECIDED[key] = _choose_shared(key, x_shape, k_shape, dtype_name)
-  return _DECIDED[key]
-
-
-def _choose_shared(key, x_shape, k_shape, dtype_name):
-  """Process 0's choice on every process (see the module docstring)."""
-  if jax.process_count() == 1:
-    return _choose_here(key, x_shape, k_shape, dtype_name)
-  client, name = distributed.global_state.client, f"covid3d/dwconv_auto/{key}"
-  if jax.process_index() == 0:
-    best = _choose_here(key, x_shape, k_shape, dtype_name)
-    client.key_value_set(name, best, allow_overwrite=True)
-    return best
-  return client.blocking_key_value_get(name, SHARED_TIMEOUT_S * 1000)
-
-
-def decisions() -> dict:
-  """``{cache key: backend}`` of every ``auto`` choice made in this process so far."""
-  return dict(_DECIDED)
-
-
-def _choose_here(key, x_shape, k_shape, dtype_name):
-  """This process's choice: from the table under the cache root, else measured."""
-  path = cachedir.path("dwconv_auto.json")
-  table = {}
-  if os.path.exists(path):
-    try:
-      with open(path) as f:
-        table = json.load(f)
-    except (OSError, ValueError):
-      table = {}
-  if key in table:
-    return table[key]["best"]
-  times, errors = {}, {}
-  with jax.ensure_compile_time_eval():
-    for impl in auto_candidates(jax.devices()[0].platform):
-      try:
-        times[impl] = time_impl(impl, x_shape, k_shape, jnp.dtype(dtype_name))
-      except Exception as e:  # pylint: disable=broad-except
-        if impl != "pallas":
-          raise
-        # A Pallas kernel this device's compiler rejects (e.g. Mosaic TPU's
-        # layout limits) is not a candidate; the others still are.
-        errors[impl] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-  best = min(times, key=times.get)
-  table[key] = {"best": best, "seconds": times}
-  if errors:
-    table[key]["errors"] = errors
-  try:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-      json.dump(table, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
-  except OSError:
-    pass  # A read-only home still gets the in-process decision.
-  return best
-
-
 def choose_impl(x_shape: Sequence[int], k_shape: Sequence[int], dtype=jnp.float32) -> str:
-  """The fastest backend for this shape on the current device, by measurement."""
-  x_shape, k_shape = tuple(int(s) for s in x_shape), tuple(int(s) for s in k_shape)
-  dtype_name = jnp.dtype(dtype).name
-  return _choose_cached(_cache_key(x_shape, k_shape, dtype_name), x_shape, k_shape, dtype_name)
+  """The fastest backend for this shape on the current device, by measurement
+  (``covid3d.models.dwconv_tune``); the same on every process."""
+  candidates = auto_candidates(jax.devices()[0].platform)
+  return dwconv_tune.choose({i: _BACKENDS[i] for i in candidates}, x_shape, k_shape, dtype)
+
+
+def recorded_choices() -> dict:
+  """``{cache key: backend}``: what ``auto`` reuses on this device now (this process's table)."""
+  return dwconv_tune.recorded(auto_candidates(jax.devices()[0].platform))

@@ -23,8 +23,7 @@ from covid3d import losses, storage
 from covid3d.data import folds as folds_lib
 from covid3d.data import pipeline
 from covid3d.data.skips import SkipLog
-from covid3d.models import build
-from covid3d.stages import fit, handoff, inputs, predict
+from covid3d.stages import build, fit, handoff, inputs, predict
 from covid3d.train import tasks
 
 

@@ -4,8 +4,7 @@ import functools
 import numpy as np
 
 from covid3d import augment
-from covid3d.models import build
-from covid3d.stages import handoff, inputs
+from covid3d.stages import build, handoff, inputs
 from covid3d.train import loop
 
 

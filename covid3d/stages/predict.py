@@ -22,8 +22,7 @@ from etils import epath
 from covid3d import config as base_config
 from covid3d import metrics, storage
 from covid3d.data.skips import SkipLog
-from covid3d.models import build
-from covid3d.stages import handoff, inputs
+from covid3d.stages import build, handoff, inputs
 
 
 def fold_dirs(finetune_dir, folds):

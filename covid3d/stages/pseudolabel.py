@@ -30,9 +30,8 @@ from tqdm import tqdm
 from covid3d import storage
 from covid3d.data import preprocess, readers
 from covid3d.data.skips import SkipLog
-from covid3d.models import build
 from covid3d.models.ops import resize_linear
-from covid3d.stages import handoff, inputs
+from covid3d.stages import build, handoff, inputs
 
 DATASETS = (("cov19ctdb", ("train", "validation", "test")), ("stoic", ("train",)))
 

@@ -61,15 +61,19 @@ def run(config: ml_collections.ConfigDict, workdir: str):
 
 
 def record_dwconv_choices(saved: epath.Path):
-  """Adds the backends ``dwconv_impl='auto'`` chose to ``config.json`` as ``dwconv_auto``.
+  """Adds what ``dwconv_impl='auto'`` chooses to ``config.json`` as ``dwconv_auto``.
 
   ``{'<platform>|<device kind>|<input shape>|<kernel shape>|<dtype>|<candidates>':
-  backend}``: the same on every process (``covid3d.models.dwconv``); written by
-  process 0, merged with what an earlier part of the run recorded.
+  backend}``: process 0's table for its device (``covid3d.models.dwconv_tune``),
+  whose choices every process used; it holds every shape the stage ran (and
+  those of other runs that share the cache root). Written by process 0, merged
+  with what an earlier part of the run recorded.
   """
-  chosen = dwconv.decisions()
-  if chosen and jax.process_index() == 0:
-    stored = storage.read_json(saved)
+  chosen = dwconv.recorded_choices() if jax.process_index() == 0 else {}
+  if not chosen:
+    return
+  stored = storage.read_json(saved)
+  if stored.get("model", {}).get("dwconv_impl") == "auto":
     stored["dwconv_auto"] = {**stored.get("dwconv_auto", {}), **chosen}
     storage.write_json(saved, stored, indent=2)
 

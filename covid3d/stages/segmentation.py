@@ -6,8 +6,7 @@ best checkpoint is chosen by the EMA model's validation Dice.
 import numpy as np
 
 from covid3d.data.skips import SkipLog
-from covid3d.models import build
-from covid3d.stages import fit, handoff, inputs
+from covid3d.stages import build, fit, handoff, inputs
 from covid3d.train import tasks
 
 

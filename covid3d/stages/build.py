@@ -3,6 +3,9 @@
 Reads ``config.model`` (variant, drop path, layer scale, head, depthwise
 backend, rematerialisation, segmentation head) and ``config.train.compute_dtype``.
 3-D stages get a ``MultitaskModel``; the 2-D pretraining gets a ``ConvNeXt``.
+It lives with the stages, not in ``covid3d.models``, because it reads the
+training config and wraps models for ``covid3d.train``: the models depend on
+neither.
 """
 from collections.abc import Mapping
 
@@ -15,6 +18,7 @@ from covid3d.models.multitask import MultitaskModel
 from covid3d.models.variants import variant
 from covid3d.train import steps
 from covid3d.train.config import compute_dtype
+
 
 def backbone_kwargs(config: ml_collections.ConfigDict, spatial_dims: int = 3) -> dict:
   """``ConvNeXt`` fields (one input channel, features only) from ``config.model``."""
