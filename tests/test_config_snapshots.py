@@ -2,58 +2,54 @@
 
 Every config file, with and without ``demo``, and each preset alone and with
 ``demo``. A change to a config shows up in review as a change of these JSON
-files; regenerate them with ``python tests/test_config_snapshots.py``.
+files; regenerate them with ``python tests/test_config_snapshots.py`` and
+review the diff.
 """
-import importlib.util
-import json
 import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from covid3d import config
+from covid3d.stages import chain
+
 SNAPSHOTS = Path(__file__).resolve().parent / "config_snapshots"
 
 
-def _module(stage):
-  spec = importlib.util.spec_from_file_location(f"snapshot_{stage}", ROOT / "configs" / f"{stage}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-def specs():
-  """``(stage, argument)`` of every snapshot."""
+def specs() -> list[str]:
+  """``STAGE[:ARG]`` of each snapshot: every config file and preset, with and without demo."""
   out = []
-  for path in sorted((ROOT / "configs").glob("*.py")):
-    presets = sorted(getattr(_module(path.stem), "PRESETS", {}))
-    for arg in ["", *presets]:
-      out += [(path.stem, arg), (path.stem, f"{arg},demo" if arg else "demo")]
+  for path in sorted(config.configs_dir().glob("*.py")):
+    presets = chain.target(path.stem).presets if path.stem in chain.TARGETS else ()
+    for preset in ["", *sorted(p.name for p in presets)]:
+      out += [f"{path.stem}:{preset}", f"{path.stem}:{preset + ',' if preset else ''}demo"]
   return out
 
 
-def snapshot_path(stage, arg):
-  return SNAPSHOTS / ".".join([stage, *arg.split(",")]).replace("..", ".").rstrip(".")
-
-
-def resolved_json(stage, arg):
-  config = _module(stage).get_config(arg or None)
-  return json.dumps(json.loads(config.to_json_best_effort()), indent=1, sort_keys=True) + "\n"
+def snapshot(spec: str) -> Path:
+  """``severity:authors3,demo`` -> config_snapshots/severity.authors3.demo.json."""
+  return SNAPSHOTS / (".".join(w for w in spec.replace(":", ",").split(",") if w) + ".json")
 
 
 def write_snapshots():
   for old in SNAPSHOTS.glob("*.json"):
     old.unlink()
-  for stage, arg in specs():
-    Path(f"{snapshot_path(stage, arg)}.json").write_text(resolved_json(stage, arg))
+  for spec in specs():
+    snapshot(spec).write_text(config.to_json(config.load(spec)))
 
 
-@pytest.mark.parametrize("stage,arg", specs())
-def test_resolved_config_matches_its_snapshot(stage, arg):
-  path = Path(f"{snapshot_path(stage, arg)}.json")
-  assert path.exists() and resolved_json(stage, arg) == path.read_text(), (
-      f"configs/{stage}.py:{arg} differs from {path.name}: if the change is meant, regenerate "
-      "the snapshots with `python tests/test_config_snapshots.py` and review their diff")
+@pytest.mark.parametrize("spec", specs())
+def test_resolved_config_matches_its_snapshot(spec):
+  path = snapshot(spec)
+  assert path.exists() and config.to_json(config.load(spec)) == path.read_text(), (
+      f"{spec} differs from tests/config_snapshots/{path.name}: if the change is meant, "
+      "regenerate the snapshots with `python tests/test_config_snapshots.py` and review the diff")
+
+
+def test_every_snapshot_is_of_a_config():
+  assert sorted(SNAPSHOTS.glob("*.json")) == sorted(map(snapshot, specs())), (
+      "tests/config_snapshots/ holds other configs than these: regenerate the snapshots with "
+      "`python tests/test_config_snapshots.py`")
 
 
 if __name__ == "__main__":
