@@ -11,8 +11,12 @@ masks (``--config.pseudo_labels``):
 
 Given a 2-D checkpoint (``init2d``), the checkpoint stands in for R/pretrain2d
 and pretraining does not run. ``STAGES`` is this chain as data, one entry per
-stage (plus ``predict``, which is run by hand, not chained); ``steps()`` turns
-it into the commands of one run, which launch/common.sh runs, and
+stage (plus ``predict``, which is run by hand, not chained), and the one registry
+of the stages: each names the module that runs it (``covid3d.stages.registry``
+dispatches on it), its hand-offs and whether its model has a segmentation head;
+``FINETUNE_TARGETS`` holds what each fine-tuning target predicts and its presets
+(the authors' runs and the paper's rows, with the paper's figures). ``steps()``
+turns the chain into the commands of one run, which launch/common.sh runs, and
 ``markdown_table()`` into the README's pipeline table.
 
 The CLI uses the standard library only, so that the launchers start it fast;
