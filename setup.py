@@ -8,7 +8,10 @@ setuptools.setup(
                  "Prediction with 3D-ConvNeXt and Custom Pretrainings'"),
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    packages=setuptools.find_packages(include=["covid3d", "covid3d.*"]),
+    # configs/ stays at the top of the checkout; an install also puts it in the
+    # package (covid3d/configs/), where covid3d.config.load finds it.
+    packages=setuptools.find_packages(include=["covid3d", "covid3d.*"]) + ["covid3d.configs"],
+    package_dir={"covid3d.configs": "configs"},
     python_requires=">=3.11",
     install_requires=[
         # jax 0.10.2 is the newest release for Python 3.11; newer Pythons get newer jax.

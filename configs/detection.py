@@ -3,24 +3,16 @@
   python -m covid3d.main --config=configs/detection.py --workdir=R/detection_multitask \
       --config.init_from=R/multitask --config.data.cov19ctdb_dir=/data/cov19ctdb
 
-Presets (``configs/detection.py:NAME``; docs/method.md, "Presets"), each starting
-from the stage workdir beside its own (R/<stage> for the workdir R/x):
+Presets (``configs/detection.py:NAME``; data in covid3d/stages/chain.py, tabled in
+docs/method.md), each starting from the stage workdir beside its own (R/<stage>
+for the workdir R/x):
   authors1..authors5  the authors' five challenge submissions; 2-5 start from
                       pretrainings run with --config.inflation.mode=2g, 4 and 5
                       train without cross-validation (data.folds=1).
 """
 from covid3d import config as base
 
-preset = base.finetune_preset
-PRESETS = {
-    "authors1": preset("pretrain2d", "full"),
-    "authors2": preset("multitask", "2g"),
-    "authors3": preset("segmia", "2g"),
-    "authors4": preset("segmia", "2g", rot90=0.25, folds=1),
-    "authors5": preset("segmentation", "2g", folds=1),
-}
-
 
 def get_config(arg=None):
   # 70 epochs over the 1992 training scans of the 2nd challenge (docs/method.md).
-  return base.finetune_config("detection", arg, epochs=70, presets=PRESETS)
+  return base.finetune_config("detection", arg, epochs=70)

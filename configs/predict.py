@@ -10,7 +10,5 @@ from covid3d import config as base
 
 def get_config(arg=None):
   c = base.get_config("predict")
-  c.predict = base.ml_collections.ConfigDict()
-  c.predict.folds = ""                # comma-separated fold models; '' all, '4' fold 5 alone
-  c.predict.partitions = "validation,test"
+  c.predict = base.predict_config()
   return base.finalize(c, arg)

@@ -13,8 +13,10 @@ def get_config(arg=None):
   c.pretrain2d.max_examples = 0       # use only the first N training images (0: all)
   c.pretrain2d.max_eval_examples = 0  # evaluate on the first N validation images (0: all)
   c.pretrain2d.tfds_data_dir = ""     # TFDS data dir of imagenet2012 ('': TFDS's default)
-  # The official ConvNeXt ImageNet-1k recipe's data side (timm names; docs/method.md).
-  c.pretrain2d.random_crop = True     # random resized crop (False: resize + centre crop)
+  c.pretrain2d.random_crop = True     # random resized crop (False: resize + centre crop); this
+                                      # and the fields below to label_smoothing: the data side
+                                      # of the official ConvNeXt ImageNet-1k recipe (timm
+                                      # names; docs/method.md)
   c.pretrain2d.crop_scale = (0.08, 1.0)    # random resized crop: area fraction range
   c.pretrain2d.crop_ratio = (3 / 4, 4 / 3)  # random resized crop: aspect-ratio range
   c.pretrain2d.hflip = 0.5            # horizontal flip probability
@@ -27,13 +29,13 @@ def get_config(arg=None):
   c.pretrain2d.mixup_mode = "batch"   # 'batch' or 'pair'
   c.pretrain2d.label_smoothing = 0.1  # label smoothing of the training loss
   c.pretrain2d.eval_crop_pct = 0.875  # eval: shorter side to size / crop_pct, centre crop
-  # Host batches: float32 in [0, 1], or uint8 (a quarter of the bytes; /255 on device).
-  c.pretrain2d.image_dtype = "float32"
+  c.pretrain2d.image_dtype = "float32"  # host batches: float32 in [0, 1], or uint8 (a quarter
+                                      # of the bytes; /255 on device)
   c.pretrain2d.prefetch = 4           # batches prefetched per host
   c.pretrain2d.loader_workers = 0     # grain worker processes (0: threads only)
   c.augment.crop.p = 0.0              # 2-D training uses no volume augmentation
-  # The official ConvNeXt recipe the authors followed (docs/method.md), at batch 4096.
-  c.train.learning_rate = 4e-3
+  c.train.learning_rate = 4e-3        # the train fields below: the official ConvNeXt recipe
+                                      # the authors followed (docs/method.md), at batch 4096
   c.train.weight_decay = 0.05
   c.train.schedule = "cosine"
   c.train.warmup_steps = 20 * 312
@@ -41,10 +43,13 @@ def get_config(arg=None):
   c.train.batch_size = 4096
   c.train.eval_batch_size = 1024
   c.train.ema_decay = 0.9999
-  c = base.finalize(c, arg)
-  if arg == "demo":
-    c.train.batch_size = 16
-    c.train.eval_batch_size = 32
-    c.train.warmup_steps = 5
-    c.train.learning_rate = 2e-3
+  return base.finalize(c, arg, demo)
+
+
+def demo(c):
+  """The 2-D demo's batches and schedule, after the shared demo settings."""
+  c.train.batch_size = 16
+  c.train.eval_batch_size = 32
+  c.train.warmup_steps = 5
+  c.train.learning_rate = 2e-3
   return c

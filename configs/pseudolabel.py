@@ -11,10 +11,11 @@ def get_config(arg=None):
   c.pseudolabel = base.ml_collections.ConfigDict()
   c.pseudolabel.mode = "upsample"     # upsample (authors) or sliding (windows on the large cache)
   c.pseudolabel.overlap = 0.5         # sliding-window overlap, fraction of the window
-  # How `upsample` mode brings the prediction to the large cache: 'probabilities'
-  # (trilinear, corners aligned) or 'logits' (the authors' F.interpolate of the
-  # logits, half-pixel centres, i.e. align_corners=False); thresholded at 0.5.
-  c.pseudolabel.upsample = "probabilities"
+  c.pseudolabel.upsample = "probabilities"  # how `upsample` mode brings the prediction to the
+                                      # large cache: 'probabilities' (trilinear, corners
+                                      # aligned) or 'logits' (the authors' F.interpolate of the
+                                      # logits, half-pixel centres, i.e. align_corners=False);
+                                      # thresholded at 0.5
   c.pseudolabel.write_nifti = True    # masks in each scan's original geometry
-  c.pseudolabel.datasets = ("cov19ctdb", "stoic")
+  c.pseudolabel.datasets = ("cov19ctdb", "stoic")  # the datasets labelled
   return base.finalize(c, arg)

@@ -9,13 +9,14 @@ from covid3d import config as base
 def get_config(arg=None):
   c = base.pretraining_config("segmia", arg, num_steps=20000, eval_every=1000)
   c.segmia = base.ml_collections.ConfigDict()
-  # COV19-CT-DB partitions whose pseudo-labelled scans segmia trains on. All three
-  # (the authors' use of every unlabelled scan) is transductive: the validation
-  # and test scans the results are reported on are seen, without their labels.
-  # ("train",) keeps them out.
-  c.segmia.partitions = ("train", "validation", "test")
-  # What the student is validated on (picks the checkpoint handed on): 'lesions',
-  # the real masks of the segmentation stage's validation scans (the authors'),
-  # or 'pseudo_labels', a held-out share of its own training data.
-  c.segmia.validate_on = "lesions"
+  c.segmia.partitions = ("train", "validation", "test")  # COV19-CT-DB partitions whose
+                                      # pseudo-labelled scans segmia trains on; all three (the
+                                      # authors' use of every unlabelled scan) is transductive:
+                                      # the validation and test scans the results are reported
+                                      # on are seen, without their labels; ("train",) keeps
+                                      # them out
+  c.segmia.validate_on = "lesions"    # what the student is validated on (picks the checkpoint
+                                      # handed on): 'lesions', the real masks of the
+                                      # segmentation stage's validation scans (the authors'),
+                                      # or 'pseudo_labels', a held-out share of its training data
   return c

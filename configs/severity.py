@@ -5,8 +5,9 @@
 Ablations: --config.init_from=random | R/pretrain2d (with --config.inflation.mode=full|1g|2g),
 --config.loss.balanced=False, --config.augment.rot90.p=0.
 
-Presets (``configs/severity.py:NAME``; docs/method.md, "Presets"), each starting
-from the stage workdir beside its own (R/<stage> for the workdir R/x):
+Presets (``configs/severity.py:NAME``; data in covid3d/stages/chain.py, tabled in
+docs/method.md), each starting from the stage workdir beside its own (R/<stage>
+for the workdir R/x):
   authors1..authors5  the authors' five challenge submissions (predict with fold 5)
   table1_ce           the paper's Table 1 plain-CE row (ImageNet, full inflation)
   table2_1g, table2_2g  Table 2: ImageNet with 1G / 2G inflation
@@ -16,20 +17,7 @@ an empty ``--config.predict.folds=``).
 """
 from covid3d import config as base
 
-preset = base.finetune_preset
-PRESETS = {
-    "authors1": preset("pretrain2d", "full"),
-    "authors2": preset("segmentation", "full"),
-    "authors3": preset("segmia", "full"),
-    "authors4": preset("multitask", "full"),
-    "authors5": preset("segmentation", "full", rot90=0.25),
-    "table1_ce": preset("pretrain2d", "full", balanced=False, submission=False),
-    "table2_1g": preset("pretrain2d", "1g", submission=False),
-    "table2_2g": preset("pretrain2d", "2g", submission=False),
-    "table3_random": preset("random", "full", submission=False),
-}
-
 
 def get_config(arg=None):
   # 100 epochs over the 258 labelled training scans (docs/method.md).
-  return base.finetune_config("severity", arg, epochs=100, presets=PRESETS)
+  return base.finetune_config("severity", arg, epochs=100)

@@ -8,16 +8,14 @@ become what covid3d's fine-tuning stage leaves: ``OUT_DIR/config.json`` (the
 ``severity`` or ``detection`` stage config, its model fields set to their
 model), and per fold ``OUT_DIR/fold<k>/checkpoints`` (an Orbax checkpoint of
 ``{'step', 'params', 'ema_params'}``, both the fold's EMA weights, readable by
-``covid3d.stages.handoff.best_params``) and ``OUT_DIR/fold<k>/DONE``.
+``covid3d.stages.initial_params.best_params``) and ``OUT_DIR/fold<k>/DONE``.
 ``OUT_DIR/authors.json`` keeps their training config and data transforms. A
 single training checkpoint (``{'model', 'model_ema', ...}``) becomes one fold.
 Then ``configs/predict.py`` with ``--config.init_from=OUT_DIR`` predicts with
 their ensemble (docs/weights.md, "The authors' checkpoints").
 """
 import argparse
-import importlib.util
 import logging
-from pathlib import Path
 
 import ml_collections
 import numpy as np
@@ -26,23 +24,15 @@ from etils import epath
 from covid3d import config as base_config
 from covid3d import storage, weights
 from covid3d.models.variants import VARIANTS
-from covid3d.stages import handoff
+from covid3d.stages import chain, handoff
 from covid3d.train import checkpoint
 
-CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
 RECORD = "authors.json"
 
 
 def target_config(target: str) -> ml_collections.ConfigDict:
-  """The config of stage ``target``: ``configs/<target>.py``, else the shared fine-tuning one."""
-  path = CONFIGS_DIR / f"{target}.py"
-  if path.exists():
-    spec = importlib.util.spec_from_file_location(f"_covid3d_configs_{target}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
-  # Installed without the configs folder: the training schedule is not used by prediction.
-  return base_config.finetune_config(target, None, epochs=1)
+  """The config of stage ``target``: ``configs/<target>.py``."""
+  return base_config.load(target)
 
 
 def infer_target(obj, num_classes: int | None) -> str:
@@ -50,7 +40,7 @@ def infer_target(obj, num_classes: int | None) -> str:
   target = weights.authors_target(obj.get("config"))
   if target:
     return target
-  by_count = {len(t.class_names): name for name, t in handoff.TARGETS.items()}
+  by_count = {len(t.class_names): t.name for t in chain.FINETUNE_TARGETS}
   if num_classes in by_count:
     return by_count[num_classes]
   raise ValueError(f"cannot tell the target of a {num_classes}-class model: pass --target")
@@ -95,7 +85,8 @@ def convert_submission(source, out_dir, *, target: str | None = None,
            for s in states]
   num_classes = weights.multitask_config(trees[0])["heads"].get("classifier")
   target = target or infer_target(obj, num_classes)
-  label, names = handoff.target(target)
+  predicted = handoff.target(target)
+  label, names = predicted.label, predicted.class_names
   trees = [{("head_" + label if k == "head_classifier" else k): v for k, v in t.items()}
            for t in trees]
   cfg = weights.multitask_config(trees[0])
@@ -152,7 +143,7 @@ def main(argv=None) -> int:
                                         "(fold<k>/checkpoints, config.json) for configs/predict.py")
   conv.add_argument("submission", help="their submission file, e.g. checkpoints/sev1.pt")
   conv.add_argument("out_dir", help="the new workdir")
-  conv.add_argument("--target", choices=sorted(handoff.TARGETS),
+  conv.add_argument("--target", choices=sorted(chain.TARGETS),
                     help="default: from the file's config (loss name) or class count")
   conv.add_argument("--trusted", action="store_true",
                     help="read it with torch.load(weights_only=False): only files you trust")

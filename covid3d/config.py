@@ -1,52 +1,102 @@
-"""The fields every stage config shares; each ``configs/<stage>.py`` edits a copy.
+"""Stage configs: the fields every stage shares, and ``load``, the one loader of ``configs/``.
 
-Every field is documented here; override any on the command line, e.g.
-``--config.train.learning_rate=1e-4 --config.model.variant=small``.
-The ``:demo`` argument of a stage file (``configs/severity.py:demo``) calls
-``demo()`` below: the nano model, 32^3 volumes, phantom data, few steps. A
-fine-tuning file also takes presets (``configs/severity.py:authors3``, the
-authors' submissions and the paper's ablation rows; ``finetune_preset``),
-combinable with ``demo``: ``configs/severity.py:authors3,demo``.
+Each ``configs/<stage>.py`` edits a copy of ``get_config``'s fields, each field
+documented by the comment beside its value; override any on the command line,
+e.g. ``--config.train.learning_rate=1e-4 --config.model.variant=small``. A
+config file's argument, after the colon, is comma-separated words: ``demo``
+(``demo()`` below, then the stage's own demo settings: the nano model, 32^3
+volumes, phantom data, few steps) and, for a fine-tuning stage, presets (the
+authors' submissions and the paper's ablation rows, ``chain.FINETUNE_TARGETS``):
+``configs/severity.py:authors3,demo``.
+
+  python -m covid3d.config severity:authors3,demo [--json]
+
+prints the config ``covid3d.main --config=configs/severity.py:authors3,demo``
+runs, before the stage resolves it (``stage:NAME`` sources, epochs to steps).
 """
+import argparse
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 from covid3d import augment
+from covid3d.stages import chain
 from covid3d.train import config as train_config
+
+DEMO = "demo"
+
+
+class ConfigError(ValueError):
+  """A config argument that names no config file, or a word the file does not take."""
+
+
+def configs_dir() -> Path:
+  """The stage configs: the package's copy (a plain install) or ``configs/`` of the checkout."""
+  here = Path(__file__).resolve().parent
+  return next((d for d in (here / "configs", here.parent / "configs") if d.is_dir()),
+              here.parent / "configs")
+
+
+def load(spec: str) -> ml_collections.ConfigDict:
+  """The config ``spec`` names: ``STAGE[:ARG]`` (``configs/STAGE.py``) or ``PATH.py[:ARG]``.
+
+  ``ARG`` goes to the file's ``get_config`` (``demo``, presets); e.g.
+  ``load("severity:authors3,demo")`` or ``load("configs/segmia.py")``.
+
+  Raises:
+    ConfigError: no such file, or an argument the file does not take.
+  """
+  name, colon, arg = spec.partition(":")
+  path = Path(name) if name.endswith(".py") else configs_dir() / f"{name}.py"
+  if not path.is_file():
+    raise ConfigError(f"{path}: no such file")
+  module_spec = importlib.util.spec_from_file_location(f"covid3d_configs_{path.stem}", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg if colon else None)
+
+
+def to_json(c: ml_collections.ConfigDict) -> str:
+  """``c`` as JSON, keys sorted, one field a line: what ``--json`` prints."""
+  return json.dumps(json.loads(c.to_json_best_effort()), indent=1, sort_keys=True) + "\n"
 
 
 def get_config(stage: str) -> ml_collections.ConfigDict:
+  """The shared fields of a stage config, with the full-size defaults."""
   c = ml_collections.ConfigDict()
-  # Which stage runs (covid3d.stages.registry): pretrain2d, segmentation,
-  # pseudolabel, segmia, multitask, severity, detection, predict.
-  c.stage = stage
-  # Seeds the model initialisation and the phantom; train.seed seeds training.
-  c.seed = 0
-  # Where the initial weights come from: 'random'; an earlier stage's workdir
-  # (its best EMA checkpoint; a 2-D one is inflated); 'stage:NAME', the workdir
-  # NAME beside this one (R/NAME for the workdir R/x, the launchers' layout);
-  # or a checkpoint file (.pth, .pt, .tar, .bin, .ckpt, .safetensors, .npz) of a 2-D
-  # ConvNeXt (inflated) or of the authors' 3-D models.
-  c.init_from = "random"
-  # Slice axis of the volumes an init_from checkpoint FILE was trained on:
-  # 'first' (covid3d, the authors' COV19-CT-DB models) or 'last' (the authors'
-  # lesion and STOIC pretrainings); 'last' transposes its 3-D kernels.
-  c.init_from_slice_axis = "first"
-  # The cache root (covid3d.cachedir): XLA compilation cache, depthwise-backend
-  # choices, preprocessed records. '' = $COVID3D_CACHE_DIR, else ~/.cache/covid3d.
-  c.cache_dir = ""
-  # Workdir of the pseudolabel stage whose masks segmia/multitask train on.
-  c.pseudo_labels = ""
+  c.stage = stage                     # the config's stage (configs/<stage>.py; chain.STAGES)
+  c.seed = 0                          # model initialisation and phantom; train.seed: training
+  c.init_from = "random"              # initial weights: 'random'; an earlier stage's workdir
+                                      # (its best EMA checkpoint; a 2-D one is inflated);
+                                      # 'stage:NAME', the workdir NAME beside this one (R/NAME
+                                      # for the workdir R/x, the launchers' layout); or a
+                                      # checkpoint file (.pth, .pt, .tar, .bin, .ckpt,
+                                      # .safetensors, .npz) of a 2-D ConvNeXt (inflated) or of
+                                      # the authors' 3-D models
+  c.init_from_slice_axis = "first"    # slice axis of the volumes an init_from FILE was trained
+                                      # on: 'first' (covid3d, the authors' COV19-CT-DB models)
+                                      # or 'last' (the authors' lesion and STOIC pretrainings;
+                                      # its 3-D kernels are transposed)
+  c.cache_dir = ""                    # cache root (covid3d.cachedir): XLA compilation cache,
+                                      # depthwise-backend choices, preprocessed records;
+                                      # '' = $COVID3D_CACHE_DIR, else ~/.cache/covid3d
+  c.pseudo_labels = ""                # workdir of the pseudolabel stage whose masks segmia and
+                                      # multitask train on
 
   c.model = ml_collections.ConfigDict()
   c.model.variant = "tiny"            # nano, tiny, small, base, large (covid3d.models.VARIANTS)
   c.model.drop_path_rate = 0.1        # the authors' effective value (docs/method.md)
   c.model.layer_scale_init = 1e-6
-  # The authors' extra Linear+ReLU before each classifier; 0: the official head.
-  c.model.head_hidden = 768
-  # A classification head the init_from source lacks: 'carry' takes the source
-  # head's LayerNorm and pre_head (the authors' fine-tuning), re-initialising the
-  # classifier; 'fresh' re-initialises the whole head.
-  c.model.head_init = "carry"
+  c.model.head_hidden = 768           # the authors' extra Linear+ReLU before each classifier;
+                                      # 0: the official head
+  c.model.head_init = "carry"         # a classification head the init_from source lacks:
+                                      # 'carry' takes the source head's LayerNorm and pre_head
+                                      # (the authors' fine-tuning), re-initialising the
+                                      # classifier; 'fresh' re-initialises the whole head
   c.model.dwconv_impl = "auto"        # xla, fft, shift, pallas or auto (measured per device, shape)
   c.model.remat = "none"              # none, block, stage: recompute activations to save memory
   c.model.seg_head = ml_collections.ConfigDict()
@@ -54,18 +104,17 @@ def get_config(stage: str) -> ml_collections.ConfigDict:
   c.model.seg_head.channels = 16
   c.model.seg_head.fuse_kernel = 7
   c.model.seg_head.align_corners = True
-  # Initial lesion probability (focal-loss bias init); None: bias 0 (authors).
-  c.model.seg_head.prior = ml_collections.config_dict.placeholder(float)
+  c.model.seg_head.prior = placeholder(float)  # initial lesion probability (focal-loss bias
+                                      # init); None: bias 0 (authors)
 
-  # How a 2-D checkpoint becomes 3-D (covid3d.inflation).
-  c.inflation = ml_collections.ConfigDict()
+  c.inflation = ml_collections.ConfigDict()  # how a 2-D checkpoint becomes 3-D (covid3d.inflation)
   c.inflation.mode = "full"           # full, 1g, 2g
-  # sum (authors' code), sum_per_slice (their in-loop 1G rescale) or l2 (paper's text)
-  c.inflation.norm = "sum"
-  # Gaussian of 1g/2g: authors (mean size//2, none below 3 taps: their code) or
-  # centred (mean (size-1)/2 for every size). They differ only on the even stem
-  # and downsampling kernels.
-  c.inflation.gaussian = "authors"
+  c.inflation.norm = "sum"            # sum (authors' code), sum_per_slice (their in-loop 1G
+                                      # rescale) or l2 (paper's text)
+  c.inflation.gaussian = "authors"    # Gaussian of 1g/2g: authors (mean size//2, none below 3
+                                      # taps: their code) or centred (mean (size-1)/2 for every
+                                      # size); they differ only on the even stem and
+                                      # downsampling kernels
   c.inflation.new_axis = 0            # 0: 2-D filters in the axial plane; 2: the authors' code
 
   c.data = ml_collections.ConfigDict()
@@ -82,9 +131,10 @@ def get_config(stage: str) -> ml_collections.ConfigDict:
   c.data.folds = 5                    # cross-validation folds; 1: no CV (fine-tuning: all training
                                       # scans, selected on the validation partition)
   c.data.fold_seed = 0
-  # A split file to use instead of making folds: covid3d's folds.csv, or the
-  # authors' cv5_*.csv (patient,Path,Set,Inf,Sev,cv). '' = stratified folds from fold_seed.
-  c.data.folds_csv = ""
+  c.data.folds_csv = ""               # a split file instead of making folds: covid3d's
+                                      # folds.csv, or the authors' cv5_*.csv
+                                      # (patient,Path,Set,Inf,Sev,cv); '' = stratified folds
+                                      # from fold_seed
   c.data.val_fraction = 0.2           # held-out share for pretraining stages' validation
   c.data.phantom = False              # generate and use the synthetic phantom
   c.data.phantom_dir = "./covid3d_demo/data"
@@ -102,7 +152,8 @@ def pretraining_config(stage: str, arg, num_steps: int,
                        eval_every: int) -> ml_collections.ConfigDict:
   """A 3-D pretraining stage with the authors' recipe.
 
-  Adam lr 1e-5, clip 5, EMA 0.99, best by Dice.
+  Adam lr 1e-5, clip 5, EMA 0.99, best by Dice; their pretraining augmentation
+  (no elastic deformation, no quarter turns, noise on the [0, 1] volume).
   """
   c = get_config(stage)
   c.train.optimizer = "adam"
@@ -110,9 +161,7 @@ def pretraining_config(stage: str, arg, num_steps: int,
   c.train.weight_decay = 0.0
   c.train.clip_norm = 5.0
   c.train.ema_decay = 0.99
-  c.train.best_metric = "dice"       # the EMA validation Dice picks the checkpoint handed on
-  # The authors' pretraining augmentation: no elastic deformation, no quarter
-  # turns, noise on the [0, 1] volume.
+  c.train.best_metric = "dice"        # the EMA validation Dice picks the checkpoint handed on
   c.augment.elastic.p = 0.0
   c.augment.rot90.p = 0.0
   c.augment.noise.space = "intensity"
@@ -122,55 +171,51 @@ def pretraining_config(stage: str, arg, num_steps: int,
   return finalize(c, arg)
 
 
-def finetune_config(target: str, arg, epochs: int, presets=None) -> ml_collections.ConfigDict:
+def finetune_config(target: str, arg, epochs: int) -> ml_collections.ConfigDict:
   """Fine-tuning for ``target`` (the challenge recipe): ``epochs`` over the training folds.
 
   ``target`` is the stage: 'severity' (4 classes) or 'detection' (2 classes);
-  ``presets``: name -> ``finetune_preset(...)``, the names ``arg`` may hold.
-  The steps follow from the epochs when a fold starts (``train.num_epochs``,
-  evaluated every epoch), on any number of hosts and any batch size.
+  ``arg`` may name its presets (``chain.target(target).presets``). The steps
+  follow from the epochs when a fold starts (``train.num_epochs``, evaluated
+  every epoch), on any number of hosts and any batch size.
   """
   c = get_config(target)
   c.augment.noise.space = "input"     # the authors add fine-tuning noise to the normalised input
-  c.predict = ml_collections.ConfigDict()
-  # Fold models in the ensemble, comma-separated: '' all, '4' the code's fold 5 alone.
-  c.predict.folds = ""
-  c.predict.partitions = "validation,test"  # COV19-CT-DB partitions predicted, comma-separated
-  # The preset the config file's argument named (``finetune_preset``; '' = none),
-  # recorded for the report, which puts the paper's figure beside a preset's run.
-  c.preset = ""
+  c.predict = predict_config()
+  c.preset = ",".join(w for w in listed(arg) if w != DEMO)  # the presets of the config
+                                      # argument ('' = none), for the report, which puts the
+                                      # paper's figure beside a preset's run
   c.train.num_epochs = float(epochs)
   c.train.eval_every_epochs = 1.0
-  c = finalize(c, arg, presets)
-  c.preset = ",".join(w for w in listed(arg) if w != "demo")
-  if "demo" in listed(arg):  # 15 fold trainings in the demo: keep each short, in steps
-    c.train.num_epochs = c.train.eval_every_epochs = 0.0
-    c.train.num_steps = 200
-    c.train.eval_every = c.train.checkpoint_every = 100
+  return finalize(c, arg, demo_steps)
+
+
+def predict_config() -> ml_collections.ConfigDict:
+  """The ``predict`` block: how a fine-tuning workdir's fold ensemble predicts."""
+  c = ml_collections.ConfigDict()
+  c.folds = ""                        # fold models in the ensemble, comma-separated: '' all, '4'
+                                      # the code's fold 5 alone
+  c.partitions = "validation,test"    # COV19-CT-DB partitions predicted, comma-separated
   return c
 
 
-def finetune_preset(init: str, inflation: str, *, rot90: float = 0.0, balanced: bool = True,
-                    folds: int = 5, submission: bool = True):
-  """A fine-tuning preset: one of the authors' challenge runs or the paper's ablation rows.
+def demo_steps(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A fine-tuning demo's length: 15 fold trainings in the demo, each short, in steps."""
+  c.train.num_epochs = c.train.eval_every_epochs = 0.0
+  c.train.num_steps = 200
+  c.train.eval_every = c.train.checkpoint_every = 100
+  return c
 
-  ``init`` names the stage whose workdir (beside this one) the run starts from
-  ('random', 'pretrain2d', 'segmentation', 'segmia', 'multitask'); ``inflation``
-  is how ImageNet weights were inflated (here when ``init`` is 'pretrain2d',
-  else when that pretraining ran); ``rot90`` the quarter-turn probability;
-  ``balanced`` balanced or plain CE; ``folds`` 5 or 1 (no cross-validation);
-  ``submission``: predict with fold 5 alone, as the challenge code did (else
-  the 5-fold ensemble, as the paper's tables report).
-  """
-  def apply(c):
-    c.init_from = "random" if init == "random" else f"stage:{init}"
-    c.inflation.mode = inflation
-    c.augment.rot90.p = rot90
-    c.loss.balanced = balanced
-    c.data.folds = folds
-    c.predict.folds = str(folds - 1) if submission else ""
-    return c
-  return apply
+
+def apply_preset(c: ml_collections.ConfigDict, preset: chain.Preset) -> ml_collections.ConfigDict:
+  """``c`` set as the fine-tuning ``preset`` says (see ``chain.Preset``)."""
+  c.init_from = "random" if preset.init == "random" else f"stage:{preset.init}"
+  c.inflation.mode = preset.inflation
+  c.augment.rot90.p = preset.rot90
+  c.loss.balanced = preset.balanced
+  c.data.folds = preset.folds
+  c.predict.folds = str(preset.folds - 1) if preset.submission else ""
+  return c
 
 
 def listed(value) -> tuple[str, ...]:
@@ -196,33 +241,36 @@ def split_string_tuples(c: ml_collections.ConfigDict) -> ml_collections.ConfigDi
   return c
 
 
-def finalize(c: ml_collections.ConfigDict, arg, presets=None) -> ml_collections.ConfigDict:
-  """Applies the config-file argument: '' (full size), or comma-separated presets and 'demo'."""
-  presets = presets or {}
+def finalize(c: ml_collections.ConfigDict, arg, stage_demo=None) -> ml_collections.ConfigDict:
+  """Applies the config-file argument: '' (full size), or comma-separated presets and 'demo'.
+
+  ``demo`` shrinks ``c`` (``demo``, then ``stage_demo``, the stage's own demo
+  settings); a preset's choices (``chain.FINETUNE_TARGETS``) then win.
+  """
+  presets = ({p.name: p for p in chain.target(c.stage).presets} if c.stage in chain.TARGETS
+             else {})
   words = listed(arg)
   for word in words:
-    if word != "demo" and word not in presets:
-      choices = ", ".join(["demo", *sorted(presets)])
-      raise ValueError(f"unknown config argument {word!r}: use one of {choices} (or nothing)")
-  if "demo" in words:  # the demo sets the scale; a preset's choices then win
+    if word != DEMO and word not in presets:
+      choices = ", ".join([DEMO, *sorted(presets)])
+      raise ConfigError(f"unknown config argument {word!r}: use one of {choices} (or nothing)")
+  if DEMO in words:
     c = demo(c)
+    c = stage_demo(c) if stage_demo else c
   for word in words:
-    if word != "demo":
-      c = presets[word](c)
+    if word != DEMO:
+      c = apply_preset(c, presets[word])
   return c
 
 
 def demo(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """Shrinks a stage config to run on a laptop CPU in about a minute."""
+  """Shrinks a stage config to run on a laptop CPU in about a minute (docs/method.md)."""
   c.model.variant = "nano"
   c.model.head_hidden = 0
   c.model.dwconv_impl = "fft"
   c.model.seg_head.channels = 8
   c.model.seg_head.fuse_kernel = 3
-  # About the phantom lesion set's lesion share (3.4 % of a 32^3 volume): the
-  # segmentation stage's Dice at steps 100/200/300 is 0.14/0.40/0.41 with 0.05,
-  # 0.00/0.34/0.39 with 0.01.
-  c.model.seg_head.prior = 0.05
+  c.model.seg_head.prior = 0.05       # about the phantom's lesion share of a 32^3 volume
   c.data.sizes = (40, 32)
   c.data.phantom = True
   c.data.phantom_scans = 40
@@ -237,8 +285,27 @@ def demo(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.train.log_every = 20
   c.train.learning_rate = 3e-4
   c.train.ema_decay = 0.9             # a short run needs a short EMA memory
-  # The random 40 -> 32 crop and quarter turns cost a short run more than they
-  # give: random-init severity CV macro F1 0.64 with them, 0.75 without.
-  c.augment.crop.p = 0.0
-  c.augment.rot90.p = 0.0
+  c.augment.crop.p = 0.0              # a short run loses more to the random crop and the
+  c.augment.rot90.p = 0.0             # quarter turns than it gains (docs/method.md)
   return c
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(prog="python -m covid3d.config", allow_abbrev=False,
+                                   description="Prints the config a stage runs (before the "
+                                   "stage resolves stage:NAME sources and epochs).")
+  parser.add_argument("spec", metavar="STAGE[:ARG]",
+                      help="a stage's config, e.g. severity:authors3,demo or configs/segmia.py")
+  parser.add_argument("--json", action="store_true", help="print JSON (keys sorted)")
+  args = parser.parse_args(argv)
+  try:
+    c = load(args.spec)
+  except ValueError as e:   # ConfigError, which a config file raises as covid3d.config's, not
+                            # as this __main__ module's
+    parser.exit(2, f"{parser.prog}: {e}\n")
+  sys.stdout.write(to_json(c) if args.json else str(c))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -40,7 +40,7 @@ import numpy as np
 
 from covid3d.data import preprocess
 from covid3d.data.read_common import HU_WINDOW
-from covid3d.stages import build, handoff, predict
+from covid3d.stages import build, chain, handoff, predict
 
 FORMAT = "covid3d-ensemble-1"
 PROG = "python -m covid3d.export"
@@ -62,10 +62,10 @@ def load_model(model_dir) -> tuple[ml_collections.ConfigDict, predict.Ensemble]:
     HandOffError: not a finished severity or detection workdir.
   """
   info = handoff.stage_info(model_dir)
-  if info.get("stage") not in handoff.TARGETS:
+  if info.get("stage") not in chain.TARGETS:
     raise handoff.HandOffError(
         f"{model_dir} ran the stage {info.get('stage')!r}: --model must be a finished "
-        f"{' or '.join(handoff.TARGETS)} workdir")
+        f"{' or '.join(chain.TARGETS)} workdir")
   config = ml_collections.ConfigDict(info)
   return config, predict.load_ensemble(config, model_dir)
 

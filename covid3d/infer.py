@@ -40,10 +40,9 @@ import numpy as np
 
 from covid3d import export, saliency
 from covid3d.data import preprocess, readers, schema
-from covid3d.stages import build, handoff, pseudolabel
+from covid3d.stages import build, chain, handoff, pseudolabel
 
 PROG = "python -m covid3d.infer"
-LESION_STAGES = ("segmentation", "segmia", "multitask")
 
 
 @dataclasses.dataclass
@@ -83,10 +82,11 @@ def load_segmenter(workdir) -> Segmenter:
     HandOffError: another kind of workdir.
   """
   info = handoff.stage_info(workdir)
-  if info.get("stage") not in LESION_STAGES:
+  lesion_stages = [c for s in chain.STAGES if s.seg_head for c in s.configs]
+  if info.get("stage") not in lesion_stages:
     raise handoff.HandOffError(
         f"{workdir} ran the stage {info.get('stage')!r}: --lesions must be a finished "
-        f"{', '.join(LESION_STAGES)} workdir")
+        f"{', '.join(lesion_stages)} workdir")
   config = ml_collections.ConfigDict(info)
   config.init_from = str(workdir)
   model = build.make_model(config, {}, segmentation=True)

@@ -1,5 +1,7 @@
 """``python -m covid3d.main --config=configs/<stage>.py[:demo] --workdir=DIR``.
 
+``--config`` takes what ``covid3d.config.load`` does: a file
+(``configs/severity.py:demo``) or a stage's name (``severity:authors3,demo``).
 Logs and saves the resolved config (``<workdir>/config.json``), then runs the
 stage it names (``covid3d.stages.registry``). Any field can be overridden:
 ``--config.train.learning_rate=1e-4``.
@@ -17,9 +19,28 @@ import jax
 from ml_collections import config_flags
 
 from covid3d import cachedir, storage
+from covid3d import config as base_config
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "stage config file (configs/*.py[:demo])",
-                                          lock_config=True)
+
+class _ConfigParser(config_flags.config_flags.ConfigFileFlagParser):
+  """``--config``'s value, loaded by ``covid3d.config.load`` and locked."""
+
+  def parse(self, path):
+    config = base_config.load(path)
+    config.lock()
+    return config
+
+
+def define_config_flag(flag_values=flags.FLAGS, sys_argv=None) -> flags.FlagHolder:
+  """``--config`` and its ``--config.FIELD=VALUE`` overrides (``sys_argv``: where to find them)."""
+  flag = config_flags.config_flags._ConfigFlag(  # pylint: disable=protected-access  (DEFINE_config_file's)
+      parser=_ConfigParser(name="config"), serializer=flags.ArgumentSerializer(), name="config",
+      default=None, help_string="stage config: configs/<stage>.py[:ARG] or <stage>[:ARG]",
+      flag_values=flag_values, sys_argv=sys_argv)
+  return flags.DEFINE_flag(flag, flag_values)
+
+
+_CONFIG = define_config_flag()
 _WORKDIR = flags.DEFINE_string("workdir", None, "directory for checkpoints, logs and outputs")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "delete what the workdir holds first, so the "
                                 "stage starts afresh (else a run with other settings is refused)")
@@ -80,12 +101,7 @@ def _upload_log(log_file: str, workdir: str):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  try:
-    config, workdir = _CONFIG.value, _WORKDIR.value
-    config.get("stage")   # the value is lazy: a config file that did not load raises here
-  except (OSError, ValueError) as e:
-    missing = re.search(r"No such file or directory: '([^']*)'", str(e))
-    usage_error(f"--config: {missing[1]}: no such file" if missing else " ".join(str(e).split()))
+  config, workdir = _CONFIG.value, _WORKDIR.value
   if not workdir:
     usage_error("--workdir is empty: give the folder for this stage's outputs")
   # pylint: disable=import-outside-toplevel  (after flag parsing: --help stays fast)
@@ -162,9 +178,9 @@ def parse_flags(argv):
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
+    if isinstance(e.__context__, base_config.ConfigError):   # no such file, an unknown preset
+      usage_error(f"--config: {e.__context__}")
     text = " ".join(str(e).split())
-    if "Traceback" in text:   # the config file raised: its own message, last in the text
-      text = "--config: " + text.rsplit("Error: ", 1)[-1]
     usage_error(_unknown_field(e) or f"{text} (flags: --helpshort)")
   except (AttributeError, KeyError) as e:   # an override of a field the config lacks
     name = str(e).replace("\\", "").strip("'\" ")

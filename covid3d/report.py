@@ -4,23 +4,14 @@ Reads every ``ROOT/*/cv.json`` (finetune workdirs) and, where present,
 ``metrics_validation.json``; writes ``ROOT/report.md`` (and prints it) and
 ``ROOT/report.png``, a bar chart of the CV macro F1 per run with the folds as dots.
 A run made with a preset of the paper's rows (``configs/severity.py:NAME``) gets
-the paper's CV macro F1 beside its own, and a marker in the plot.
+the paper's CV macro F1 (``covid3d.stages.chain``'s presets) beside its own, and a
+marker in the plot.
 """
 import argparse
 import numpy as np
 
 from covid3d import storage
-
-# The paper's severity CV macro F1 (%) of the rows the presets reproduce
-# (Tables 1-3 and 5 of Kienzle et al.; its Table 1 gives 64.99 for the
-# balanced-CE ImageNet row that Tables 2, 3 and 5 give as 65.67).
-PAPER_CV_MACRO_F1 = {
-    "severity": {"table3_random": 62.71, "authors1": 65.67, "table2_1g": 65.81,
-                 "table2_2g": 69.61, "authors2": 67.25, "authors3": 66.48, "authors4": 68.18,
-                 "authors5": 71.74, "table1_ce": 65.37},
-    "detection": {"authors1": 91.73},
-}
-
+from covid3d.stages import chain
 
 def collect(root) -> list[dict]:
   """One row per finetune workdir under ``root``, sorted by name."""
@@ -33,7 +24,7 @@ def collect(root) -> list[dict]:
            "f1_per_class": cv["mean_f1_per_class"]}
     config = cv_path.parent / "config.json"
     preset = storage.read_json(config).get("preset", "") if config.exists() else ""
-    paper = PAPER_CV_MACRO_F1.get(cv["target"], {}).get(preset)
+    paper = paper_cv_macro_f1(cv["target"], preset)
     if paper is not None:
       row["paper_cv_macro_f1"] = paper
     val = cv_path.parent / "metrics_validation.json"
@@ -41,6 +32,12 @@ def collect(root) -> list[dict]:
       row["validation_macro_f1"] = storage.read_json(val)["macro_f1"]
     rows.append(row)
   return rows
+
+
+def paper_cv_macro_f1(target: str, preset: str) -> float | None:
+  """The paper's CV macro F1 (%) of the row ``preset`` reproduces (``chain.Preset``), or None."""
+  presets = {p.name: p for t in chain.FINETUNE_TARGETS if t.name == target for p in t.presets}
+  return presets[preset].paper_cv_macro_f1 if preset in presets else None
 
 
 def chance(row) -> float:

@@ -7,14 +7,22 @@ set -euo pipefail
 # shellcheck source=launch/common.sh
 . "$(dirname "$0")/common.sh"
 
-# Random init; ImageNet full, 1G, 2G; segmentation, segmia, multitask; plain
-# CE; segmentation with quarter turns (docs/method.md, "Presets").
-ABLATION_ROWS=(table3_random authors1 table2_1g table2_2g authors2 authors3 authors4 table1_ce
-  authors5)
-# The rows that start from the 2-D weights (with --init2d: that checkpoint).
-FROM_2D=" authors1 table2_1g table2_2g table1_ce "
+# The paper's severity rows: each preset of configs/severity.py that carries a
+# figure of the paper (covid3d/stages/chain.py), and the stage it starts from.
+ABLATION_ROWS=()
+declare -A ROW_INIT=()
+read_ablation_rows() {
+  local rows name init
+  rows=$("$PYTHON" "$CHAIN_PY" --paper-rows=severity) ||
+    fail "$PYTHON $CHAIN_PY could not list the ablation rows"
+  while IFS=$'\t' read -r name init; do
+    ABLATION_ROWS+=("$name")
+    ROW_INIT[$name]=$init
+  done <<<"$rows"
+}
 
 usage() {
+  read_ablation_rows
   cat <<EOF
 Usage: bash launch/$PROG [--dry-run] [--root DIR] [--config.FIELD=VALUE ...]
          (the phantom at demo sizes)
@@ -53,6 +61,7 @@ else
   suffix=,demo
 fi
 echo "== covid3d ablations under $CHAIN_ROOT (python: $PYTHON)"
+read_ablation_rows
 run_chain
 for row in "${ABLATION_ROWS[@]}"; do
   workdir=$CHAIN_ROOT/ablation_$row
@@ -63,7 +72,9 @@ for row in "${ABLATION_ROWS[@]}"; do
   echo "== $row -> $workdir"
   row_start=$SECONDS
   init=()
-  [[ -z $CHAIN_INIT2D || $FROM_2D != *" $row "* ]] || init=(--config.init_from="$CHAIN_INIT2D")
+  # A row that starts from the 2-D weights takes the --init2d checkpoint.
+  [[ -z $CHAIN_INIT2D || ${ROW_INIT[$row]} != pretrain2d ]] ||
+    init=(--config.init_from="$CHAIN_INIT2D")
   run_python all -m covid3d.main --config="$CHAIN_CONFIGS/severity.py:$row$suffix" \
     --workdir="$workdir" "${init[@]}" "${CHAIN_FLAGS_3D[@]}" "${CHAIN_FLAGS[@]}" \
     --config.predict.folds= "${OPT_EXTRA[@]}"

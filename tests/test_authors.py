@@ -19,7 +19,7 @@ import pytest
 
 from covid3d import authors, weights
 from covid3d.models import MultitaskModel
-from covid3d.stages import build, handoff, predict
+from covid3d.stages import build, handoff, initial_params, predict
 
 torch = pytest.importorskip("torch")
 nn = torch.nn
@@ -313,8 +313,8 @@ def test_convert_submission_to_a_fold_ensemble_workdir(tmp_path, capsys):
   like = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros(x.shape + (1,)))["params"]
   apply = jax.jit(lambda p, v: model.apply({"params": p}, v)["covid"])
   for fold, net in enumerate(nets):
-    params = handoff.best_params(out / f"fold{fold}")
-    handoff.check_fits(params, like, f"fold {fold}", "")
+    params = initial_params.best_params(out / f"fold{fold}")
+    initial_params.check_fits(params, like, f"fold {fold}", "")
     assert_trees_equal(params, weights.load_authors_checkpoint(sub, head="covid")[fold])
     assert_close(apply(params, jnp.asarray(x)[..., None]), run_torch(net, x))
 

@@ -1,4 +1,4 @@
-"""What a stage takes from the weights it starts from (covid3d.stages.handoff.merge_source)."""
+"""What a stage takes from the weights it starts from (initial_params.merge_source)."""
 import functools
 
 import jax
@@ -8,7 +8,8 @@ import pytest
 from covid3d import config as base
 from covid3d.inflation import inflate_params
 from covid3d.models import ConvNeXt
-from covid3d.stages import build, handoff
+from covid3d.stages import build, initial_params
+from covid3d.stages.handoff import HandOffError
 
 
 def nano_config(**model):
@@ -36,7 +37,7 @@ def test_fine_tuning_carries_the_pretrained_norm_and_pre_head():
   c = nano_config()
   source = jax.tree.map(lambda a: np.asarray(a) + 1.0, params_of("multitask"))
   fresh = params_of("severity")
-  merged = handoff.merge_source(source, fresh, c, "src")
+  merged = initial_params.merge_source(source, fresh, c, "src")
   for part in ("norm", "pre_head"):
     for a, b in zip(jax.tree.leaves(merged["head_severity"][part]),
                     jax.tree.leaves(source["head_stoic_severe"][part])):
@@ -52,7 +53,7 @@ def test_head_init_fresh_reinitialises_the_whole_head():
   c = nano_config(head_init="fresh")
   source = jax.tree.map(lambda a: np.asarray(a) + 1.0, params_of("multitask"))
   fresh = params_of("severity")
-  merged = handoff.merge_source(source, fresh, c, "src")
+  merged = initial_params.merge_source(source, fresh, c, "src")
   for a, b in zip(jax.tree.leaves(merged["head_severity"]),
                   jax.tree.leaves(fresh["head_severity"])):
     np.testing.assert_array_equal(a, b)
@@ -61,7 +62,7 @@ def test_head_init_fresh_reinitialises_the_whole_head():
 def test_a_head_of_the_same_name_and_shape_is_taken_whole():
   c = nano_config()
   source = jax.tree.map(lambda a: np.asarray(a) + 1.0, params_of("severity"))
-  merged = handoff.merge_source(source, params_of("severity"), c, "src")
+  merged = initial_params.merge_source(source, params_of("severity"), c, "src")
   for a, b in zip(jax.tree.leaves(merged), jax.tree.leaves(source)):
     np.testing.assert_array_equal(a, b)
 
@@ -70,7 +71,7 @@ def test_a_2d_source_is_inflated_and_hands_on_its_final_norm():
   c = nano_config()
   source2d = jax.tree.map(lambda a: np.asarray(a) + 1.0, params_of("2d"))
   fresh = params_of("severity")
-  merged = handoff.merge_source(source2d, fresh, c, "2d")
+  merged = initial_params.merge_source(source2d, fresh, c, "2d")
   want = inflate_params({k: v for k, v in source2d.items() if k != "head"}, c.inflation.mode,
                         c.inflation.norm, new_axis=c.inflation.new_axis,
                         gaussian=c.inflation.gaussian)
@@ -85,5 +86,5 @@ def test_a_backbone_of_another_variant_is_a_clear_error():
   other = ConvNeXt(depths=(1, 1, 1, 1), dims=(8, 16, 32, 64), spatial_dims=3, in_chans=1)
   source = {"backbone": init(other, 32, 3)}
   fresh = params_of("severity")
-  with pytest.raises(handoff.HandOffError, match="model.variant='nano'"):
-    handoff.merge_source(source, fresh, c, "src")
+  with pytest.raises(HandOffError, match="model.variant='nano'"):
+    initial_params.merge_source(source, fresh, c, "src")

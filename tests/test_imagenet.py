@@ -4,7 +4,6 @@ A tiny ImageNet stand-in (random JPEGs in ILSVRC2012_img_{train,val}.tar) is
 prepared once per module as the TFDS imagenet2012 array_record dataset, without
 TensorFlow, and read through tfds.data_source as the stage does.
 """
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -14,12 +13,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from covid3d import config as base_config
 from covid3d import losses
 from covid3d.bench import imagenet as bench_imagenet
 from covid3d.data import imagenet
 from covid3d.stages import pretrain2d, registry
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 TRAIN, VAL, CLASSES, SIZE = 48, 12, 6, 32
 
 
@@ -266,10 +265,7 @@ def test_soft_label_loss():
 
 
 def load_config(name, arg="demo"):
-  spec = importlib.util.spec_from_file_location(f"config_{name}", CONFIGS / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return base_config.load(f"{name}:{arg or ''}")
 
 
 @pytest.mark.slow  # about 1 to 2 min on 2 shared cores (compiling the step)

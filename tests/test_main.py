@@ -3,7 +3,6 @@
 The subprocesses (started side by side) fail during flag parsing or before the
 stage runs, so none trains anything.
 """
-import importlib.util
 import json
 import os
 import subprocess
@@ -12,17 +11,15 @@ from pathlib import Path
 
 import pytest
 from absl import flags
-from ml_collections import config_flags
+
+from covid3d import config, main
 
 ROOT = Path(__file__).resolve().parent.parent
 SEVERITY = ROOT / "configs" / "severity.py"
 
 
 def _get_config(arg):
-  spec = importlib.util.spec_from_file_location("config_severity", SEVERITY)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return config.load(f"{SEVERITY}:{arg}" if arg else str(SEVERITY))
 
 
 def _parse(*argv):
@@ -30,8 +27,7 @@ def _parse(*argv):
   argv = ["main"] + list(argv)
   values = flags.FlagValues()
   # Override flags (--config.a.b) are found in the argument list given here.
-  config_flags.DEFINE_config_file("config", None, "", flag_values=values, lock_config=True,
-                                  sys_argv=argv)
+  main.define_config_flag(values, sys_argv=argv)
   values(argv)
   return values.config
 

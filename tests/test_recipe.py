@@ -1,22 +1,15 @@
 """The authors' recipe per stage: augmentation settings and noise units."""
-import importlib.util
-from pathlib import Path
-
 import jax
 import numpy as np
 import pytest
 
 from covid3d import augment
-
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+from covid3d import config as base_config
 MEAN, STD = 0.3971, 0.3207
 
 
-def load_config(name, arg=None):
-  spec = importlib.util.spec_from_file_location(f"recipe_{name}", CONFIGS / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+def load_config(name, arg=""):
+  return base_config.load(f"{name}:{arg}")
 
 
 # The authors' submissions (submissions/*/submission0N.py): source stage,
@@ -99,7 +92,7 @@ def test_augment_refuses_unconverted_input_space():
 def test_segmia_partitions_are_a_documented_choice():
   c = load_config("segmia")
   assert tuple(c.segmia.partitions) == ("train", "validation", "test")
-  text = (CONFIGS / "segmia.py").read_text()
+  text = (base_config.configs_dir() / "segmia.py").read_text()
   assert "transductive" in text and '("train",)' in text
 
 
@@ -141,7 +134,6 @@ def test_multitask_counts_covid_positive_scans_only_and_scores_by_auc():
 
 
 def test_a_tuple_of_names_written_with_commas_is_split():
-  from covid3d import config as base_config
   c = load_config("segmia")
   c.segmia.partitions = ("train,",)
   c.pseudolabel = base_config.ml_collections.ConfigDict({"datasets": ("stoic, cov19ctdb",)})

@@ -1,25 +1,19 @@
 """covid3d.saliency: Grad-CAM of a fine-tuned classifier on the last ConvNeXt stage."""
-import importlib.util
-from pathlib import Path
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from covid3d import config as base_config
 from covid3d import saliency
 from covid3d.models.convnext import ConvNeXt
 from covid3d.models.heads import ClassificationHead
 from covid3d.stages import build
 
-SEVERITY = Path(__file__).resolve().parent.parent / "configs" / "severity.py"
 SIZE = 64   # the last stage is 2^3: a map with structure to upsample
 
 
 def _config():
-  spec = importlib.util.spec_from_file_location("saliency_severity", SEVERITY)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config("demo")
+  return base_config.load("severity:demo")
 
 
 def test_grad_cam_is_finite_in_range_and_not_constant():

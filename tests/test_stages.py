@@ -1,32 +1,28 @@
 """The pipeline end to end on a small phantom (one or two steps per stage), and bad hand-offs."""
-import importlib.util
 import json
 import re
 import shutil
-from pathlib import Path
 
 import jax
 import nibabel as nib
 import numpy as np
 import pytest
 
+from covid3d import config as base_config
 from covid3d import inflation
 from covid3d.data import preprocess, readers
 from covid3d.data.skips import SkipLog
 from covid3d.models import VARIANTS
-from covid3d.stages import build, handoff, inputs, pseudolabel, registry
+from covid3d.stages import build, initial_params, inputs, pseudolabel, registry
+from covid3d.stages import chain as stage_chain
 from covid3d.stages.handoff import HandOffError
 from covid3d.train import checkpoint
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 pytestmark = pytest.mark.slow   # the chain: minutes on 2 cores
 
 
 def load_config(name, arg="demo"):
-  spec = importlib.util.spec_from_file_location(f"config_{name}", CONFIGS / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return base_config.load(f"{name}:{arg or ''}")
 
 
 @pytest.fixture(scope="module")
@@ -72,15 +68,18 @@ def run(name, root, workdir, arg="demo", **overrides):
 
 @pytest.fixture(scope="module")
 def chain(root):
-  """pretrain2d -> segmentation -> pseudolabel -> segmia, multitask -> severity (2 folds)."""
-  run("pretrain2d", root, "pretrain2d")
-  run("segmentation", root, "segmentation", init_from=str(root / "pretrain2d"))
-  run("pseudolabel", root, "pseudolabel", init_from=str(root / "segmentation"))
-  run("segmia", root, "segmia", init_from=str(root / "pretrain2d"),
-      pseudo_labels=str(root / "pseudolabel"))
-  run("multitask", root, "multitask", init_from=str(root / "pretrain2d"),
-      pseudo_labels=str(root / "pseudolabel"))
-  run("severity", root, "severity", init_from=str(root / "multitask"))
+  """Each stage the chain runs (``chain.STAGES``), in its order, with its hand-offs.
+
+  Every workdir is ``root/<config>``; of the fine-tuning runs, severity alone,
+  from multitask (2 folds).
+  """
+  for stage in stage_chain.STAGES:
+    if not stage.chained or stage.kind != "stage":
+      continue
+    config, init = (("severity", "multitask") if stage.per_target
+                    else (stage.configs[0], (*stage.init_from, "")[0]))
+    hand_offs = {"init_from": init, "pseudo_labels": stage.pseudo_labels}
+    run(config, root, config, **{k: str(root / v) for k, v in hand_offs.items() if v})
   return root
 
 
@@ -190,8 +189,8 @@ def test_the_chain_is_a_function_of_config_seed_and_data(chain, tmp_path):
     run(stage, again, stage, init_from=str(again / "pretrain2d"),
         pseudo_labels=str(again / "pseudolabel"), **fresh)
   for stage in ("pretrain2d", "segmentation", "segmia", "multitask"):
-    assert _digest(handoff.best_params(str(again / stage))) == \
-        _digest(handoff.best_params(str(chain / stage))), stage
+    assert _digest(initial_params.best_params(str(again / stage))) == \
+        _digest(initial_params.best_params(str(chain / stage))), stage
   masks = sorted((chain / "pseudolabel" / "masks").rglob("*.npz"))
   assert masks
   for m in masks:
@@ -401,7 +400,7 @@ def test_stages_hand_on_their_best_ema_weights(chain):
   ema, raw = {}, {}
   for stage in ("pretrain2d", "segmentation", "multitask", "severity/fold0"):
     ema[stage], raw[stage] = _ema_of(chain / stage)
-    _assert_equal(handoff.best_params(str(chain / stage)), ema[stage])
+    _assert_equal(initial_params.best_params(str(chain / stage)), ema[stage])
     assert not all(np.array_equal(a, b) for a, b in
                    zip(jax.tree.leaves(ema[stage]), jax.tree.leaves(raw[stage]))), stage
   assert np.ndim(ema["pretrain2d"]["stem"]["conv"]["kernel"]) == 4  # 2-D
@@ -415,7 +414,7 @@ def test_stages_hand_on_their_best_ema_weights(chain):
       model = build.make_model(config, heads, segmentation)
       fresh[key] = jax.tree.map(np.asarray,
                                 build.init_params(model, config, min(config.data.sizes)))
-    return config, fresh[key], handoff.load_initial_params(config, fresh[key])
+    return config, fresh[key], initial_params.load_initial_params(config, fresh[key])
 
   def inflated(config, params2d):
     inf = config.inflation

@@ -1,4 +1,4 @@
-"""The pipeline stages, one module each; ``registry.STAGES`` maps a config's ``stage`` to it.
+"""The pipeline stages, one module each; ``chain.STAGES`` names each config's module.
 
 pretrain2d -> (inflate) -> segmentation -> pseudolabel -> segmia | multitask
 -> severity | detection (k-fold fine-tuning, ``finetune.py``) -> predict (fold ensemble).

@@ -11,8 +11,12 @@ masks (``--config.pseudo_labels``):
 
 Given a 2-D checkpoint (``init2d``), the checkpoint stands in for R/pretrain2d
 and pretraining does not run. ``STAGES`` is this chain as data, one entry per
-stage (plus ``predict``, which is run by hand, not chained); ``steps()`` turns
-it into the commands of one run, which launch/common.sh runs, and
+stage (plus ``predict``, which is run by hand, not chained), and the one registry
+of the stages: each names the module that runs it (``covid3d.stages.registry``
+dispatches on it), its hand-offs and whether its model has a segmentation head;
+``FINETUNE_TARGETS`` holds what each fine-tuning target predicts and its presets
+(the authors' runs and the paper's rows, with the paper's figures). ``steps()``
+turns the chain into the commands of one run, which launch/common.sh runs, and
 ``markdown_table()`` into the README's pipeline table.
 
 The CLI uses the standard library only, so that the launchers start it fast;
@@ -36,15 +40,98 @@ one line on stderr ("covid3d.stages.chain: MESSAGE"), exit status 2.
 
   python -m covid3d.stages.chain --markdown
 
-prints the README's pipeline table (``# | config | does | reads | writes``).
+prints the README's pipeline table (``# | config | does | reads | writes``);
+
+  python -m covid3d.stages.chain --paper-rows TARGET
+
+the presets of TARGET that reproduce a row of the paper, one a line: NAME, a
+tab, the stage it starts from (``random``, ``pretrain2d``, ...); and
+
+  python -m covid3d.stages.chain --presets-markdown
+
+docs/method.md's preset table.
 """
 import argparse
 import dataclasses
 import sys
 
 PROG = "covid3d.stages.chain"
-# The fine-tuning targets: one config each (configs/<target>.py).
-TARGETS = ("severity", "detection")
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+  """A fine-tuning preset, ``configs/<target>.py:<name>``: an authors' run or a paper's row.
+
+  ``init`` is the stage whose workdir (beside the run's own) it starts from, or
+  "random"; ``inflation`` how the ImageNet weights were inflated (here when
+  ``init`` is "pretrain2d", else in the pretraining it starts from: the chain's
+  ``--inflation``); ``rot90`` the quarter-turn probability; ``balanced``
+  balanced or plain CE; ``folds`` 5 or 1 (no cross-validation);
+  ``submission``: predict with the last fold alone, as the challenge code did
+  (else the fold ensemble, as the paper's tables report). ``run`` names the
+  authors' run or the paper's row; ``paper_cv_macro_f1`` is the paper's CV macro
+  F1 (%) of that row (None: the paper gives none), which the report puts beside
+  the run's own.
+  """
+  name: str
+  run: str
+  init: str
+  inflation: str
+  rot90: float = 0.0
+  balanced: bool = True
+  folds: int = 5
+  submission: bool = True
+  paper_cv_macro_f1: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+  """A fine-tuning target: its config (configs/<name>.py), what it predicts, its presets.
+
+  ``label`` is the record field it predicts, ``class_names`` the classes in
+  label order.
+  """
+  name: str
+  label: str
+  class_names: tuple
+  presets: tuple = ()
+
+
+# The paper's figures are severity CV macro F1 (%) from Tables 1-3 and 5 of
+# Kienzle et al.; its Table 1 gives 64.99 for the balanced-CE ImageNet row that
+# Tables 2, 3 and 5 give as 65.67. The severity presets are listed in the order
+# launch/ablations.sh runs them.
+FINETUNE_TARGETS = (
+    Target("severity", "severity", ("mild", "moderate", "severe", "critical"), (
+        Preset("table3_random", "Table 3, random", "random", "full", submission=False,
+               paper_cv_macro_f1=62.71),
+        Preset("authors1", "severity submission 1", "pretrain2d", "full",
+               paper_cv_macro_f1=65.67),
+        Preset("table2_1g", "Table 2, 1G", "pretrain2d", "1g", submission=False,
+               paper_cv_macro_f1=65.81),
+        Preset("table2_2g", "Table 2, 2G", "pretrain2d", "2g", submission=False,
+               paper_cv_macro_f1=69.61),
+        Preset("authors2", "severity submission 2", "segmentation", "full",
+               paper_cv_macro_f1=67.25),
+        Preset("authors3", "severity submission 3", "segmia", "full", paper_cv_macro_f1=66.48),
+        Preset("authors4", "severity submission 4", "multitask", "full",
+               paper_cv_macro_f1=68.18),
+        Preset("table1_ce", "Table 1, plain CE", "pretrain2d", "full", balanced=False,
+               submission=False, paper_cv_macro_f1=65.37),
+        Preset("authors5", "severity submission 5", "segmentation", "full", rot90=0.25,
+               paper_cv_macro_f1=71.74),
+    )),
+    Target("detection", "covid", ("non-covid", "covid"), (
+        Preset("authors1", "detection submission 1", "pretrain2d", "full",
+               paper_cv_macro_f1=91.73),
+        Preset("authors2", "detection submission 2", "multitask", "2g"),
+        Preset("authors3", "detection submission 3", "segmia", "2g"),
+        Preset("authors4", "detection submission 4", "segmia", "2g", rot90=0.25, folds=1),
+        Preset("authors5", "detection submission 5", "segmentation", "2g", folds=1),
+    )),
+)
+# The fine-tuning targets' names, in the order a run fine-tunes them.
+TARGETS = tuple(t.name for t in FINETUNE_TARGETS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +145,7 @@ class Stage:
   numbers, and ``{number[NAME]}``, another stage's number. ``headline``, the
   launchers' line before each run, may hold ``{init_from}`` (the workdir or
   checkpoint the run starts from), ``{init}`` (its stage's name) and
-  ``{inflation}``.
+  ``{inflation}``. A ``per_target`` stage runs ``FINETUNE_TARGETS``.
   """
   name: str
   configs: tuple
@@ -66,8 +153,10 @@ class Stage:
   reads: str
   writes: str
   headline: str = ""
+  runner: str = ""                  # module whose run(config, workdir) runs it (covid3d.main)
   init_from: tuple = ()
-  pseudo_labels: str = ""
+  pseudo_labels: str = ""           # trains on this stage's masks: --config.pseudo_labels
+  seg_head: bool = False            # its model has a segmentation head (lesion masks)
   inflates: bool = False            # 2-D weights are inflated: --config.inflation.mode
   is_3d: bool = True                # takes the 3-D stages' flags (batch size)
   per_target: bool = False          # runs the chosen targets of ``configs``
@@ -82,12 +171,14 @@ STAGES = (
           "(`--config.init_from=x.pth`), or (demo) phantom axial slices; the launchers' "
           "`--init2d CHECKPOINT` skips it, the checkpoint standing in for its workdir",
           reads="ImageNet / checkpoint", writes="`checkpoints/` (2-D)",
-          headline="2-D grayscale ConvNeXt pretraining"),
+          headline="2-D grayscale ConvNeXt pretraining", runner="covid3d.stages.pretrain2d"),
     Stage("segmentation", ("segmentation",), init_from=("pretrain2d",), inflates=True,
+          seg_head=True, runner="covid3d.stages.segmentation",
           does="lesion segmentation (soft Dice + BCE), best by EMA Dice",
           reads="COVID-19-20 lesions; {init_from} (inflated)", writes="`checkpoints/`",
           headline="lesion segmentation, weights inflated ({inflation}) from {init_from}"),
     Stage("pseudolabel", ("pseudolabel",), init_from=("segmentation",),
+          runner="covid3d.stages.pseudolabel",
           does="the EMA teacher labels COV19-CT-DB and STOIC (hard masks; `upsample` as the "
           "authors, or `sliding` window)",
           reads="{init_from}",
@@ -95,17 +186,18 @@ STAGES = (
           "geometry",
           headline="the segmentation model writes lesion masks of COV19-CT-DB and STOIC"),
     Stage("segmia", ("segmia",), init_from=("pretrain2d",), pseudo_labels="pseudolabel",
-          inflates=True,
+          inflates=True, seg_head=True, runner="covid3d.stages.segmia",
           does="segmentation on COV19-CT-DB pseudo-labels, validated on the real lesion masks",
           reads="{init_from} (inflated), {pseudo_labels}, COVID-19-20 lesions",
           writes="`checkpoints/`",
           headline="segmentation of the pseudo-labels, from {init_from}"),
     Stage("multitask", ("multitask",), init_from=("pretrain2d",), pseudo_labels="pseudolabel",
-          inflates=True,
+          inflates=True, seg_head=True, runner="covid3d.stages.multitask",
           does="STOIC probSevere (COVID-positive cases) + pseudo-label segmentation, losses 1:1",
           reads="{init_from} (inflated), {pseudo_labels}", writes="`checkpoints/`",
           headline="STOIC severity + pseudo-label segmentation, from {init_from}"),
     Stage("finetune", TARGETS, init_from=("segmia", "multitask", "random"), per_target=True,
+          runner="covid3d.stages.finetune",
           does="4- or 2-class fine-tuning with stratified 5-fold CV (balanced CE, EMA), then the "
           "fold-ensemble prediction; workdir `<target>_<init>`",
           reads="{init_from}, a run each (by hand: any other workdir or checkpoint)",
@@ -118,11 +210,35 @@ STAGES = (
           reads="`R/*/cv.json` (stage {number[finetune]})", writes="`R/report.md`, `R/report.png`",
           headline="CV macro F1 of the fine-tuning runs"),
     Stage("predict", ("predict",), init_from=("finetune",), chained=False,
+          runner="covid3d.stages.predict",
           does="by hand, not chained: the ensemble of a finished fine-tuning run on the "
           "validation/test partitions (`--config.predict.folds=4` = the authors' fifth-fold-only "
           "submissions)",
           reads="{init_from}", writes="as stage {number[finetune]}"),
 )
+
+
+
+
+def stage_of(config: str) -> Stage:
+  """The stage that runs ``configs/<config>.py`` (``config.stage``); KeyError if none."""
+  for stage in STAGES:
+    if config in stage.configs:
+      return stage
+  raise KeyError(config)
+
+
+def target(name: str) -> Target:
+  """The fine-tuning target ``name`` (severity or detection); KeyError if none."""
+  for t in FINETUNE_TARGETS:
+    if t.name == name:
+      return t
+  raise KeyError(name)
+
+
+def paper_rows(target_name: str) -> tuple:
+  """The presets of ``target_name`` that reproduce a row of the paper, in order."""
+  return tuple(p for p in target(target_name).presets if p.paper_cv_macro_f1 is not None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -211,6 +327,23 @@ def markdown_table():
   return "\n".join(rows) + "\n"
 
 
+def presets_markdown():
+  """docs/method.md's preset table: one row per preset of each fine-tuning target."""
+  rows = ["| preset | the authors' run | starts from | inflation | quarter turns | CV "
+          "| predicts with |", "| --- | --- | --- | --- | --- | --- | --- |"]
+  for t in FINETUNE_TARGETS:
+    for p in t.presets:
+      start = {"random": "random", "pretrain2d": "`pretrain2d` (ImageNet)"}.get(
+          p.init, f"`{p.init}`")
+      inflation = "-" if p.init == "random" else {"full": "full"}.get(p.inflation,
+                                                                       p.inflation.upper())
+      cv = f"{p.folds} folds" if p.folds > 1 else "none"
+      predicts = "ensemble" if not p.submission else "fold 5" if p.folds > 1 else "the one model"
+      rows.append(f"| `{t.name}.py:{p.name}` | {p.run} | {start} | {inflation} | {p.rot90:g} "
+                  f"| {cv} | {predicts} |")
+  return "\n".join(rows) + "\n"
+
+
 def step_line(step):
   """``step`` as one tab-separated line (see the module docstring)."""
   fields = (step.kind, step.name, step.output, step.headline, *step.args)
@@ -236,9 +369,22 @@ def main(argv=None):
   parser.add_argument("--flag-3d", action="append", default=[],
                       help="flag of the 3-D stages (give as --flag-3d=FLAG; repeatable)")
   parser.add_argument("--markdown", action="store_true", help="print the README's table")
+  parser.add_argument("--paper-rows", metavar="TARGET",
+                      help="print the presets of TARGET that reproduce the paper's rows")
+  parser.add_argument("--presets-markdown", action="store_true",
+                      help="print docs/method.md's preset table")
   args = parser.parse_args(argv)
   if args.markdown:
     sys.stdout.write(markdown_table())
+    return 0
+  if args.presets_markdown:
+    sys.stdout.write(presets_markdown())
+    return 0
+  if args.paper_rows:
+    if args.paper_rows not in TARGETS:
+      print(f"{PROG}: target {args.paper_rows!r} is not {' or '.join(TARGETS)}", file=sys.stderr)
+      return 2
+    sys.stdout.write("".join(f"{p.name}\t{p.init}\n" for p in paper_rows(args.paper_rows)))
     return 0
   try:
     lines = [step_line(s) for s in steps(

@@ -7,7 +7,7 @@ authors' runs "without cross validation") one model ``fold0`` trains on every
 labelled training scan and is selected on the labelled validation partition.
 Then the fold ensemble predicts the validation and test partitions
 (``covid3d.stages.predict``). The target (record label and class names) is
-``handoff.TARGETS[config.stage]``.
+``chain.target(config.stage)``.
 
 Writes ``folds.csv``, ``fold<k>/`` (checkpoints, metrics), ``cv.json``
 (per-fold and mean macro F1 and per-class F1 of each fold's best EMA
@@ -67,7 +67,8 @@ def train_fold(config, workdir, source, fold_of, fold, label, num_classes, val_s
 
 
 def run(config, workdir):
-  label, names = handoff.target(config.stage)
+  predicted = handoff.target(config.stage)
+  label, names = predicted.label, predicted.class_names
   skips = SkipLog()
   source = inputs.record_source(config, workdir, "cov19ctdb", ("train",), skips=skips)
   if config.data.folds == 1:

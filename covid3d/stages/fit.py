@@ -4,7 +4,7 @@ import functools
 import numpy as np
 
 from covid3d import augment
-from covid3d.stages import build, handoff, inputs
+from covid3d.stages import build, initial_params, inputs
 from covid3d.train import loop
 
 
@@ -37,7 +37,7 @@ def fit(config, workdir, model, source, train_idx, val_idx, fields, task, *, out
   training on pseudo-labels), else ``source``.
   """
   input_size = min(config.data.sizes)
-  params = handoff.load_initial_params(config, build.init_params(model, config, input_size))
+  params = initial_params.load_initial_params(config, build.init_params(model, config, input_size))
   eval_fields = {k: v for k, v in fields.items() if not k.endswith("_large")}
   train_iter, eval_batches = inputs.iterators(config, source, train_idx, val_idx, fields,
                                               eval_fields, val_source)

@@ -22,7 +22,7 @@ from etils import epath
 from covid3d import config as base_config
 from covid3d import metrics, storage
 from covid3d.data.skips import SkipLog
-from covid3d.stages import build, handoff, inputs
+from covid3d.stages import build, handoff, initial_params, inputs
 
 
 def fold_dirs(finetune_dir, folds):
@@ -97,14 +97,15 @@ def load_ensemble(config, finetune_dir) -> Ensemble:
     HandOffError: an unfinished fold, or weights that do not fit ``config``'s model.
   """
   stage = handoff.stage_info(finetune_dir).get("stage")
-  label, names = handoff.target(stage)
+  predicted = handoff.target(stage)
+  label, names = predicted.label, predicted.class_names
   folds = (tuple(int(f) for f in base_config.listed(config.predict.folds))
            or tuple(range(config.data.folds)))
-  params_list = [handoff.best_params(d) for d in fold_dirs(finetune_dir, folds)]
+  params_list = [initial_params.best_params(d) for d in fold_dirs(finetune_dir, folds)]
   model = build.make_model(config, {label: len(names)}, segmentation=False)
   like = build.init_params(model, config, min(config.data.sizes))
   for fold, params in zip(folds, params_list):
-    handoff.check_fits(params, like, f"fold {fold} of {finetune_dir}",
+    initial_params.check_fits(params, like, f"fold {fold} of {finetune_dir}",
                        f"was it fine-tuned ({stage}, {len(names)} classes) with "
                        f"model.variant={config.model.variant!r}?")
   return Ensemble(model, params_list, folds, label, tuple(names))

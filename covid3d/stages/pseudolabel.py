@@ -31,7 +31,7 @@ from covid3d import storage
 from covid3d.data import preprocess, readers
 from covid3d.data.skips import SkipLog
 from covid3d.models.ops import resize_linear
-from covid3d.stages import build, handoff, inputs
+from covid3d.stages import build, handoff, initial_params, inputs
 
 DATASETS = (("cov19ctdb", ("train", "validation", "test")), ("stoic", ("train",)))
 
@@ -60,13 +60,13 @@ def sliding_window(forward, x, window: int, overlap: float):
 
 def teacher_params(config, model):
   """The segmentation workdir's EMA backbone + segmentation head, checked against ``model``."""
-  params = handoff.best_params(config.init_from)
+  params = initial_params.best_params(config.init_from)
   if "seg_head" not in params:
     raise handoff.HandOffError(f"{config.init_from} holds no segmentation head: init_from must be "
                               "the workdir of the segmentation stage")
   like = build.init_params(model, config, min(config.data.sizes))
   chosen = {"backbone": params["backbone"], "seg_head": params["seg_head"]}
-  handoff.check_fits(chosen, like, f"segmentation weights of {config.init_from}",
+  initial_params.check_fits(chosen, like, f"segmentation weights of {config.init_from}",
                      f"was {config.init_from} trained with "
                      f"config.model.variant={config.model.variant!r}?")
   return chosen

@@ -1,9 +1,10 @@
-"""Which code runs each stage: the ``STAGES`` table, and ``run`` that dispatches on it.
+"""``run``: runs a stage config with the module the chain names (``chain.Stage.runner``).
 
 ``run`` refuses a workdir that holds a run with other settings
 (``covid3d.train.config.check_same_settings``);
 ``python -m covid3d.main --overwrite`` deletes such a run first.
 """
+import importlib
 import json
 
 import jax
@@ -14,23 +15,10 @@ from covid3d import config as base_config
 from covid3d import storage
 from covid3d.models import dwconv
 from covid3d.train import config as train_config
-from covid3d.stages import (finetune, handoff, multitask, predict, pretrain2d, pseudolabel,
-                            segmentation, segmia)
+from covid3d.stages import chain, handoff
 
-# config.stage -> run(config, workdir). severity and detection are one fine-tuning
-# stage with two targets (handoff.TARGETS).
-STAGES = {
-    "pretrain2d": pretrain2d.run,
-    "segmentation": segmentation.run,
-    "pseudolabel": pseudolabel.run,
-    "segmia": segmia.run,
-    "multitask": multitask.run,
-    "severity": finetune.run,
-    "detection": finetune.run,
-    "predict": predict.run,
-}
-# The stages that train on the pseudolabel stage's masks (config.pseudo_labels).
-TRAIN_ON_PSEUDO_LABELS = ("segmia", "multitask")
+# config.stage: a config the chain runs (severity and detection are one stage, two targets).
+CONFIGS = tuple(c for s in chain.STAGES if s.runner for c in s.configs)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str):
@@ -42,12 +30,13 @@ def run(config: ml_collections.ConfigDict, workdir: str):
 
   ``stage:NAME`` sources are first resolved to the workdir ``NAME`` beside ``workdir``.
   """
-  if config.stage not in STAGES:
-    raise handoff.HandOffError(f"config.stage={config.stage!r} is not one of {sorted(STAGES)}")
+  if config.stage not in CONFIGS:
+    raise handoff.HandOffError(f"config.stage={config.stage!r} is not one of {sorted(CONFIGS)}")
+  stage = chain.stage_of(config.stage)
   config = base_config.split_string_tuples(handoff.resolve_siblings(config, workdir))
   if config.stage != "predict":   # predict's init_from is a fine-tuning workdir (its folds)
     handoff.check_source(config.init_from)
-  if config.stage in TRAIN_ON_PSEUDO_LABELS:
+  if stage.pseudo_labels:
     handoff.check_pseudo_labels(config.pseudo_labels, config.stage)
   saved = epath.Path(workdir) / "config.json"
   if holds_results(workdir):
@@ -55,7 +44,7 @@ def run(config: ml_collections.ConfigDict, workdir: str):
   elif jax.process_index() == 0:
     storage.write_text(saved, config.to_json_best_effort(indent=2))
   try:
-    return STAGES[config.stage](config, workdir)
+    return importlib.import_module(stage.runner).run(config, workdir)
   finally:
     record_dwconv_choices(saved)
 

@@ -3,6 +3,7 @@ import json
 
 import jax.numpy as jnp
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -15,94 +16,66 @@ def compute_dtype(name: str):
 
 
 def default_config() -> ml_collections.ConfigDict:
-  """Returns the training defaults (the challenge fine-tuning recipe).
-
-  Fields:
-    seed: int, seeds the train state's key (augmentation, drop path).
-    num_steps: int, optimiser updates to run (skipped non-finite steps
-      excluded); replaced by the epochs when ``num_epochs`` is set.
-    num_epochs: float, > 0: the run's length in passes over the training
-      records, resolved when it starts (``resolve_schedule``) from their count
-      and the global batch, so an epoch is an epoch on any number of hosts
-      and any batch size; 0: ``num_steps`` as given.
-    eval_every_epochs: float, > 0 (with ``num_epochs``): evaluate and
-      checkpoint every this many epochs, replacing ``eval_every`` and
-      ``checkpoint_every``.
-    batch_size: int, GLOBAL examples per update, summed over all devices and
-      hosts; must divide by the device count times ``micro_batches``.
-    micro_batches: int, gradient accumulation: each device splits its share of
-      the batch into this many micro-batches, run one after another.
-    eval_batch_size: int, global batch of the evaluation step; partial batches
-      are padded and masked.
-    optimizer: 'adamw' or 'adam' (Adam = AdamW with no weight decay).
-    learning_rate: float, peak learning rate (5e-5 in the submissions).
-    weight_decay: float, decoupled AdamW weight decay (1e-8 in the submissions).
-    b1, b2, eps: floats, Adam moments and epsilon.
-    schedule: 'constant' or 'cosine' (linear warmup from 0 to ``learning_rate``
-      over ``warmup_steps``, then cosine decay to ``final_learning_rate`` at
-      ``num_steps``).
-    warmup_steps: int, warmup length of the 'cosine' schedule.
-    final_learning_rate: float, end of the cosine decay (1e-6).
-    clip_norm: float, clip gradients to this global L2 norm; 0 disables.
-    ema_decay: float or None, parameter EMA decay per update; None picks 0.99
-      for 4 classes and 0.995 for 2 (``optim.resolve_ema_decay``).
-    compute_dtype: 'float32' or 'bfloat16': dtype of the forward/backward pass;
-      master parameters, optimiser state and EMA stay float32.
-    log_every: int, steps between metric records (JSON lines, TensorBoard).
-    eval_every: int, steps between evaluations with the EMA parameters
-      (0: only at the end).
-    checkpoint_every: int, steps between checkpoints (also at every
-      evaluation and at the end).
-    keep_checkpoints: int, latest checkpoints kept (the best one is kept too).
-    save_timeout_s: float, seconds a checkpoint save may wait for its storage
-      (a bucket that stopped answering) before the stage stops with an error
-      that says so, also when the save follows a SIGTERM.
-    best_metric: str, the evaluation metric (higher is better) that chooses
-      the best checkpoint, the one handed to the next stage: 'macro_f1' for
-      classification, 'dice' for segmentation, 'auc' (STOIC ROC AUC) for
-      multitask; any metric the task's
-      evaluation reports. The checkpoint directory records it.
-    max_nonfinite_in_a_row: int, stop after this many consecutive steps with a
-      non-finite loss or gradient (each leaves the state unchanged).
-    progress_bar: bool, show a tqdm bar on process 0.
-    distributed: ConfigDict for ``jax.distributed.initialize``:
-      ``initialize`` (bool; True on multi-host TPU/GPU, where the other fields
-      may stay None to be detected), ``coordinator_address`` ('host:port'),
-      ``num_processes``, ``process_id``.
-  """
+  """Returns the training defaults (the challenge fine-tuning recipe), each field documented."""
   c = ml_collections.ConfigDict()
-  c.seed = 0
-  c.num_steps = 1000
-  c.num_epochs = 0.0
-  c.eval_every_epochs = 0.0
-  c.batch_size = 4
-  c.micro_batches = 1
-  c.eval_batch_size = 4
-  c.optimizer = "adamw"
-  c.learning_rate = 5e-5
-  c.weight_decay = 1e-8
-  c.b1 = 0.9
-  c.b2 = 0.999
-  c.eps = 1e-8
-  c.schedule = "constant"
-  c.warmup_steps = 0
-  c.final_learning_rate = 1e-6
-  c.clip_norm = 0.0
-  c.ema_decay = ml_collections.config_dict.placeholder(float)
-  c.compute_dtype = "float32"
-  c.log_every = 10
-  c.eval_every = 100
-  c.checkpoint_every = 100
-  c.keep_checkpoints = 2
-  c.save_timeout_s = 600.0
-  c.best_metric = "macro_f1"
-  c.max_nonfinite_in_a_row = 10
-  c.progress_bar = True
-  c.distributed = ml_collections.ConfigDict()
-  c.distributed.initialize = False
-  c.distributed.coordinator_address = ml_collections.config_dict.placeholder(str)
-  c.distributed.num_processes = ml_collections.config_dict.placeholder(int)
-  c.distributed.process_id = ml_collections.config_dict.placeholder(int)
+  c.seed = 0                          # seeds the train state's key (augmentation, drop path)
+  c.num_steps = 1000                  # optimiser updates to run (skipped non-finite steps
+                                      # excluded); replaced by the epochs when num_epochs is set
+  c.num_epochs = 0.0                  # > 0: the run's length in passes over the training
+                                      # records, resolved when it starts (resolve_schedule) from
+                                      # their count and the global batch, so an epoch is an
+                                      # epoch on any number of hosts and any batch size;
+                                      # 0: num_steps as given
+  c.eval_every_epochs = 0.0           # > 0 (with num_epochs): evaluate and checkpoint every this
+                                      # many epochs, replacing eval_every and checkpoint_every
+  c.batch_size = 4                    # GLOBAL examples per update, summed over all devices and
+                                      # hosts; must divide by the device count times
+                                      # micro_batches
+  c.micro_batches = 1                 # gradient accumulation: each device splits its share of
+                                      # the batch into this many micro-batches, run one after
+                                      # another
+  c.eval_batch_size = 4               # global batch of the evaluation step; partial batches are
+                                      # padded and masked
+  c.optimizer = "adamw"               # 'adamw' or 'adam' (Adam = AdamW with no weight decay)
+  c.learning_rate = 5e-5              # peak learning rate (the submissions')
+  c.weight_decay = 1e-8               # decoupled AdamW weight decay (the submissions')
+  c.b1 = 0.9                          # Adam's first-moment decay
+  c.b2 = 0.999                        # Adam's second-moment decay
+  c.eps = 1e-8                        # Adam's epsilon
+  c.schedule = "constant"             # 'constant' or 'cosine' (linear warmup from 0 to
+                                      # learning_rate over warmup_steps, then cosine decay to
+                                      # final_learning_rate at num_steps)
+  c.warmup_steps = 0                  # warmup length of the 'cosine' schedule
+  c.final_learning_rate = 1e-6        # end of the cosine decay
+  c.clip_norm = 0.0                   # clip gradients to this global L2 norm; 0 disables
+  c.ema_decay = placeholder(float)    # parameter EMA decay per update; None picks 0.99 for 4
+                                      # classes and 0.995 for 2 (optim.resolve_ema_decay)
+  c.compute_dtype = "float32"         # 'float32' or 'bfloat16': dtype of the forward/backward
+                                      # pass; master parameters, optimiser state and EMA stay
+                                      # float32
+  c.log_every = 10                    # steps between metric records (JSON lines, TensorBoard)
+  c.eval_every = 100                  # steps between evaluations with the EMA parameters
+                                      # (0: only at the end)
+  c.checkpoint_every = 100            # steps between checkpoints (also at every evaluation and
+                                      # at the end)
+  c.keep_checkpoints = 2              # latest checkpoints kept (the best one is kept too)
+  c.save_timeout_s = 600.0            # seconds a checkpoint save may wait for its storage (a
+                                      # bucket that stopped answering) before the stage stops
+                                      # with an error that says so, also after a SIGTERM
+  c.best_metric = "macro_f1"          # the evaluation metric (higher is better) that chooses the
+                                      # best checkpoint, the one handed to the next stage:
+                                      # 'macro_f1' for classification, 'dice' for segmentation,
+                                      # 'auc' (STOIC ROC AUC) for multitask; any metric the
+                                      # task's evaluation reports; the checkpoints record it
+  c.max_nonfinite_in_a_row = 10       # stop after this many consecutive steps with a non-finite
+                                      # loss or gradient (each leaves the state unchanged)
+  c.progress_bar = True               # a tqdm bar on process 0
+  c.distributed = ml_collections.ConfigDict()  # jax.distributed.initialize's arguments
+  c.distributed.initialize = False    # True on multi-host TPU/GPU, where the fields below may
+                                      # stay None to be detected
+  c.distributed.coordinator_address = placeholder(str)  # 'host:port'
+  c.distributed.num_processes = placeholder(int)
+  c.distributed.process_id = placeholder(int)
   return c
 
 
