@@ -126,15 +126,30 @@ def main(argv):
     sys.exit(2)
   except TimeoutError as e:   # a bucket that stopped answering (see covid3d.storage)
     # The stuck request cannot be cancelled and would keep the interpreter from exiting.
-    print(f"covid3d.main: stage {config.stage}: {e or type(e).__name__}; this process's log: "
-          f"{log_file}", file=sys.stderr)
-    sys.stderr.flush()
-    os._exit(3)  # pylint: disable=protected-access
+    _exit_now(f"stage {config.stage}: {e or type(e).__name__}; this process's log: {log_file}", 3)
   except KeyboardInterrupt:   # before the training loop (which checkpoints on a signal itself)
     print(f"covid3d.main: stage {config.stage}: interrupted", file=sys.stderr)
     sys.exit(130)
+  except Exception as e:  # pylint: disable=broad-exception-caught
+    if jax.process_count() == 1:
+      raise
+    # A normal exit would wait (train.distributed.shutdown_timeout_s) for the
+    # other processes, which may be blocked in a collective with this one. Ended
+    # now, it fails their collective at once (or they miss its heartbeat).
+    logging.exception("this process failed")
+    _upload_log(log_file, workdir)
+    first_line = (str(e).strip().splitlines() or [""])[0][:300]
+    _exit_now(f"stage {config.stage}: process {jax.process_index()} of {jax.process_count()} "
+              f"failed ({type(e).__name__}: {first_line}); its log: {log_file}", 1)
   finally:
     _upload_log(log_file, workdir)
+
+
+def _exit_now(message: str, code: int):
+  """Exits with one line on stderr, without waiting for threads or the other processes."""
+  print(f"covid3d.main: {message}", file=sys.stderr)
+  sys.stderr.flush()
+  os._exit(code)  # pylint: disable=protected-access
 
 
 def _exit_on_signal(signum, frame):

@@ -186,10 +186,13 @@ def test_ctrl_c_before_the_training_loop_is_one_line(tmp_path):
          f"--config.data.phantom_dir={tmp_path / 'phantom'}",
          f"--config.cache_dir={tmp_path / 'cache'}"]
   # Ctrl-C as in a terminal: a shell that runs the tests in the background
-  # hands them SIGINT ignored, and a child inherits that.
-  proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"),
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+  # hands them SIGINT ignored, and a child inherits that. A wrapper restores it
+  # and execs the command (not preexec_fn: this process runs JAX's threads).
+  restore = ("import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+             "os.execv(sys.argv[1], sys.argv[1:])")
+  proc = subprocess.Popen([sys.executable, "-c", restore, *cmd], cwd=ROOT,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu"),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   deadline = time.time() + 120
   while not (work / "config.json").exists():   # the stage has started on its data
     assert proc.poll() is None and time.time() < deadline

@@ -65,10 +65,8 @@ def default_config() -> ml_collections.ConfigDict:
     max_nonfinite_in_a_row: int, stop after this many consecutive steps with a
       non-finite loss or gradient (each leaves the state unchanged).
     progress_bar: bool, show a tqdm bar on process 0.
-    distributed: ConfigDict for ``jax.distributed.initialize``:
-      ``initialize`` (bool; True on multi-host TPU/GPU, where the other fields
-      may stay None to be detected), ``coordinator_address`` ('host:port'),
-      ``num_processes``, ``process_id``.
+    distributed: ConfigDict for ``jax.distributed.initialize`` (the fields
+      next to their values below).
   """
   c = ml_collections.ConfigDict()
   c.seed = 0
@@ -99,10 +97,21 @@ def default_config() -> ml_collections.ConfigDict:
   c.max_nonfinite_in_a_row = 10
   c.progress_bar = True
   c.distributed = ml_collections.ConfigDict()
+  # True on multi-host TPU/GPU, where the next three may stay None to be detected.
   c.distributed.initialize = False
-  c.distributed.coordinator_address = ml_collections.config_dict.placeholder(str)
+  c.distributed.coordinator_address = ml_collections.config_dict.placeholder(str)  # 'host:port'
   c.distributed.num_processes = ml_collections.config_dict.placeholder(int)
   c.distributed.process_id = ml_collections.config_dict.placeholder(int)
+  # Seconds. Start: how long the processes wait to connect to the coordinator.
+  c.distributed.initialization_timeout_s = 600
+  # How long the processes wait for each other before the first training step,
+  # each with the step compiled (a host restoring or compiling slower than the
+  # others; the CPU collectives' own rendezvous gives up after a fixed 30 s).
+  c.distributed.first_step_timeout_s = 1800
+  # A process whose heartbeat stops this long is declared lost, and the others end.
+  c.distributed.heartbeat_timeout_s = 60
+  # At exit, how long a process waits for the others to exit too.
+  c.distributed.shutdown_timeout_s = 60
   return c
 
 
