@@ -87,7 +87,8 @@ def test_remat_gives_same_gradients(remat):
   ref = grads(plain)
   got = grads(plain.clone(remat=remat))
   for r, g in zip(jax.tree.leaves(ref), jax.tree.leaves(got)):
-    np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-7)
+    # Compiled apart, the two programs round apart: atol scales with the leaf.
+    np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5 * float(np.abs(r).max()))
 
 
 def test_bfloat16_compute_keeps_float32_params():
