@@ -89,12 +89,30 @@ def main(argv):
   if not workdir:
     usage_error("--workdir is empty: give the folder for this stage's outputs")
   # pylint: disable=import-outside-toplevel  (after flag parsing: --help stays fast)
+  from covid3d.train.loop import init_distributed
+  init_distributed(config.train)
+  try:
+    _run_stage(config, workdir)
+  except Exception as e:  # pylint: disable=broad-exception-caught
+    if jax.process_count() == 1:
+      raise
+    # A normal exit would wait (train.distributed.shutdown_timeout_s) for the
+    # other processes, which may be blocked in a collective with this one. Ended
+    # now, its heartbeat stops, and JAX ends them within
+    # train.distributed.heartbeat_timeout_s.
+    logging.exception("this process failed")
+    first_line = (str(e).strip().splitlines() or [""])[0][:300]
+    _exit_now(f"stage {config.stage}: process {jax.process_index()} of {jax.process_count()} "
+              f"failed ({type(e).__name__}: {first_line})", 1)
+
+
+def _run_stage(config, workdir):
+  """Runs the stage after the distributed set-up: logs, the stage, one-line errors."""
+  # pylint: disable=import-outside-toplevel
   from covid3d.data.skips import DataError
   from covid3d.stages import registry
   from covid3d.stages.handoff import HandOffError
   from covid3d.train.config import SettingsChanged
-  from covid3d.train.loop import init_distributed
-  init_distributed(config.train)
   # jax.distributed's preemption notifier takes SIGTERM over, which would leave a
   # stage without a training loop (pseudolabel, predict) running after a
   # preemption; the training loop handles SIGTERM itself (a checkpoint, then exit).
@@ -130,17 +148,6 @@ def main(argv):
   except KeyboardInterrupt:   # before the training loop (which checkpoints on a signal itself)
     print(f"covid3d.main: stage {config.stage}: interrupted", file=sys.stderr)
     sys.exit(130)
-  except Exception as e:  # pylint: disable=broad-exception-caught
-    if jax.process_count() == 1:
-      raise
-    # A normal exit would wait (train.distributed.shutdown_timeout_s) for the
-    # other processes, which may be blocked in a collective with this one. Ended
-    # now, it fails their collective at once (or they miss its heartbeat).
-    logging.exception("this process failed")
-    _upload_log(log_file, workdir)
-    first_line = (str(e).strip().splitlines() or [""])[0][:300]
-    _exit_now(f"stage {config.stage}: process {jax.process_index()} of {jax.process_count()} "
-              f"failed ({type(e).__name__}: {first_line}); its log: {log_file}", 1)
   finally:
     _upload_log(log_file, workdir)
 

@@ -108,7 +108,7 @@ def default_config() -> ml_collections.ConfigDict:
   # each with the step compiled (a host restoring or compiling slower than the
   # others; the CPU collectives' own rendezvous gives up after a fixed 30 s).
   c.distributed.first_step_timeout_s = 1800
-  # A process whose heartbeat stops this long is declared lost, and the others end.
+  # A process whose heartbeat stops this long is declared lost, and JAX ends the others.
   c.distributed.heartbeat_timeout_s = 60
   # At exit, how long a process waits for the others to exit too.
   c.distributed.shutdown_timeout_s = 60
