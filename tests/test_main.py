@@ -1,8 +1,12 @@
 """``python -m covid3d.main``: required flags, the ``:demo`` config argument, overrides.
 
-The subprocesses (started side by side) fail during flag parsing or before the
-stage runs, so none trains anything.
+The command lines fail during flag parsing or before the stage runs, so none
+trains anything. Those that stop before main's first side effect (the
+distributed set-up, signal handlers, log files) run in this process; the
+others run as the command, side by side.
 """
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -65,18 +69,49 @@ CASES = {
 }
 
 
+# Those that get past main's first side effect run as the command.
+SUBPROCESS = ("bad_init_from", "bad_stage")
+
+
+def _in_process(argv: list[str]) -> int:
+  """The exit status of ``python -m covid3d.main *argv``, run in this process up to main's
+  first side effect (a command line that gets further fails the test)."""
+  from absl import flags as absl_flags  # pylint: disable=import-outside-toplevel
+
+  from covid3d import main  # pylint: disable=import-outside-toplevel
+  argv = ["covid3d.main", *argv]
+  saved = sys.argv
+  sys.argv = argv   # where the config flag finds its overrides
+  try:
+    main.main(main.parse_flags(argv))
+  except SystemExit as e:
+    return e.code
+  except Exception as e:  # pylint: disable=broad-exception-caught
+    return f"got past the checks: {e!r}"
+  finally:
+    sys.argv = saved
+    absl_flags.FLAGS.unparse_flags()
+    for name in [n for n in absl_flags.FLAGS if n.startswith("config.")]:
+      delattr(absl_flags.FLAGS, name)   # the overrides this command line defined
+  return "got past the checks"
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
   """name -> (exit code, stdout + stderr, workdir) of each CASES command line."""
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  procs = {}
-  for name, args in CASES.items():
+  procs, out = {}, {}
+  for name in SUBPROCESS:
     workdir = tmp_path_factory.mktemp(name) / "work"
-    cmd = [sys.executable, "-m", "covid3d.main"] + [a.format(w=workdir) for a in args]
+    cmd = [sys.executable, "-m", "covid3d.main"] + [a.format(w=workdir) for a in CASES[name]]
     procs[name] = (subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                                     stderr=subprocess.STDOUT, text=True), workdir)
-  out = {}
   try:
+    for name in set(CASES) - set(SUBPROCESS):
+      workdir = tmp_path_factory.mktemp(name) / "work"
+      with contextlib.redirect_stdout(io.StringIO()) as text, contextlib.redirect_stderr(text):
+        code = _in_process([a.format(w=workdir) for a in CASES[name]])
+      out[name] = (code, text.getvalue(), workdir)
     for name, (proc, workdir) in procs.items():
       text = proc.communicate(timeout=120)[0]
       out[name] = (proc.returncode, text, workdir)
@@ -182,10 +217,13 @@ def test_ctrl_c_before_the_training_loop_is_one_line(tmp_path):
          f"--config.data.phantom_dir={tmp_path / 'phantom'}",
          f"--config.cache_dir={tmp_path / 'cache'}"]
   # Ctrl-C as in a terminal: a shell that runs the tests in the background
-  # hands them SIGINT ignored, and a child inherits that.
-  proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"),
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+  # hands them SIGINT ignored, and a child inherits that. A wrapper restores it
+  # and execs the command (not preexec_fn: this process runs JAX's threads).
+  restore = ("import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+             "os.execv(sys.argv[1], sys.argv[1:])")
+  proc = subprocess.Popen([sys.executable, "-c", restore, *cmd], cwd=ROOT,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu"),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   deadline = time.time() + 120
   while not (work / "config.json").exists():   # the stage has started on its data
     assert proc.poll() is None and time.time() < deadline

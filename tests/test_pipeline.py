@@ -6,6 +6,7 @@ import sys
 import textwrap
 
 import numpy as np
+import portpicker
 import pytest
 
 from covid3d.data import phantom_writers
@@ -250,7 +251,7 @@ def test_two_processes_build_the_global_batches(tmp_path):
   the one-process batches, so no record is lost or duplicated."""
   script = tmp_path / "multihost.py"
   script.write_text(_MULTIHOST)
-  port = 20000 + os.getpid() % 20000
+  port = portpicker.pick_unused_port()
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   procs = [subprocess.Popen(
       [sys.executable, str(script), f"127.0.0.1:{port}", str(p),

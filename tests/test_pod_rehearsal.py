@@ -4,14 +4,18 @@ Each stage runs as ``python -m covid3d.main`` in two processes joined by
 ``jax.distributed`` on 127.0.0.1, its workdir in a real GCS emulator's bucket
 (the only variable given is ``STORAGE_EMULATOR_HOST``; the CPU device count is
 the harness's stand-in for a host's chips). The chain pretrain2d ->
-segmentation -> severity (2 folds), at demo sizes, runs twice from the same
+segmentation -> severity (one fold), at demo sizes, runs twice from the same
 2-D pretraining: once uninterrupted, and once with one process SIGKILLed in
 the middle of segmentation (then both restarted, as a pod's job restarts
 after a lost host) and SIGTERM sent to every process in the middle of
 severity (a preemption: they save and exit; restarted, they continue). The
-final parameters of every stage are equal bit for bit. Then the
-pseudolabel stage (no training) and the report run on the same bucket, and
-every output is found there, none in a local folder named ``gs:``.
+final parameters of every stage are equal bit for bit. Then the report runs
+on the same bucket, and every output is found there, none in a local folder
+named ``gs:``. (The stages without training read and write their workdirs
+through the same ``covid3d.storage``: tests/test_stages.py runs them locally.)
+
+A process that fails ends the stage at once: the harness kills its sibling
+and shows the failed one's log.
 
 ``python -m pytest -q tests/test_pod_rehearsal.py`` runs it (docs/launch.md,
 "Rehearsing a pod on one machine").
@@ -28,17 +32,17 @@ import pytest
 from etils import epath
 
 import gcs_emulator
-from covid3d import report, storage
+from covid3d import report
 from covid3d.train import checkpoint, log
 
 pytestmark = pytest.mark.slow
 BUCKET = "covid3d-pod"
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROCESSES = 2
-STEPS = 8
-SMALL = ["--config.data.phantom_scans=8", "--config.data.folds=2", "--config.data.workers=1",
+STEPS = 6
+SMALL = ["--config.data.phantom_scans=8", "--config.data.folds=1", "--config.data.workers=1",
          "--config.train.warmup_steps=0", f"--config.train.num_steps={STEPS}",
-         "--config.train.eval_every=4", "--config.train.checkpoint_every=2",
+         f"--config.train.eval_every={STEPS}", "--config.train.checkpoint_every=2",
          "--config.train.progress_bar=False"]
 
 
@@ -75,14 +79,39 @@ class Stage:
              f"--config.cache_dir={root / f'host{pid}'}"],
             cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT))
 
-  def wait(self, timeout: float = 900) -> list[int]:
-    return [proc.wait(timeout=timeout) for proc in self.procs]
+  def wait(self, expect: int = 0, timeout: float = 900):
+    """Waits until every process has exited with ``expect``.
+
+    The first to exit otherwise fails the test at once, its sibling killed.
+    """
+    deadline = time.monotonic() + timeout
+    while any(p.poll() is None for p in self.procs):
+      self._check(expect)
+      if time.monotonic() > deadline:
+        self.kill()
+        pytest.fail(f"{self.name}: still running after {timeout} s\n{self.tail()}")
+      time.sleep(0.2)
+    self._check(expect)
+
+  def _check(self, expect: int | None):
+    """Fails (killing the others) if a process has exited other than with ``expect``."""
+    for pid, proc in enumerate(self.procs):
+      if proc.poll() is not None and proc.returncode != expect:
+        self.kill()
+        pytest.fail(f"{self.name}: process {pid} exited with {proc.returncode}"
+                    f"{'' if expect is None else f' (expected {expect})'}\n{self.tail()}")
+
+  def kill(self):
+    for proc in self.procs:
+      if proc.poll() is None:
+        proc.kill()
+      proc.wait()
 
   def tail(self) -> str:
     return "\n".join(f"--- {log.name}\n{log.read_text()[-3000:]}" for log in self.logs)
 
   def finish(self):
-    assert self.wait() == [0] * PROCESSES, self.tail()
+    self.wait()
     assert epath.Path(self.workdir, "DONE").exists(), self.tail()
 
   def wait_for_checkpoint(self, subdir: str = "", step: int = 2, timeout: float = 900):
@@ -90,8 +119,10 @@ class Stage:
     done = epath.Path(self.workdir, subdir, "checkpoints", str(step), "commit_success.txt")
     deadline = time.monotonic() + timeout
     while not done.exists():
-      assert all(p.poll() is None for p in self.procs), f"a process ended early\n{self.tail()}"
-      assert time.monotonic() < deadline, f"no checkpoint {step} after {timeout} s\n{self.tail()}"
+      self._check(None)   # no process may end before
+      if time.monotonic() > deadline:
+        self.kill()
+        pytest.fail(f"{self.name}: no checkpoint {step} after {timeout} s\n{self.tail()}")
       time.sleep(0.2)
 
 
@@ -114,9 +145,22 @@ def _flat(tree, prefix=""):
     yield prefix, tree
 
 
-def test_a_pod_run_survives_a_lost_host_and_a_preemption(emulator, tmp_path):
+@pytest.fixture
+def stage(emulator, tmp_path):
+  """Starts a stage's processes; kills those still running when the test ends."""
+  started = []
+
+  def start(name: str, workdir: str, *flags: str) -> Stage:
+    started.append(Stage(tmp_path, emulator, name, workdir, *flags))
+    return started[-1]
+
+  yield start
+  for one in started:
+    one.kill()
+
+
+def test_a_pod_run_survives_a_lost_host_and_a_preemption(stage, tmp_path):
   url = f"gs://{BUCKET}/rehearsal"
-  stage = lambda name, workdir, *flags: Stage(tmp_path, emulator, name, workdir, *flags)
   stage("pretrain2d", f"{url}/pretrain2d", "--config.train.num_steps=2").finish()
   start = time.monotonic()
   for run in ("uninterrupted", "interrupted"):
@@ -125,9 +169,8 @@ def test_a_pod_run_survives_a_lost_host_and_a_preemption(emulator, tmp_path):
     first = stage("segmentation", seg, f"--config.init_from={url}/pretrain2d")
     if run == "interrupted":
       first.wait_for_checkpoint()
-      first.procs[1].send_signal(signal.SIGKILL)   # a host is lost ...
-      first.procs[0].send_signal(signal.SIGKILL)   # ... and the pod's job with it
-      first.wait()
+      first.procs[1].kill()   # a host is lost ...
+      first.kill()            # ... and the pod's job with it
       assert not epath.Path(seg, "DONE").exists(), "segmentation ended before the kill"
       first = stage("segmentation", seg, f"--config.init_from={url}/pretrain2d")
       first.finish()
@@ -138,7 +181,7 @@ def test_a_pod_run_survives_a_lost_host_and_a_preemption(emulator, tmp_path):
       second.wait_for_checkpoint("fold0")
       for proc in second.procs:
         proc.send_signal(signal.SIGTERM)
-      assert second.wait() == [128 + signal.SIGTERM] * PROCESSES, second.tail()
+      second.wait(expect=128 + signal.SIGTERM)
       assert not epath.Path(severity, "DONE").exists(), "severity ended before the SIGTERM"
       second = stage("severity", severity, f"--config.init_from={seg}")
       second.finish()
@@ -147,29 +190,20 @@ def test_a_pod_run_survives_a_lost_host_and_a_preemption(emulator, tmp_path):
     print(f"{run} run: {time.monotonic() - start:.0f} s")
     start = time.monotonic()
 
-  for workdir in ("segmentation", "severity/fold0", "severity/fold1"):
+  for workdir in ("segmentation", "severity/fold0"):
     expected = final_params(f"{url}/uninterrupted/{workdir}")
     got = final_params(f"{url}/interrupted/{workdir}")
     assert expected.keys() == got.keys() and expected["step"] == got["step"] == STEPS
     for key in expected:
       np.testing.assert_array_equal(got[key], expected[key], err_msg=f"{workdir}: {key}")
 
-  # The other outputs, on the bucket: a stage without training, the report.
+  # The other outputs, on the bucket.
   chain = epath.Path(f"{url}/interrupted")
-  stage("pseudolabel", str(chain / "pseudolabel"),
-        f"--config.init_from={chain / 'segmentation'}").finish()
-  # Every scan once, whichever process read it.
   phantom = tmp_path / "data" / "cov19ctdb"
-  scans = lambda partition: len(list((phantom / partition).glob("**/ct_scan_*")))
-  labelled = storage.read_json(chain / "pseudolabel" / "DONE")["scans"]
-  assert labelled["cov19ctdb"] == sum(scans(p) for p in ("train", "validation", "test"))
-  for dataset, count in labelled.items():
-    assert len(list(chain.glob(f"pseudolabel/masks/{dataset}/*.npz"))) == count > 0, dataset
-    assert len(list(chain.glob(f"pseudolabel/nifti/{dataset}/*_pseudo.nii.gz"))) == count
   severity = chain / "severity"
   predicted = (severity / "predictions_validation.csv").read_text().splitlines()[1:]
-  assert len(predicted) == scans("validation") > 0
-  assert {"DONE", "config.json", "cv.json", "fold0", "fold1", "folds.csv", "skips.json",
+  assert len(predicted) == len(list((phantom / "validation").glob("**/ct_scan_*"))) > 0
+  assert {"DONE", "config.json", "cv.json", "fold0", "skips.json",
           "log.0.txt", "log.1.txt"} <= {p.name for p in severity.iterdir()}
   assert "resumed from step" in (severity / "log.0.txt").read_text()
   assert {"DONE", "checkpoints", "metrics.jsonl"} <= {p.name

@@ -8,7 +8,7 @@ import pytest
 import SimpleITK as sitk
 from PIL import Image
 
-from covid3d.data import readers
+from covid3d.data import phantom_writers, readers
 from covid3d.data.read_common import hu_to_unit
 from covid3d.data.skips import SkipLog
 from tests import data_fixtures as fx
@@ -162,7 +162,6 @@ def test_stoic_patient_as_a_dicom_series(tmp_path):
   """A STOIC-like set whose patient 9 is a DICOM folder reads as its MHA twin does."""
   import locale
 
-  from covid3d.data import phantom_writers
   before = locale.setlocale(locale.LC_ALL)
   hu = fx.hu_volume(seed=5)
   fx.write_stoic(tmp_path, {4: hu}, {4: (1, 0), 9: (0, 0)})
@@ -218,7 +217,6 @@ def test_lesion_pairs_and_jpeg_mask_round_trip(tmp_path):
 
 
 def test_phantom_through_the_readers(tmp_path):
-  phantom_writers = pytest.importorskip("covid3d.data.phantom_writers")
   roots = phantom_writers.write_all(tmp_path, 0, 5, sizes=(32, 36), slices=(16, 18))
   manifest = json.loads((tmp_path / phantom_writers.MANIFEST).read_text())["scans"]
   skips = SkipLog()

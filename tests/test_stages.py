@@ -331,9 +331,12 @@ def test_missing_checkpoint_names_the_producing_command(root, chain, tmp_path):
 
 
 def test_wrong_variant_is_a_clear_error(chain):
+  config = tiny("segmentation", chain, init_from=str(chain / "pretrain2d"),
+                **{"model.variant": "tiny"})
+  model = build.make_model(config, {}, segmentation=True)
+  like = jax.eval_shape(lambda: build.init_params(model, config, min(config.data.sizes)))
   with pytest.raises(HandOffError, match="variant") as err:
-    run("segmentation", chain, "seg_variant", init_from=str(chain / "pretrain2d"),
-        **{"model.variant": "tiny"})
+    initial_params.load_initial_params(config, like)
   # One message naming what does not fit: the source, its missing blocks and
   # mis-shaped leaves (nano weights in a tiny model), and the variant to check.
   lines = str(err.value).splitlines()

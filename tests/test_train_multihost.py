@@ -1,5 +1,8 @@
 """Two JAX processes on 127.0.0.1 (2 CPU devices each) train like one process with 4."""
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import portpicker
@@ -16,8 +19,7 @@ def test_two_processes_match_one_process_with_four_devices(tmp_path):
   procs = [h.run_worker(h.worker_args(work, str(tmp_path / f"{name}.npz"), **common, **dist),
                         devices=devices, wait=False)
            for work, name, dist, devices in jobs]  # all three side by side
-  for proc in procs:
-    output = proc.communicate(timeout=600)[0]
+  for proc, output in zip(procs, h.wait_all(procs)):
     assert proc.returncode == 0, output
   p0, p1 = (h.load_params(str(tmp_path / f"p{pid}.npz")) for pid in (0, 1))
   single = h.load_params(str(tmp_path / "single.npz"))
@@ -31,3 +33,39 @@ def test_two_processes_match_one_process_with_four_devices(tmp_path):
     np.testing.assert_allclose(multi_eval[k], single_eval[k], rtol=1e-5, err_msg=k)
   assert (tmp_path / "multi" / "checkpoints" / "2" / "data" / "process_1-of-2.json").exists()
   assert not list((tmp_path / "multi").glob("tensorboard/*"))[1:]  # one writer: process 0
+
+
+def test_a_failed_process_ends_the_stage_at_once(tmp_path):
+  """Process 1 of ``covid3d.main`` fails (its workdir is a file): it exits with one line,
+  without waiting for process 0, which JAX ends once it misses process 1's heartbeat."""
+  port = portpicker.pick_unused_port()
+  (tmp_path / "a_file").write_text("")
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  logs = [tmp_path / f"{pid}.log" for pid in (0, 1)]
+  procs = []
+  for pid, log in enumerate(logs):
+    with open(log, "w") as out:   # a file: a pipe stays open while an orphaned child lives
+      procs.append(subprocess.Popen(
+          [sys.executable, "-m", "covid3d.main",
+           f"--config={h.HERE}/../configs/pretrain2d.py:demo",
+           f"--workdir={tmp_path / ('work' if pid == 0 else 'a_file')}",
+           f"--config.data.phantom_dir={tmp_path / 'data'}", "--config.data.workers=1",
+           f"--config.cache_dir={tmp_path / 'cache'}",
+           "--config.train.distributed.initialize=True",
+           f"--config.train.distributed.coordinator_address=127.0.0.1:{port}",
+           "--config.train.distributed.num_processes=2",
+           f"--config.train.distributed.process_id={pid}",
+           "--config.train.distributed.heartbeat_timeout_s=10"],
+          cwd=os.path.dirname(h.HERE), env=env, stdout=out, stderr=subprocess.STDOUT))
+  try:
+    codes = [proc.wait(timeout=120) for proc in procs]
+  finally:
+    for proc in procs:
+      if proc.poll() is None:
+        proc.kill()
+  outputs = [log.read_text() for log in logs]
+  assert codes[1] == 1, outputs[1]
+  assert outputs[1].strip().splitlines()[-1].startswith(
+      "covid3d.main: stage pretrain2d: process 1 of 2 failed (FileExistsError: "), outputs[1]
+  assert codes[0] != 0 and ("another task died" in outputs[0] or "unhealthy" in outputs[0]), \
+      outputs[0]

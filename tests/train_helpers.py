@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -56,6 +57,30 @@ def run_worker(args: dict, devices: int = 1, cache_dir: str | None = None, wait:
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
   return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def wait_all(procs, timeout: float = 600) -> list[str]:
+  """The outputs of ``procs`` (``run_worker(wait=False)``) once all have exited.
+
+  The first to exit with an error, or the timeout, ends the others at once
+  (they would wait for it in a collective). Each output is drained as it
+  comes, so no process blocks on a full pipe.
+  """
+  outputs = [[] for _ in procs]
+  readers = [threading.Thread(target=out.extend, args=(proc.stdout,), daemon=True)
+             for proc, out in zip(procs, outputs)]
+  for reader in readers:
+    reader.start()
+  deadline = time.monotonic() + timeout
+  while any(proc.poll() is None for proc in procs):
+    if any(proc.returncode for proc in procs) or time.monotonic() > deadline:
+      for proc in procs:
+        if proc.poll() is None:
+          proc.kill()
+    time.sleep(0.1)
+  for reader in readers:
+    reader.join()
+  return ["".join(out) for out in outputs]
 
 
 def worker_args(workdir: str, out: str, **overrides) -> dict:

@@ -76,6 +76,15 @@ def default_config() -> ml_collections.ConfigDict:
   c.distributed.coordinator_address = placeholder(str)  # 'host:port'
   c.distributed.num_processes = placeholder(int)
   c.distributed.process_id = placeholder(int)
+  c.distributed.initialization_timeout_s = 600  # seconds the processes wait to reach the
+                                      # coordinator at start
+  c.distributed.first_step_timeout_s = 1800  # seconds the processes wait for each other before
+                                      # the first training step, each with the step compiled (a
+                                      # host restoring or compiling slower than the others; the
+                                      # CPU collectives' own rendezvous gives up after a fixed 30 s)
+  c.distributed.heartbeat_timeout_s = 60  # seconds without a process's heartbeat before it is
+                                      # declared lost and JAX ends the others
+  c.distributed.shutdown_timeout_s = 60  # seconds a process waits at exit for the others to exit
   return c
 
 

@@ -11,6 +11,7 @@ import numpy as np
 from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
+from orbax.checkpoint import multihost as ocp_multihost
 
 from covid3d import storage
 from covid3d.train import checkpoint, log, optim, steps
@@ -35,13 +36,34 @@ class StatefulIterator(Protocol):
 def init_distributed(config: ml_collections.ConfigDict):
   """Calls ``jax.distributed.initialize`` if ``config.distributed.initialize``.
 
-  Must run before anything touches the devices. Unset fields are detected by
-  JAX (TPU pods, SLURM); on CPU give all three (the CPU collectives across
-  processes are gloo's, the default of the JAX covid3d requires: nothing to set).
+  Must run before anything touches the devices. Unset address fields are
+  detected by JAX (TPU pods, SLURM); on CPU give all three (the CPU collectives
+  across processes are gloo's, the default of the JAX covid3d requires: nothing
+  to set). The timeouts are the ``*_s`` fields (``covid3d.train.config``).
   """
   d = config.distributed
   if d.initialize:
-    jax.distributed.initialize(d.coordinator_address, d.num_processes, d.process_id)
+    jax.distributed.initialize(d.coordinator_address, d.num_processes, d.process_id,
+                               initialization_timeout=d.initialization_timeout_s,
+                               heartbeat_timeout_seconds=d.heartbeat_timeout_s,
+                               shutdown_timeout_seconds=d.shutdown_timeout_s)
+
+
+def _compile_then_meet(train_step, state, batch, timeout_s: int, name: str):
+  """Compiles the first step, then waits (``timeout_s``) until every process has too.
+
+  The first run of a step sets up its collectives, and on CPU (gloo) that
+  rendezvous gives up after a fixed 30 s: less than one host may lag behind
+  another in restoring a checkpoint or compiling. Compiled ahead (``jax.jit``
+  reuses it), the processes leave the barrier ready to run the step together.
+  """
+  if jax.process_count() == 1:
+    return
+  train_step.lower(state, batch).compile()
+  # With ``processes`` given, Orbax waits on the coordination service's barrier
+  # (which honours the timeout), not on a device collective.
+  ocp_multihost.sync_global_processes(name, timeout=timeout_s,
+                                      processes=set(range(jax.process_count())))
 
 
 class _StopSignal:
@@ -213,7 +235,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, model, p
       compute_dtype=dtype, schedule=optim.make_schedule(config))
   eval_step = steps.make_eval_step(apply_fn, task.eval_fn, mesh, compute_dtype=dtype)
   logger = log.MetricLogger(workdir, enabled=process0)
-  step = int(jax.device_get(state.step))
+  step = first_step = int(jax.device_get(state.step))
   last_saved = step
   bar = log.progress_bar(config.num_steps, step, enabled=process0 and config.progress_bar)
   stop = _StopSignal()
@@ -229,7 +251,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, model, p
       if size != host_batch:
         raise ValueError(f"a training batch has {size} examples on this host; expected "
                          f"train.batch_size / process_count = {host_batch}")
-      state, metrics = train_step(state, steps.shard_batch(batch, mesh))
+      batch = steps.shard_batch(batch, mesh)
+      if step == first_step:
+        _compile_then_meet(train_step, state, batch, config.distributed.first_step_timeout_s,
+                           f"covid3d_first_step:{workdir}:{step}")
+      state, metrics = train_step(state, batch)
       metrics = jax.device_get(metrics)
       step = int(metrics["step"])
       if not metrics["finite"]:
