@@ -274,7 +274,7 @@ def _check_inputs(shape, mask, config, volume_large, mask_large):
     raise ValueError(f"augment: crop.p = {config.crop.p} needs volume_large (the larger "
                      "cache, e.g. 256^3); pass it or set crop.p = 0")
   large_shape = tuple(volume_large.shape)
-  if len(large_shape) != 3 or any(l < s for l, s in zip(large_shape, shape)):
+  if len(large_shape) != 3 or any(l < s for l, s in zip(large_shape, shape, strict=True)):
     raise ValueError(f"augment: volume_large {large_shape} is not a volume at least as "
                      f"large as volume {shape}")
   if (mask is None) != (mask_large is None):
@@ -334,7 +334,7 @@ def augment(key: jax.Array, volume: jax.Array, mask: Optional[jax.Array],
     # Centred output coordinates as broadcast 1-D ramps: no full grid in memory.
     ramps = [(jnp.arange(n, dtype=jnp.float32) - c).reshape([-1 if a == i else 1
                                                               for a in range(3)])
-             for i, (n, c) in enumerate(zip(shape, centre))]
+             for i, (n, c) in enumerate(zip(shape, centre, strict=True))]
     coords = jnp.stack([
         sum(matrix[i, j] * (ramps[j] + disp[j]) for j in range(3)) + centre[i]
         for i in range(3)])

@@ -162,7 +162,7 @@ def identity_grid(shape: Sequence[int]) -> jax.Array:
 def _corner_indices(coords: jax.Array, shape: Sequence[int]):
   """Lower/upper neighbour indices and the fraction along each axis (edge-clamped)."""
   lo, hi, frac = [], [], []
-  for c, n in zip(coords, shape):
+  for c, n in zip(coords, shape, strict=True):
     c = jnp.clip(c, 0.0, n - 1.0)
     i0 = jnp.clip(jnp.floor(c), 0, max(n - 2, 0)).astype(jnp.int32)
     lo.append(i0)
@@ -173,7 +173,7 @@ def _corner_indices(coords: jax.Array, shape: Sequence[int]):
 
 def _flat_index(idx, shape):
   flat = idx[0]
-  for i, n in zip(idx[1:], shape[1:]):
+  for i, n in zip(idx[1:], shape[1:], strict=True):
     flat = flat * n + i
   return flat
 
@@ -210,7 +210,7 @@ def sample(volume: jax.Array, coords: jax.Array, order: int = 1,
   shape = volume.shape
   lo, hi, frac = _corner_indices(coords, shape)
   # scipy's order 0 rounds half up: floor(c + 0.5).
-  nearest = [jnp.where(t >= 0.5, h, l) for l, h, t in zip(lo, hi, frac)]
+  nearest = [jnp.where(t >= 0.5, h, l) for l, h, t in zip(lo, hi, frac, strict=True)]
   near_flat = _flat_index(nearest, shape)
   if order == 0:
     out = volume.reshape(-1)[near_flat]
@@ -218,7 +218,7 @@ def sample(volume: jax.Array, coords: jax.Array, order: int = 1,
     flat = volume.reshape(-1)
 
     def corner(bits):
-      return flat[_flat_index([h if b else l for b, l, h in zip(bits, lo, hi)], shape)]
+      return flat[_flat_index([h if b else l for b, l, h in zip(bits, lo, hi, strict=True)], shape)]
 
     def interp(axis, bits):
       if axis == volume.ndim:
@@ -404,7 +404,7 @@ def elastic_displacement(key: jax.Array, shape: Sequence[int], alpha, sigma: flo
     field = jax.vmap(lambda u: gaussian_filter(u, float(sigma), truncate))(noise)
     return field * alpha[:, None, None, None]
   knots = [coarse_knots(n, grid) for n in shape]
-  rows = [_smoothing_rows(n, float(sigma), truncate, k) for n, k in zip(shape, knots)]
+  rows = [_smoothing_rows(n, float(sigma), truncate, k) for n, k in zip(shape, knots, strict=True)]
   if method == "coarse":
     noise = jax.random.uniform(key, (3,) + shape, jnp.float32, -1.0, 1.0)
     mats = [jnp.asarray(r, jnp.float32) for r in rows]
@@ -416,5 +416,5 @@ def elastic_displacement(key: jax.Array, shape: Sequence[int], alpha, sigma: flo
   # beats three tensordots with their transposes.
   coarse = jnp.einsum("ai,bj,ck,nijk->nabc", *mats, noise, precision=_HIGHEST)
   coarse = coarse * alpha[:, None, None, None]
-  up = [jnp.asarray(linear_interpolation_matrix(k, n)) for n, k in zip(shape, knots)]
+  up = [jnp.asarray(linear_interpolation_matrix(k, n)) for n, k in zip(shape, knots, strict=True)]
   return jnp.einsum("ia,jb,kc,nabc->nijk", *up, coarse, precision=_HIGHEST)

@@ -159,7 +159,7 @@ def plot_views(volume, path, title, mask=None, heat=None):
     axial, coronal = volume.shape[0] // 2, volume.shape[1] // 2
   views = ((f"axial slice {axial}", np.s_[axial]), (f"coronal row {coronal}", np.s_[::-1, coronal]))
   fig, axes = plt.subplots(1, 2, figsize=(8, 4))
-  for ax, (label, where) in zip(axes, views):
+  for ax, (label, where) in zip(axes, views, strict=True):
     ax.imshow(volume[where], cmap="gray", vmin=0, vmax=1)
     if heat is not None:
       ax.imshow(heat[where], cmap="jet", alpha=0.35, vmin=0, vmax=1)
@@ -224,7 +224,7 @@ def table(rows, names) -> str:
   """The predictions as aligned text, one line per scan."""
   width = max(len("scan"), *(len(r.scan) for r in rows))
   cols = [max(len(n), 8) for n in names]
-  lines = ["  ".join(["scan".ljust(width), *(n.rjust(c) for n, c in zip(names, cols)),
+  lines = ["  ".join(["scan".ljust(width), *(n.rjust(c) for n, c in zip(names, cols, strict=True)),
                       "prediction"])]
   for r in rows:
     if r.probs is None:
@@ -232,7 +232,7 @@ def table(rows, names) -> str:
     else:
       lesion = "" if r.lesion_fraction is None else f"  lesions {100 * r.lesion_fraction:.2f} %"
       lines.append("  ".join([r.scan.ljust(width),
-                              *(f"{p:.4f}".rjust(c) for p, c in zip(r.probs, cols)),
+                              *(f"{p:.4f}".rjust(c) for p, c in zip(r.probs, cols, strict=True)),
                               names[int(np.argmax(r.probs))]]) + lesion)
   return "\n".join(lines)
 

@@ -138,7 +138,7 @@ def test_elastic_coarse_equals_exact_at_knots_and_is_close_between():
                                                grid=grid))
   knots = [ops.coarse_knots(n, grid) for n in shape]
   assert all(np.diff(k).max() <= grid and k[0] == 0 and k[-1] == n - 1
-             for k, n in zip(knots, shape))
+             for k, n in zip(knots, shape, strict=True))
   at = np.ix_(range(3), *knots)
   np.testing.assert_allclose(coarse[at], exact[at], atol=1e-6)
   rel = np.linalg.norm(coarse - exact) / np.linalg.norm(exact)
@@ -185,11 +185,11 @@ def test_default_elastic_field_has_the_exact_smoothed_noise_covariance():
   grid = cfg.elastic.grid
   radius = int(5 * sigma) // 2  # docs/augment.md: the code's kernel, 7 taps each side
   knots = [ops.coarse_knots(n, grid) for n in shape]
-  for k, n in zip(knots, shape):
+  for k, n in zip(knots, shape, strict=True):
     assert k[0] == 0 and k[-1] == n - 1 and 2 < len(k) < n and np.diff(k).max() <= grid
 
   exact, model = [], []  # per axis: exact filter covariance; knot-interpolated one
-  for n, k in zip(shape, knots):
+  for n, k in zip(shape, knots, strict=True):
     s = _np_filter_matrix(n, sigma, radius)
     c = s @ s.T
     u = np.stack([np.interp(np.arange(n), k, e) for e in np.eye(len(k))], axis=1)
@@ -223,7 +223,7 @@ def test_default_elastic_field_has_the_exact_smoothed_noise_covariance():
   cross = np.zeros(3)
   for start in range(0, n_fields, batch):
     s, c = moments(keys[start:start + batch])
-    second = [a + np.asarray(b, np.float64) for a, b in zip(second, s)]
+    second = [a + np.asarray(b, np.float64) for a, b in zip(second, s, strict=True)]
     cross += np.asarray(c, np.float64)
 
   worst = 0.0

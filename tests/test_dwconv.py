@@ -35,7 +35,7 @@ def _reference(x, kernel, bias):
   xp = np.pad(x, [(0, 0)] + [((k - 1) // 2, k // 2) for k in ks] + [(0, 0)])
   out = np.zeros_like(x)
   for tap in np.ndindex(*ks):
-    sl = (slice(None),) + tuple(slice(t, t + n) for t, n in zip(tap, x.shape[1:-1]))
+    sl = (slice(None),) + tuple(slice(t, t + n) for t, n in zip(tap, x.shape[1:-1], strict=True))
     out += xp[sl] * kernel[tap][0]
   return out + np.asarray(bias)
 
@@ -59,7 +59,7 @@ def test_gradients_match_xla(impl, x_shape, k):
 
   ref = jax.grad(loss, (1, 2, 3))("xla", x, kernel, bias)
   got = jax.grad(loss, (1, 2, 3))(impl, x, kernel, bias)
-  for r, g in zip(ref, got):
+  for r, g in zip(ref, got, strict=True):
     np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-3 * float(jnp.abs(r).max()))
 
 
@@ -132,7 +132,7 @@ def test_pallas_equals_lax_forward_and_gradients(x_shape, k, dtype, blocks):
   assert got[0].dtype == x.dtype and got[1][0].dtype == x.dtype and got[1][1].dtype == x.dtype
   # float32: summation order only; bfloat16: the rounding of the output.
   rtol = 1e-5 if dtype == "float32" else 1e-2
-  for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
+  for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(ref), strict=True):
     g, r = np.asarray(g, np.float32), np.asarray(r)
     assert g.shape == r.shape
     np.testing.assert_allclose(g, r, rtol=rtol, atol=rtol * float(np.abs(r).max()))
@@ -153,7 +153,7 @@ def test_pallas_grad_through_depthwise_conv_with_bias():
 
   ref = jax.grad(loss, (1, 2, 3))("xla", x, kernel, bias)
   got = jax.jit(jax.grad(loss, (1, 2, 3)), static_argnums=0)("pallas", x, kernel, bias)
-  for r, g in zip(ref, got):
+  for r, g in zip(ref, got, strict=True):
     np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4 * float(jnp.abs(r).max()))
 
 
@@ -197,5 +197,5 @@ def test_pallas_model_gradients_equal_xla():
     return jax.jit(jax.grad(lambda p: jnp.sum(m.apply({"params": p}, x) ** 2)))(params)
 
   ref, got = grads(model), grads(model.clone(dwconv_impl="pallas"))
-  for r, g in zip(jax.tree.leaves(ref), jax.tree.leaves(got)):
+  for r, g in zip(jax.tree.leaves(ref), jax.tree.leaves(got), strict=True):
     np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4 * float(jnp.abs(r).max()) + 1e-7)

@@ -45,7 +45,7 @@ def test_a_stage_starts_training_from_the_weights_it_loaded(tmp_path, monkeypatc
   got = jax.tree_util.tree_leaves_with_path(first)
   want = jax.tree_util.tree_leaves_with_path(source)
   assert [path for path, _ in got] == [path for path, _ in want]
-  for (path, a), (_, b) in zip(got, want):
+  for (path, a), (_, b) in zip(got, want, strict=True):
     np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
 
 

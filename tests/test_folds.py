@@ -191,7 +191,7 @@ def test_split_file_errors_name_the_file(tmp_path, lines, ids, match):
 def test_unused_rows_can_be_allowed(tmp_path, caplog):
   path = _write(tmp_path / "split.csv", [AUTHORS_HEADER] + AUTHORS_ROWS)
   got = folds_lib.read_folds_csv(path, TRAIN_IDS[1:], allow_unused_rows=True)
-  assert got == {s: f for s, f in zip(TRAIN_IDS[1:], (1, 2, 1))}
+  assert got == {s: f for s, f in zip(TRAIN_IDS[1:], (1, 2, 1), strict=True)}
   assert "covid/ct_scan_1" in caplog.text and path in caplog.text
 
 
@@ -212,7 +212,7 @@ def test_load_or_make_folds_follows_a_given_split(tmp_path):
   np.testing.assert_array_equal(folds, [0, 1, 2, 1])
   # Copied in covid3d's format, reused on rerun with or without the split file.
   own = os.path.join(workdir, "folds.csv")
-  assert folds_lib.read_folds_csv(own, TRAIN_IDS) == dict(zip(TRAIN_IDS, [0, 1, 2, 1]))
+  assert folds_lib.read_folds_csv(own, TRAIN_IDS) == dict(zip(TRAIN_IDS, [0, 1, 2, 1], strict=True))
   np.testing.assert_array_equal(
       folds_lib.load_or_make_folds(workdir, TRAIN_IDS, labels, k=3, folds_csv=split), folds)
   np.testing.assert_array_equal(folds_lib.load_or_make_folds(workdir, TRAIN_IDS, labels, k=3),
@@ -221,6 +221,6 @@ def test_load_or_make_folds_follows_a_given_split(tmp_path):
   other = tmp_path / "other"
   other.mkdir()
   _write(other / "folds.csv", ["scan_id,label,fold"] + [
-      f"{s},{l},{f}" for s, l, f in zip(TRAIN_IDS, labels, [0, 1, 2, 2])])
+      f"{s},{l},{f}" for s, l, f in zip(TRAIN_IDS, labels, [0, 1, 2, 2], strict=True)])
   with pytest.raises(ValueError, match=r"folds.csv holds another split than .*cv.csv for 1 scans"):
     folds_lib.load_or_make_folds(str(other), TRAIN_IDS, labels, k=3, folds_csv=split)

@@ -40,12 +40,13 @@ def test_fine_tuning_carries_the_pretrained_norm_and_pre_head():
   merged = initial_params.merge_source(source, fresh, c, "src")
   for part in ("norm", "pre_head"):
     for a, b in zip(jax.tree.leaves(merged["head_severity"][part]),
-                    jax.tree.leaves(source["head_stoic_severe"][part])):
+                    jax.tree.leaves(source["head_stoic_severe"][part]), strict=True):
       np.testing.assert_array_equal(a, b)
   for a, b in zip(jax.tree.leaves(merged["head_severity"]["fc"]),
-                  jax.tree.leaves(fresh["head_severity"]["fc"])):
+                  jax.tree.leaves(fresh["head_severity"]["fc"]), strict=True):
     np.testing.assert_array_equal(a, b)       # another class count: fresh classifier
-  for a, b in zip(jax.tree.leaves(merged["backbone"]), jax.tree.leaves(source["backbone"])):
+  for a, b in zip(jax.tree.leaves(merged["backbone"]), jax.tree.leaves(source["backbone"]),
+                  strict=True):
     np.testing.assert_array_equal(a, b)
 
 
@@ -55,7 +56,7 @@ def test_head_init_fresh_reinitialises_the_whole_head():
   fresh = params_of("severity")
   merged = initial_params.merge_source(source, fresh, c, "src")
   for a, b in zip(jax.tree.leaves(merged["head_severity"]),
-                  jax.tree.leaves(fresh["head_severity"])):
+                  jax.tree.leaves(fresh["head_severity"]), strict=True):
     np.testing.assert_array_equal(a, b)
 
 
@@ -63,7 +64,7 @@ def test_a_head_of_the_same_name_and_shape_is_taken_whole():
   c = nano_config()
   source = jax.tree.map(lambda a: np.asarray(a) + 1.0, params_of("severity"))
   merged = initial_params.merge_source(source, params_of("severity"), c, "src")
-  for a, b in zip(jax.tree.leaves(merged), jax.tree.leaves(source)):
+  for a, b in zip(jax.tree.leaves(merged), jax.tree.leaves(source), strict=True):
     np.testing.assert_array_equal(a, b)
 
 
@@ -75,7 +76,7 @@ def test_a_2d_source_is_inflated_and_hands_on_its_final_norm():
   want = inflate_params({k: v for k, v in source2d.items() if k != "head"}, c.inflation.mode,
                         c.inflation.norm, new_axis=c.inflation.new_axis,
                         gaussian=c.inflation.gaussian)
-  for a, b in zip(jax.tree.leaves(merged["backbone"]), jax.tree.leaves(want)):
+  for a, b in zip(jax.tree.leaves(merged["backbone"]), jax.tree.leaves(want), strict=True):
     np.testing.assert_array_equal(a, b)
   np.testing.assert_array_equal(merged["head_severity"]["norm"]["scale"],
                                 source2d["head"]["norm"]["scale"])

@@ -10,7 +10,7 @@ from covid3d.inflation import gaussian_profile, inflate_kernel, inflate_params
 from covid3d.models import VARIANTS, ConvNeXt
 from covid3d.models.convnext import PatchConv
 
-NANO = dict(zip(("depths", "dims"), VARIANTS["nano"]))
+NANO = dict(zip(("depths", "dims"), VARIANTS["nano"], strict=True))
 
 
 def _kernel(shape=(7, 7, 2, 3), seed=0):

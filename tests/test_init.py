@@ -7,7 +7,7 @@ import pytest
 from covid3d.models import VARIANTS, ConvNeXt
 from covid3d.models.layers import INIT, trunc_normal_abs
 
-NANO = dict(zip(("depths", "dims"), VARIANTS["nano"]))
+NANO = dict(zip(("depths", "dims"), VARIANTS["nano"], strict=True))
 N = 1_000_000
 
 

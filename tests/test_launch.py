@@ -194,7 +194,7 @@ def test_ablations_dry_run(tmp_path, data):
   presets = ["table3_random", "authors1", "table2_1g", "table2_2g", "authors2", "authors3",
              "authors4", "table1_ce", "authors5"]
   assert [s["workdir"] for s in rows] == [f"{root}/ablation_{p}" for p in presets]
-  for s, preset in zip(rows, presets):
+  for s, preset in zip(rows, presets, strict=True):
     assert s["config"] == "configs/severity.py" and s["suffix"] == f"{preset},demo"
     assert s["flags"]["--config.predict.folds"] == ""          # the fold ensemble
     assert s["args"][-1] == "--config.train.num_steps=2"
@@ -681,7 +681,7 @@ def test_demo_processes_runs_each_stage_as_a_pod_of_local_processes(tmp_path):
   argvs = commands(out)
   stages = [a for a in argvs if "covid3d.main" in a]
   assert len(stages) % 2 == 0 and stages
-  for first, second in zip(stages[::2], stages[1::2]):
+  for first, second in zip(stages[::2], stages[1::2], strict=True):
     assert first[:3] == second[:3] == ["env", "XLA_FLAGS=--xla_force_host_platform_device_count=2",
                                        "JAX_PLATFORMS=cpu"]
     flags = [dict(w.split("=", 1) for w in a if w.startswith("--config.")) for a in (first, second)]

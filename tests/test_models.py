@@ -10,7 +10,7 @@ from covid3d.models import VARIANTS, ConvNeXt, MultitaskModel, UperNetHead
 from covid3d.models.heads import ClassificationHead
 from covid3d.models.ops import adaptive_avg_pool, resize_linear
 
-NANO = dict(zip(("depths", "dims"), VARIANTS["nano"]))
+NANO = dict(zip(("depths", "dims"), VARIANTS["nano"], strict=True))
 
 
 def _count(tree):
@@ -86,7 +86,7 @@ def test_remat_gives_same_gradients(remat):
 
   ref = grads(plain)
   got = grads(plain.clone(remat=remat))
-  for r, g in zip(jax.tree.leaves(ref), jax.tree.leaves(got)):
+  for r, g in zip(jax.tree.leaves(ref), jax.tree.leaves(got), strict=True):
     # Compiled apart, the two programs round apart: atol scales with the leaf.
     np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5 * float(np.abs(r).max()))
 
@@ -240,7 +240,7 @@ def test_upernext_head_values_match_numpy():
   # Non-cubic levels of unequal sizes and widths, an output size that is not 4x.
   shapes = [(8, 6, 4, 3), (4, 3, 2, 5), (2, 2, 1, 6), (1, 1, 1, 7)]
   keys = jax.random.split(jax.random.key(0), 4)
-  feats = [jax.random.normal(k, (2,) + s) for k, s in zip(keys, shapes)]
+  feats = [jax.random.normal(k, (2,) + s) for k, s in zip(keys, shapes, strict=True)]
   out_shape = (10, 13, 7)
   head = UperNetHead(style="upernext", channels=4, fuse_kernel=3, num_classes=2)
   shapes_only = jax.eval_shape(lambda k, f: head.init(k, f, out_shape), jax.random.key(1), feats)

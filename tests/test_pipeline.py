@@ -209,7 +209,7 @@ def test_state_restore_gives_the_same_batches():
   after = [next(it) for _ in range(3)]
   resumed = iter(pipeline.host_dataset(source, indices, **kw))
   resumed.set_state(json.loads(state))
-  for a, b in zip(after, [next(resumed) for _ in range(3)]):
+  for a, b in zip(after, [next(resumed) for _ in range(3)], strict=True):
     assert a.keys() == b.keys()
     for k in a:
       np.testing.assert_array_equal(a[k], b[k])
@@ -258,7 +258,7 @@ def test_two_processes_build_the_global_batches(tmp_path):
        os.path.dirname(__file__)], stdout=subprocess.PIPE,
       stderr=subprocess.PIPE, text=True, env=env) for p in range(2)]
   outs = [p.communicate(timeout=240) for p in procs]
-  for p, (_out, err) in zip(procs, outs):
+  for p, (_out, err) in zip(procs, outs, strict=True):
     assert p.returncode == 0, err[-3000:]
   results = [json.loads(out.split("RESULT")[1]) for out, _ in outs]
   assert results[0] == results[1]
@@ -268,6 +268,6 @@ def test_two_processes_build_the_global_batches(tmp_path):
     expect += host_batches(source, np.arange(11), 3, global_batch_size=4,
                            train=train, seed=5, fields=("severity",))
   assert len(results[0]) == len(expect)
-  for got, want in zip(results[0], expect):
+  for got, want in zip(results[0], expect, strict=True):
     for k in want:
       np.testing.assert_array_equal(np.asarray(got[k]), want[k])

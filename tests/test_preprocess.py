@@ -74,7 +74,7 @@ def test_build_cache_reuses_and_rebuilds(tmp_path, capsys):
   out = tmp_path / "cache"
   paths = preprocess.build_cache(refs, out, SIZES, workers=1, progress=False)
   assert len(paths) == len(refs) and len(set(paths)) == len(refs)
-  for ref, path in zip(refs, paths):
+  for ref, path in zip(refs, paths, strict=True):
     expect = preprocess.preprocess_scan(readers.load_scan(ref), SIZES)
     got = preprocess.read_record(path)
     assert sorted(got) == sorted(expect)
@@ -84,7 +84,7 @@ def test_build_cache_reuses_and_rebuilds(tmp_path, capsys):
   index = cache.read_index(out)
   assert [(r["scan_id"], r["covid"], r["severity"], r["has_mask"], r["file"]) for r in index] == [
       (r.scan_id, r.labels["covid"], r.labels.get("severity", -1), 0, os.path.basename(p))
-      for r, p in zip(refs, paths)]
+      for r, p in zip(refs, paths, strict=True)]
   assert not [f for f in os.listdir(out) if ".tmp" in f]
   before = _mtimes(paths)
   # A rerun finds every scan.
@@ -94,7 +94,7 @@ def test_build_cache_reuses_and_rebuilds(tmp_path, capsys):
   fx.write_slices(tmp_path / "data" / "train" / "covid" / "ct_scan_1", fx.ramp_scan(8, step=21))
   again = preprocess.build_cache(readers.list_cov19ctdb(tmp_path / "data", "train"), out, SIZES,
                                  workers=1, progress=False)
-  changed = [a != b for a, b in zip(again, paths)]
+  changed = [a != b for a, b in zip(again, paths, strict=True)]
   assert changed == [r.scan_id == "covid/ct_scan_1" for r in refs]
   # Other settings rebuild everything.
   other = preprocess.build_cache(refs, out, (16,), workers=1, progress=False)
@@ -118,7 +118,7 @@ def test_build_cache_parallel_equals_serial(tmp_path):
   parallel = preprocess.build_cache(refs, tmp_path / "b", SIZES, workers=2, skips=skips,
                                     progress=False)
   assert [os.path.basename(p) for p in serial] == [os.path.basename(p) for p in parallel]
-  for a, b in zip(serial, parallel):
+  for a, b in zip(serial, parallel, strict=True):
     assert open(a, "rb").read() == open(b, "rb").read()
   assert len(skips) == 0
 

@@ -405,7 +405,8 @@ def test_stages_hand_on_their_best_ema_weights(chain):
     ema[stage], raw[stage] = _ema_of(chain / stage)
     _assert_equal(initial_params.best_params(str(chain / stage)), ema[stage])
     assert not all(np.array_equal(a, b) for a, b in
-                   zip(jax.tree.leaves(ema[stage]), jax.tree.leaves(raw[stage]))), stage
+                   zip(jax.tree.leaves(ema[stage]), jax.tree.leaves(raw[stage]),
+                       strict=True)), stage
   assert np.ndim(ema["pretrain2d"]["stem"]["conv"]["kernel"]) == 4  # 2-D
 
   fresh = {}
@@ -507,7 +508,7 @@ def test_fold_ensemble_is_the_mean_of_the_fold_softmaxes(chain, tmp_path):
       logits = np.asarray(logits_of(params, batch["image"]), np.float64)
       soft = np.exp(logits - logits.max(-1, keepdims=True))
       soft /= soft.sum(-1, keepdims=True)
-      for i, valid, s in zip(batch["record_index"], batch["valid"], soft):
+      for i, valid, s in zip(batch["record_index"], batch["valid"], soft, strict=True):
         if valid:
           np.testing.assert_allclose(single[k][source.index[i]["scan_id"]], s, atol=2e-6)
           seen += 1

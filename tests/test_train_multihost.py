@@ -19,7 +19,7 @@ def test_two_processes_match_one_process_with_four_devices(tmp_path):
   procs = [h.run_worker(h.worker_args(work, str(tmp_path / f"{name}.npz"), **common, **dist),
                         devices=devices, wait=False)
            for work, name, dist, devices in jobs]  # all three side by side
-  for proc, output in zip(procs, h.wait_all(procs)):
+  for proc, output in zip(procs, h.wait_all(procs), strict=True):
     assert proc.returncode == 0, output
   p0, p1 = (h.load_params(str(tmp_path / f"p{pid}.npz")) for pid in (0, 1))
   single = h.load_params(str(tmp_path / "single.npz"))

@@ -170,7 +170,7 @@ def test_eval_step_sums_confusion_with_padding():
   logits = model.apply({"params": params}, batch["image"])
   preds = np.argmax(np.asarray(logits), -1)
   cm = np.zeros((3, 3), int)
-  for t, p in zip(batch["label"][:6], preds[:6]):
+  for t, p in zip(batch["label"][:6], preds[:6], strict=True):
     cm[t, p] += 1
   np.testing.assert_array_equal(sums["confusion"], cm)
   assert sums["count"] == 6

@@ -30,7 +30,7 @@ def random_params(model, x, seed):
 
 def assert_trees_equal(a, b):
   assert jax.tree.structure(a) == jax.tree.structure(b)
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
@@ -88,7 +88,7 @@ def make_torch_convnext(torch, spatial_dims, in_chans, num_classes, head_hidden,
           + [nn.Sequential(ChannelsFirstNorm(dims[i - 1]), conv(dims[i - 1], dims[i], 2, stride=2))
              for i in range(1, len(dims))])
       self.stages = nn.ModuleList([nn.Sequential(*[Block(c) for _ in range(d)])
-                                   for d, c in zip(depths, dims)])
+                                   for d, c in zip(depths, dims, strict=True)])
       self.norm = nn.LayerNorm(dims[-1], eps=1e-6)
       width = dims[-1]
       if head_hidden:
@@ -97,7 +97,7 @@ def make_torch_convnext(torch, spatial_dims, in_chans, num_classes, head_hidden,
       self.head = nn.Linear(width, num_classes)
 
     def forward(self, x):
-      for down, stage in zip(self.downsample_layers, self.stages):
+      for down, stage in zip(self.downsample_layers, self.stages, strict=True):
         x = stage(down(x))
       x = self.norm(x.mean(dim=tuple(range(2, x.ndim))))
       if head_hidden:

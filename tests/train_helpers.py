@@ -68,7 +68,7 @@ def wait_all(procs, timeout: float = 600) -> list[str]:
   """
   outputs = [[] for _ in procs]
   readers = [threading.Thread(target=out.extend, args=(proc.stdout,), daemon=True)
-             for proc, out in zip(procs, outputs)]
+             for proc, out in zip(procs, outputs, strict=True)]
   for reader in readers:
     reader.start()
   deadline = time.monotonic() + timeout

@@ -61,7 +61,7 @@ def scipy_elastic(rng, volume, alpha, sigma):
   disp = [ndimage.gaussian_filter(rng.uniform(-1, 1, shape).astype(np.float32), sigma,
                                   mode="constant") * alpha for _ in shape]
   grid = np.meshgrid(*[np.arange(n, dtype=np.float32) for n in shape], indexing="ij")
-  coords = [g + d for g, d in zip(grid, disp)]
+  coords = [g + d for g, d in zip(grid, disp, strict=True)]
   return ndimage.map_coordinates(volume, coords, order=1, mode="nearest")
 
 
@@ -165,7 +165,7 @@ def _error_rows(args, grids=(4, 8, 16)):
   rows = []
   for grid in grids:
     coarse = [field("coarse", grid, k) for k in keys]
-    err = np.concatenate([(c - e).ravel() for c, e in zip(coarse, exact)])
+    err = np.concatenate([(c - e).ravel() for c, e in zip(coarse, exact, strict=True)])
     cov = [field("covariance", grid, k) for k in keys]
     rms_cov = np.sqrt(np.mean([np.mean(c ** 2) for c in cov]))
     rows.append({"grid_vox": grid, "coarse_rel_rms_err": np.sqrt(np.mean(err ** 2)) / rms_exact,

@@ -172,7 +172,7 @@ def torch_convnext(torch, depths, dims, spatial_dims=3, in_chans=1, num_classes=
     def __init__(self):
       super().__init__()
       layers = []
-      for i, (depth, c) in enumerate(zip(depths, dims)):
+      for i, (depth, c) in enumerate(zip(depths, dims, strict=True)):
         if i == 0:
           layers += [conv(in_chans, c, 4, stride=4), ChannelsFirstLayerNorm(c)]
         else:
@@ -286,7 +286,8 @@ def dwconv_check(shape, kernel_size, dtype, impls, reps, markdown=None):
       both = value_and_vjp(lambda a, b, impl=impl: depthwise_conv(a, b, None, impl))
       compiled, row["compile_s"], _ = compile_timed(both, x, kernel)
       got = [np.asarray(g, np.float32) for g in jax.tree.leaves(compiled(x, kernel))]
-      errs = [float(np.abs(g - r).max() / max(np.abs(r).max(), 1e-30)) for g, r in zip(got, ref)]
+      errs = [float(np.abs(g - r).max() / max(np.abs(r).max(), 1e-30))
+              for g, r in zip(got, ref, strict=True)]
       row.update(err_y=errs[0], err_dx=errs[1], err_dw=errs[2],
                  check="ok" if max(errs) <= tol else f"FAIL (tol {tol:g})")
       fwd = jax.jit(lambda a, b, impl=impl: depthwise_conv(a, b, None, impl))

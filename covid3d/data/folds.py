@@ -69,7 +69,7 @@ def make_folds(scan_ids: Sequence[str], labels: Sequence[Hashable], k: int = 5,
   folds = np.empty(len(scan_ids), np.int64)
   start = 0
   for label in sorted(set(labels)):
-    members = sorted(s for s, l in zip(scan_ids, labels) if l == label)
+    members = sorted(s for s, l in zip(scan_ids, labels, strict=True) if l == label)
     members = [members[i] for i in rng.permutation(len(members))]
     for j, s in enumerate(members):
       folds[position[s]] = (start + j) % k
@@ -92,8 +92,8 @@ def _read_folds_csv(path: str) -> tuple[list[str], list[str], np.ndarray]:
 
 def _check_same_scans(path: str, csv_ids: list[str], csv_labels: list[str],
                       scan_ids: list[str], labels: list[str]) -> None:
-  stored, requested = dict(zip(csv_ids, csv_labels)), dict(zip(scan_ids,
-                                                               labels))
+  stored, requested = dict(zip(csv_ids, csv_labels, strict=True)), dict(zip(scan_ids,
+                                                               labels, strict=True))
   missing = sorted(set(requested) - set(stored))
   extra = sorted(set(stored) - set(requested))
   if missing or extra:
@@ -241,7 +241,7 @@ def _write_folds(path, scan_ids, text_labels, folds):
   text = io.StringIO(newline="")
   writer = csv.writer(text)
   writer.writerow(["scan_id", "label", "fold"])
-  writer.writerows(zip(scan_ids, text_labels, folds.tolist()))
+  writer.writerows(zip(scan_ids, text_labels, folds.tolist(), strict=True))
   storage.write_text(path, text.getvalue())
 
 
@@ -298,7 +298,7 @@ def load_or_make_folds(workdir: str, scan_ids: Sequence[str],
         csv_folds.tolist())) != k:
       raise ValueError(f"{path}: holds folds {sorted(set(csv_folds.tolist()))}"
                        f", not the requested k={k}")
-    fold_of = dict(zip(csv_ids, csv_folds.tolist()))
+    fold_of = dict(zip(csv_ids, csv_folds.tolist(), strict=True))
     return np.array([fold_of[s] for s in scan_ids], np.int64)
   folds = make_folds(scan_ids, labels, k, seed)
   _write_folds(path, scan_ids, text_labels, folds)

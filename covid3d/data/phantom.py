@@ -114,9 +114,9 @@ def _segment_distance(points, start, end):
   """Distance (mm) of grid points (tuple z, y, x broadcastable) to a 3-D segment."""
   start, end = np.asarray(start, np.float32), np.asarray(end, np.float32)
   axis = end - start
-  rel = [p - s for p, s in zip(points, start)]
-  t = np.clip(sum(r * a for r, a in zip(rel, axis)) / float(axis @ axis), 0.0, 1.0)
-  return np.sqrt(sum((r - t * a) ** 2 for r, a in zip(rel, axis)))
+  rel = [p - s for p, s in zip(points, start, strict=True)]
+  t = np.clip(sum(r * a for r, a in zip(rel, axis, strict=True)) / float(axis @ axis), 0.0, 1.0)
+  return np.sqrt(sum((r - t * a) ** 2 for r, a in zip(rel, axis, strict=True)))
 
 
 def _lung_masks(geo, grid):
@@ -308,7 +308,7 @@ def _vessel_fraction(rng, geo, hila, lungs):
     # Filter only the box around this class's points (thick vessels sit near the hila).
     lo = np.maximum(idx[sel].min(0) - np.ceil(3 * sig).astype(int) - 1, 0)
     hi = np.minimum(idx[sel].max(0) + np.ceil(3 * sig).astype(int) + 2, geo.shape)
-    box = tuple(slice(a, b) for a, b in zip(lo, hi))
+    box = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
     acc = np.zeros(hi - lo, np.float32)
     np.add.at(acc, tuple((idx[sel] - lo).T), weight[sel].astype(np.float32))
     frac[box] += ndimage.gaussian_filter(acc, sig, truncate=3.0)
@@ -322,7 +322,7 @@ def _smooth_field(rng, geo, cell_mm):
   kernel one cell wide, axis by axis (three small matrix products).
   """
   mats = []
-  for n, sp in zip(geo.shape, geo.spacing):
+  for n, sp in zip(geo.shape, geo.spacing, strict=True):
     pos = (np.arange(n) + 0.5) * sp / cell_mm
     cells = np.arange(-2, int(np.ceil(pos[-1])) + 3)
     mats.append(np.exp(-0.5 * (pos[:, None] - cells[None, :]) ** 2).astype(np.float32))

@@ -173,9 +173,9 @@ def write_cov19ctdb(root, n_scans, seed, *, sizes=(64, 128), slices=(40, 90),
   misplaced = _pick(rng, n_scans, misoriented)
   broken = _pick(rng, n_scans, inconsistent, exclude=misplaced)
   tasks, i = [], 0
-  for (partition, _), count in zip(PARTITIONS, counts):
+  for (partition, _), count in zip(PARTITIONS, counts, strict=True):
     numbers = rng.choice(max(10 * count, 20), size=count, replace=False)
-    for number, (kind, severity) in zip(numbers, _classes(rng, count, covid_share)):
+    for number, (kind, severity) in zip(numbers, _classes(rng, count, covid_share), strict=True):
       shape = _shape(rng, sizes, slices)
       rel = Path(partition) / (kind if partition != "test" else "") / f"ct_scan_{number}"
       tasks.append({
@@ -253,7 +253,7 @@ def write_lesions(root, n, seed, *, sizes=(64, 128), slices=(54, 66), flipped=0.
   tasks = [{"root": str(root), "name": f"volume-covid19-A-{number:04d}", "severity": sev,
             "shape": _shape(rng, sizes, slices), "seed": _scan_seed(seed, "lesions", i),
             "stored_flip": str(rng.choice(["x", "z"])) if i in flips else None}
-           for i, (number, sev) in enumerate(zip(numbers, severities))]
+           for i, (number, sev) in enumerate(zip(numbers, severities, strict=True))]
   return _run(_write_nifti_pair, tasks, workers)
 
 
@@ -328,7 +328,8 @@ def write_stoic(root, n, seed, *, sizes=(64, 128), slices=(40, 90), covid_share=
   patients = rng.choice(max(10000, 2 * n), size=n, replace=False) + 1
   tasks = [{"root": str(root), "patient": int(pid), "kind": kind, "severity": sev,
             "shape": _shape(rng, sizes, slices), "seed": _scan_seed(seed, "stoic", i)}
-           for i, (pid, (kind, sev)) in enumerate(zip(patients, _classes(rng, n, covid_share)))]
+           for i, (pid, (kind, sev))
+           in enumerate(zip(patients, _classes(rng, n, covid_share), strict=True))]
   records = _run(_write_mha, tasks, workers)
   with open(root / "metadata" / "reference.csv", "w", newline="") as f:
     writer = csv.writer(f)

@@ -244,7 +244,7 @@ def build_cache(refs, cache_dir, sizes=DEFAULT_SIZES, *, workers: int | None = N
           raise
   rows, paths, counts = [], [], {"built": 0, "cached": 0, "skipped": 0}
   used = collections.Counter()
-  for ref, (path, entries, status) in zip(refs, results):
+  for ref, (path, entries, status) in zip(refs, results, strict=True):
     skips.extend(entries)
     counts[status] += 1
     if path is None:

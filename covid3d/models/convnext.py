@@ -180,7 +180,7 @@ class ConvNeXt(nn.Module):
     x = x.astype(self.dtype)
     features = []
     start = 0
-    for i, (depth, dim) in enumerate(zip(self.depths, self.dims)):
+    for i, (depth, dim) in enumerate(zip(self.depths, self.dims, strict=True)):
       if i == 0:
         x = PatchConv(dim, 4, norm_first=False, dtype=self.dtype, name="stem")(x)
       else:

@@ -62,10 +62,10 @@ def _fft(x, kernel):
   # Cross-correlation as a circular correlation of the input padded by the
   # kernel's left half-width; a length of n + k - 1 keeps every output free
   # of wrap-around.
-  length = tuple(ni + ki - 1 for ni, ki in zip(n, ksize))
+  length = tuple(ni + ki - 1 for ni, ki in zip(n, ksize, strict=True))
   axes = tuple(range(1, nd + 1))
   pad = [(0, 0)] + [((k - 1) // 2, l - ni - (k - 1) // 2)
-                    for k, l, ni in zip(ksize, length, n)] + [(0, 0)]
+                    for k, l, ni in zip(ksize, length, n, strict=True)] + [(0, 0)]
   xf = jnp.fft.rfftn(jnp.pad(x.astype(jnp.float32), pad), s=length, axes=axes)
   w = kernel[..., 0, :].astype(jnp.float32)
   wf = jnp.fft.rfftn(w, s=length, axes=tuple(range(nd)))

@@ -153,7 +153,7 @@ def _pad_input(x5, ksize, left, plan: _Plan):
   """Zero halo ``left`` / ``k - 1 - left`` plus the padding up to whole blocks."""
   sizes = (plan.dq, plan.hq, plan.wq)
   pads = [(0, 0)]
-  for n, k, lo, q in zip(x5.shape[1:4], ksize, left, sizes):
+  for n, k, lo, q in zip(x5.shape[1:4], ksize, left, sizes, strict=True):
     pads.append((lo, q + k - 1 - lo - n))
   pads.append((0, plan.cp - x5.shape[-1]))
   return jnp.pad(x5, pads)
@@ -322,7 +322,7 @@ def _dwconv5_bwd(opts, residuals, dy):
   ksize = w4.shape[:3]
   left = _left(ksize)
   # dx[j] = sum_t dy[j - t + left] w[t]: the flipped kernel with the opposite halo.
-  right = tuple(k - 1 - lo for k, lo in zip(ksize, left))
+  right = tuple(k - 1 - lo for k, lo in zip(ksize, left, strict=True))
   dx = _correlate(dy.astype(x5.dtype), w4[::-1, ::-1, ::-1], right, opts)
   dw = _kernel_grad(x5, dy.astype(x5.dtype), ksize, left, opts)
   return dx, dw.astype(w4.dtype)

@@ -55,11 +55,12 @@ def _apply_per_axis(x, matrices):
 def resize_linear(x, shape, align_corners=False):
   """(Bi/tri)linear resize of ``(B, *spatial, C)`` to ``(B, *shape, C)``."""
   mats = [None if n_in == n_out else linear_resize_matrix(n_in, n_out, align_corners)
-          for n_in, n_out in zip(x.shape[1:-1], shape)]
+          for n_in, n_out in zip(x.shape[1:-1], shape, strict=True)]
   return _apply_per_axis(x, mats)
 
 
 def adaptive_avg_pool(x, shape):
   """Adaptive average pooling of ``(B, *spatial, C)`` to ``(B, *shape, C)``."""
-  mats = [adaptive_pool_matrix(n_in, n_out) for n_in, n_out in zip(x.shape[1:-1], shape)]
+  mats = [adaptive_pool_matrix(n_in, n_out)
+          for n_in, n_out in zip(x.shape[1:-1], shape, strict=True)]
   return _apply_per_axis(x, mats)

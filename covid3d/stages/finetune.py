@@ -34,7 +34,7 @@ def fold_table(config, workdir, source, label):
   labels = [source.index[i][label] for i in labelled]
   assignment = folds_lib.load_or_make_folds(workdir, ids, labels, config.data.folds,
                                             config.data.fold_seed, folds_csv=config.data.folds_csv)
-  return dict(zip(ids, (int(f) for f in assignment)))
+  return dict(zip(ids, (int(f) for f in assignment), strict=True))
 
 
 def train_fold(config, workdir, source, fold_of, fold, label, num_classes, val_source=None):

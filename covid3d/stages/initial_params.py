@@ -46,7 +46,8 @@ def _is_2d(backbone) -> bool:
 
 def _same_shapes(a, b) -> bool:
   return jax.tree.structure(a) == jax.tree.structure(b) and all(
-      np.shape(x) == np.shape(y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+      np.shape(x) == np.shape(y)
+      for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
 
 
 def _classification_heads(tree) -> dict:

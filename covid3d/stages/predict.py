@@ -59,21 +59,22 @@ def write_outputs(outdir, partition, ids, probs, names, labels=None):
   table = io.StringIO(newline="")
   w = csv.writer(table)
   w.writerow(["scan"] + [f"p_{n}" for n in names] + ["class"])
-  for sid, p, c in zip(ids, probs, pred):
+  for sid, p, c in zip(ids, probs, pred, strict=True):
     w.writerow([sid] + [f"{x:.6f}" for x in p] + [names[c]])
   storage.write_text(outdir / f"predictions_{partition}.csv", table.getvalue())
   sub = outdir / f"submission_{partition}"
   for k, name in enumerate(names):
     # The challenge lists scan folder names (ct_scan_N) under a 'patient' header.
     storage.write_text(sub / f"{name}.csv", "patient\n" + "".join(
-        f"{sid.split('/')[-1]}\n" for sid, c in zip(ids, pred) if c == k))
+        f"{sid.split('/')[-1]}\n" for sid, c in zip(ids, pred, strict=True) if c == k))
   if labels is None or not np.any(labels >= 0):
     return None
   known = labels >= 0
   cm = np.asarray(metrics.confusion_matrix(labels[known], pred[known], len(names)))
   result = {"partition": partition, "n": int(known.sum()), "macro_f1": float(metrics.macro_f1(cm)),
             "accuracy": float(metrics.accuracy(cm)),
-            "f1_per_class": dict(zip(names, map(float, np.asarray(metrics.f1_per_class(cm))))),
+            "f1_per_class": dict(zip(names, map(float, np.asarray(metrics.f1_per_class(cm))),
+                                     strict=True)),
             "confusion_matrix": cm.tolist()}
   storage.write_json(outdir / f"metrics_{partition}.json", result, indent=1)
   metrics.plot_confusion_matrix(cm, list(names), str(outdir / f"confusion_{partition}.png"))
@@ -104,7 +105,7 @@ def load_ensemble(config, finetune_dir) -> Ensemble:
   params_list = [initial_params.best_params(d) for d in fold_dirs(finetune_dir, folds)]
   model = build.make_model(config, {label: len(names)}, segmentation=False)
   like = build.init_params(model, config, min(config.data.sizes))
-  for fold, params in zip(folds, params_list):
+  for fold, params in zip(folds, params_list, strict=True):
     initial_params.check_fits(params, like, f"fold {fold} of {finetune_dir}",
                        f"was it fine-tuned ({stage}, {len(names)} classes) with "
                        f"model.variant={config.model.variant!r}?")

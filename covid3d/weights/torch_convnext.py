@@ -73,7 +73,7 @@ def _layout(naming, depths, dims, in_chans, spatial_dims, num_classes, head_hidd
     entries.append(_Entry(path + ("kernel",), key + ".weight", "linear", (out, inp)))
     entries.append(_Entry(path + ("bias",), key + ".bias", "vec", (out,)))
 
-  for i, (depth, c) in enumerate(zip(depths, dims, strict=False)):
+  for i, (depth, c) in enumerate(zip(depths, dims, strict=True)):
     if i == 0:
       conv(("stem", "conv"), n["stem_conv"], c, in_chans, STEM_PATCH)
       norm(("stem", "norm"), n["stem_norm"], c)
