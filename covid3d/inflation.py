@@ -41,7 +41,7 @@ Normalisation, one scalar per tensor (``norm=``):
 
 ``gaussian='authors', norm='sum_per_slice', new_axis=2`` is the authors' code
 for every mode and kernel size (their ``one_g``, ``two_g``, ``full``), to float
-rounding (tests/test_inflation.py holds a NumPy transcription of their function).
+rounding (tests/models/test_inflation.py holds a NumPy transcription of their function).
 """
 from typing import Any, Mapping, Optional
 

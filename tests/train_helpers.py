@@ -1,4 +1,4 @@
-"""Shared pieces of the tests/test_train_*.py files, and their subprocess worker.
+"""Shared pieces of the tests/train/ files, and their subprocess worker.
 
 ``python tests/train_helpers.py '<json>'`` runs ``train_and_evaluate`` on a
 small ConvNeXt with the devices/processes given by the environment and

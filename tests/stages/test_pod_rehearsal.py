@@ -12,12 +12,12 @@ severity (a preemption: they save and exit; restarted, they continue). The
 final parameters of every stage are equal bit for bit. Then the report runs
 on the same bucket, and every output is found there, none in a local folder
 named ``gs:``. (The stages without training read and write their workdirs
-through the same ``covid3d.storage``: tests/test_stages.py runs them locally.)
+through the same ``covid3d.storage``: tests/stages/test_chain.py runs them locally.)
 
 A process that fails ends the stage at once: the harness kills its sibling
 and shows the failed one's log.
 
-``python -m pytest -q tests/test_pod_rehearsal.py`` runs it (docs/launch.md,
+``python -m pytest -q tests/stages/test_pod_rehearsal.py`` runs it (docs/launch.md,
 "Rehearsing a pod on one machine").
 """
 import os
@@ -37,7 +37,7 @@ from covid3d.train import checkpoint, log
 
 pytestmark = pytest.mark.slow
 BUCKET = "covid3d-pod"
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PROCESSES = 2
 STEPS = 6
 SMALL = ["--config.data.phantom_scans=8", "--config.data.folds=1", "--config.data.workers=1",

@@ -10,7 +10,7 @@ import pytest
 from covid3d import config, report
 from covid3d.stages import chain, handoff, registry
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_a_stage_name_and_its_file_load_the_same_config():

@@ -19,7 +19,7 @@ from covid3d.data.skips import DataError
 from covid3d.data.tfds_builders import base
 from covid3d.data.tfds_builders.phantom import PhantomConfig
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SIZES = (32, 16)
 TINY = PhantomConfig(name="tiny", sizes=SIZES, scans_per_dataset=2)
 

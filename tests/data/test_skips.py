@@ -16,7 +16,7 @@ from covid3d.data import preprocess, read_common, readers
 from covid3d.data.skips import DataError, Skip, SkipLog
 from tests import data_fixtures as fx
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _run_preprocess(args, **kwargs):

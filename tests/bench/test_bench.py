@@ -24,7 +24,7 @@ from covid3d.bench import model as bench_model
 from covid3d.bench import train as bench_train
 from covid3d.models import ConvNeXt, variant
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 GPU_CHECK = os.path.join(ROOT, "covid3d", "bench", "gpu_check.sh")
 
 

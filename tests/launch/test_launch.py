@@ -19,7 +19,7 @@ import pytest
 
 from covid3d.stages import chain
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 LAUNCH = REPO / "launch"
 SCRIPTS = ("common.sh", "demo.sh", "pipeline.sh", "tpu_pod.sh", "gpu.sh", "ablations.sh")
 SSH = ["gcloud", "compute", "tpus", "tpu-vm", "ssh"]

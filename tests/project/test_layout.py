@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parent.parent / "covid3d"
+PACKAGE = Path(__file__).resolve().parents[2] / "covid3d"
 
 
 def module_name(path: Path) -> str:

@@ -3,7 +3,7 @@
 Files round-trip through a bucket, the variables tensorstore and gcsfs need
 are derived from ``STORAGE_EMULATOR_HOST`` alone, and a checkpoint save to a
 bucket that stops answering fails within its time limit. The stages'
-workdirs in a bucket: tests/test_pod_rehearsal.py.
+workdirs in a bucket: tests/stages/test_pod_rehearsal.py.
 """
 import os
 import subprocess

@@ -1,8 +1,8 @@
-"""Each stage's resolved config against its reviewed snapshot (tests/config_snapshots/).
+"""Each stage's resolved config against its reviewed snapshot (tests/stages/config_snapshots/).
 
 Every config file, with and without ``demo``, and each preset alone and with
 ``demo``. A change to a config shows up in review as a change of these JSON
-files; regenerate them with ``python tests/test_config_snapshots.py`` and
+files; regenerate them with ``python tests/stages/test_config_snapshots.py`` and
 review the diff.
 """
 import sys
@@ -14,6 +14,7 @@ from covid3d import config
 from covid3d.stages import chain
 
 SNAPSHOTS = Path(__file__).resolve().parent / "config_snapshots"
+REGENERATE = "regenerate the snapshots with `python tests/stages/test_config_snapshots.py`"
 
 
 def specs() -> list[str]:
@@ -42,14 +43,13 @@ def write_snapshots():
 def test_resolved_config_matches_its_snapshot(spec):
   path = snapshot(spec)
   assert path.exists() and config.to_json(config.load(spec)) == path.read_text(), (
-      f"{spec} differs from tests/config_snapshots/{path.name}: if the change is meant, "
-      "regenerate the snapshots with `python tests/test_config_snapshots.py` and review the diff")
+      f"{spec} differs from tests/stages/config_snapshots/{path.name}: if the change is meant, "
+      f"{REGENERATE} and review the diff")
 
 
 def test_every_snapshot_is_of_a_config():
   assert sorted(SNAPSHOTS.glob("*.json")) == sorted(map(snapshot, specs())), (
-      "tests/config_snapshots/ holds other configs than these: regenerate the snapshots with "
-      "`python tests/test_config_snapshots.py`")
+      f"tests/stages/config_snapshots/ holds other configs than these: {REGENERATE}")
 
 
 if __name__ == "__main__":

@@ -5,11 +5,10 @@ import pytest
 
 from covid3d.data import phantom
 from covid3d.data.read_common import hu_to_unit
-from covid3d.models import build
-from covid3d.stages import handoff, registry
+from covid3d import config as base_config
+from covid3d.stages import build, initial_params, registry
 from covid3d.train import optim, steps, tasks
 from covid3d.train.state import create_state
-from test_stages import load_config, tiny
 
 
 class _FirstStep(Exception):
@@ -17,16 +16,16 @@ class _FirstStep(Exception):
 
 
 @pytest.mark.slow   # the stage makes its phantom data first
-def test_a_stage_starts_training_from_the_weights_it_loaded(tmp_path, monkeypatch):
+def test_a_stage_starts_training_from_the_weights_it_loaded(tmp_path, monkeypatch, shrink):
   """The parameters the first step receives are the source's, leaf for leaf."""
   source_dir = tmp_path / "source"   # a folder: init_from passes the cheap checks
   source_dir.mkdir()
-  config = tiny("segmentation", tmp_path, init_from=str(source_dir))
+  config = shrink("segmentation", tmp_path, init_from=str(source_dir))
   model = build.make_model(config, {}, segmentation=True)
   shapes = jax.eval_shape(lambda: build.init_params(model, config, min(config.data.sizes)))
   rng = np.random.default_rng(0)
   source = jax.tree.map(lambda s: rng.normal(size=s.shape).astype(s.dtype), shapes)
-  monkeypatch.setattr(handoff, "read_source", lambda src, slice_axis: source)
+  monkeypatch.setattr(initial_params, "read_source", lambda src, slice_axis: source)
   seen = []
 
   def make_train_step(*args, **kwargs):
@@ -52,7 +51,7 @@ def test_a_stage_starts_training_from_the_weights_it_loaded(tmp_path, monkeypatc
 @pytest.mark.slow
 def test_the_segmentation_step_learns_a_fixed_phantom_batch():
   """Nano model, 32^3: over 30 steps on two phantom scans the loss falls, by a fifth or more."""
-  config = load_config("segmentation")
+  config = base_config.load("segmentation:demo")
   config.model.variant = "nano"
   config.train.learning_rate = 1e-3
   scans = [phantom.make_scan(seed, kind="covid", severity=3, shape=(32, 32, 32))

@@ -18,7 +18,7 @@ from absl import flags
 
 from covid3d import config, main
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SEVERITY = ROOT / "configs" / "severity.py"
 
 
