@@ -134,8 +134,8 @@ class ConvNeXt(nn.Module):
     dwconv_impl: depthwise conv backend (``covid3d.models.dwconv``): ``xla``,
       ``fft``, ``shift``, ``pallas`` or ``auto`` (the default: the first use
       of each stage's shape on a device times the candidates once and keeps
-      the fastest, remembered under the cache root; on CPU it mostly picks
-      ``fft``, where ``xla`` would be about 8x slower in 3-D). Pass a fixed
+      the fastest, remembered under the cache root; docs/benchmarks.md has
+      the measured backends). Pass a fixed
       backend to skip the measurement, e.g. in tests that build many models.
     dtype: compute dtype (e.g. ``jnp.bfloat16``); parameters stay float32.
     remat: ``none``, ``block`` or ``stage``: recompute activations in the

@@ -265,35 +265,21 @@ def test_soft_label_loss():
   assert float(zero[0]) == 0.0 and float(zero[1]) == 0.0
 
 
-def load_config(name, arg="demo"):
-  return base_config.load(f"{name}:{arg or ''}")
-
-
 @pytest.mark.slow  # compiling the step
-def test_stage_trains_a_step_on_the_stand_in(stand_in, tmp_path, monkeypatch):
+def test_stage_trains_a_step_on_the_stand_in(stand_in, tmp_path, monkeypatch, shrink):
   """One step of the stage on the stand-in; its evaluation batches are drawn, not evaluated.
 
   (Checkpoints, evaluation and the hand-off are the training loop's and the
   stages' tests.)
   """
-  c = load_config("pretrain2d")
-  with c.unlocked():
-    c.data.phantom = False
-    c.data.imagenet_dir = stand_in["manual"]
-    c.data.loader_threads = 2
-    c.pretrain2d.image_size = SIZE
-    # The official recipe (whatever the demo config says), on the stand-in.
-    for key, value in load_config("pretrain2d", None).pretrain2d.items():
-      if key != "image_size":
-        c.pretrain2d[key] = value
-    c.pretrain2d.tfds_data_dir = stand_in["data_dir"]
-    c.pretrain2d.max_eval_examples = 8
-    c.train.num_steps = 1
-    c.train.warmup_steps = 0
-    c.train.log_every = 1
-    c.train.batch_size = 4
-    c.train.eval_batch_size = 4
-    c.train.progress_bar = False
+  # The official recipe's data side (whatever the demo config says), on the stand-in.
+  recipe = {f"pretrain2d.{k}": v for k, v in base_config.load("pretrain2d").pretrain2d.items()}
+  c = shrink("pretrain2d", tmp_path, **{
+      **recipe, "data.phantom": False, "data.imagenet_dir": stand_in["manual"],
+      "data.loader_threads": 2, "pretrain2d.image_size": SIZE,
+      "pretrain2d.tfds_data_dir": stand_in["data_dir"], "pretrain2d.max_eval_examples": 8,
+      "train.num_steps": 1, "train.log_every": 1, "train.batch_size": 4,
+      "train.eval_batch_size": 4})
   given = {}
   train_and_evaluate = loop.train_and_evaluate
 

@@ -26,6 +26,16 @@ def _posterize(im, bits):
   return ImageOps.posterize(im, bits) if bits > 0 else Image.new(im.mode, im.size, 0)
 
 
+def _enhance(kind):
+  return lambda im, a, f, r: getattr(ImageEnhance, kind)(im).enhance(a)
+
+
+# The four PIL enhancers share their levels: a factor in [0.1, 1.9], or, increasing with
+# the magnitude, 1 +- up to 0.9.
+_ENHANCERS = ("Color", "Contrast", "Brightness", "Sharpness")
+_factor = lambda m, rng: m / 10 * 1.8 + 0.1
+_factor_increasing = lambda m, rng: max(0.1, 1.0 + _negate(m / 10 * 0.9, rng))
+
 # name -> (op(im, arg, fill, resample), level(magnitude in [0, 10], rng) -> arg)
 # Levels as timm.data.auto_augment (_LEVEL_DENOM 10, translate_pct 0.45).
 _OPS = {
@@ -41,22 +51,6 @@ _OPS = {
     "SolarizeIncreasing": (lambda im, a, f, r: ImageOps.solarize(im, a),
                            lambda m, rng: 256 - int(m / 10 * 256)),
     "SolarizeAdd": (lambda im, a, f, r: _solarize_add(im, a), lambda m, rng: int(m / 10 * 110)),
-    "Color": (lambda im, a, f, r: ImageEnhance.Color(im).enhance(a),
-              lambda m, rng: m / 10 * 1.8 + 0.1),
-    "ColorIncreasing": (lambda im, a, f, r: ImageEnhance.Color(im).enhance(a),
-                        lambda m, rng: max(0.1, 1.0 + _negate(m / 10 * 0.9, rng))),
-    "Contrast": (lambda im, a, f, r: ImageEnhance.Contrast(im).enhance(a),
-                 lambda m, rng: m / 10 * 1.8 + 0.1),
-    "ContrastIncreasing": (lambda im, a, f, r: ImageEnhance.Contrast(im).enhance(a),
-                           lambda m, rng: max(0.1, 1.0 + _negate(m / 10 * 0.9, rng))),
-    "Brightness": (lambda im, a, f, r: ImageEnhance.Brightness(im).enhance(a),
-                   lambda m, rng: m / 10 * 1.8 + 0.1),
-    "BrightnessIncreasing": (lambda im, a, f, r: ImageEnhance.Brightness(im).enhance(a),
-                             lambda m, rng: max(0.1, 1.0 + _negate(m / 10 * 0.9, rng))),
-    "Sharpness": (lambda im, a, f, r: ImageEnhance.Sharpness(im).enhance(a),
-                  lambda m, rng: m / 10 * 1.8 + 0.1),
-    "SharpnessIncreasing": (lambda im, a, f, r: ImageEnhance.Sharpness(im).enhance(a),
-                            lambda m, rng: max(0.1, 1.0 + _negate(m / 10 * 0.9, rng))),
     "ShearX": (lambda im, a, f, r: _affine(im, (1, a, 0, 0, 1, 0), f, r),
                lambda m, rng: _negate(m / 10 * 0.3, rng)),
     "ShearY": (lambda im, a, f, r: _affine(im, (1, 0, 0, a, 1, 0), f, r),
@@ -65,7 +59,10 @@ _OPS = {
                       lambda m, rng: _negate(m / 10 * 0.45, rng)),
     "TranslateYRel": (lambda im, a, f, r: _affine(im, (1, 0, 0, 0, 1, a * im.size[1]), f, r),
                       lambda m, rng: _negate(m / 10 * 0.45, rng)),
+    **{kind: (_enhance(kind), _factor) for kind in _ENHANCERS},
+    **{f"{kind}Increasing": (_enhance(kind), _factor_increasing) for kind in _ENHANCERS},
 }
+
 RAND_TRANSFORMS = ("AutoContrast", "Equalize", "Invert", "Rotate", "Posterize", "Solarize",
                    "SolarizeAdd", "Color", "Contrast", "Brightness", "Sharpness", "ShearX",
                    "ShearY", "TranslateXRel", "TranslateYRel")
