@@ -152,15 +152,19 @@ def test_cli_builds_demo_config(raw, downloads, tmp_path):
 def test_tfds_build_command_code_path(raw, downloads, tmp_path):
   """`tfds build covid3d/data/tfds_builders/phantom ...` as the tfds command
   runs it (its `build` subcommand; the `tfds` entry point itself imports
-  TensorFlow, which is not installed)."""
-  build_cli = pytest.importorskip("tensorflow_datasets.scripts.cli.build")
-  cli_utils = pytest.importorskip("tensorflow_datasets.scripts.cli.cli_utils")
-  parse = cli_utils.make_flags_parser(build_cli.Args, "tfds build")
+  TensorFlow, which is not installed), in a process of its own: its parser
+  takes every absl flag of the process, and covid3d.main's would clash."""
+  pytest.importorskip("tensorflow_datasets.scripts.cli.build")
   module_dir = os.path.join(REPO, "covid3d", "data", "tfds_builders", "phantom")
-  args = parse(["tfds", module_dir,
-                "--config", "demo", "--manual_dir", str(raw),
-                "--data_dir", str(tmp_path), "--download_dir", downloads])
-  args.execute()
+  script = (
+      "import sys\n"
+      "from tensorflow_datasets.scripts.cli import build, cli_utils\n"
+      "cli_utils.make_flags_parser(build.Args, 'tfds build')(sys.argv).execute()\n")
+  out = subprocess.run(
+      [sys.executable, "-c", script, module_dir, "--config", "demo", "--manual_dir", str(raw),
+       "--data_dir", str(tmp_path), "--download_dir", downloads],
+      capture_output=True, text=True, cwd=REPO, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
   builder = tfds.builder("phantom/demo", data_dir=str(tmp_path))
   assert builder.info.splits["stoic_train"].num_examples == 5
   assert builder.info.file_format.value == "array_record"
