@@ -15,6 +15,7 @@ merges its scans into it (last build wins per scan); do not run two builds
 into one folder at the same time.
 """
 import csv
+import errno
 import hashlib
 import io
 import json
@@ -47,7 +48,16 @@ def cache_key(ref, settings: dict) -> str:
           "labels": ref.labels, "files": [os.path.basename(p) for p in files],
           "mask": bool(ref.mask_path)}
   h.update(json.dumps(head, sort_keys=True).encode())
+  remote = [p for p in files if storage.is_remote(p)]  # a bucket's objects: fetched at once
+  fetched = dict(zip(remote, storage.read_many(remote), strict=True))
   for p in files:
+    if p in fetched:  # hashed as a local file of the same bytes is
+      data = fetched[p]
+      if isinstance(data, BaseException):
+        raise OSError(errno.EIO, f"{type(data).__name__}: {data}", p) from data
+      h.update(len(data).to_bytes(8, "little"))
+      h.update(data)
+      continue
     with open(p, "rb") as f:
       h.update(os.fstat(f.fileno()).st_size.to_bytes(8, "little"))
       while chunk := f.read(_CHUNK):

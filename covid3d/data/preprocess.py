@@ -32,6 +32,7 @@ import numpy as np
 import scipy.ndimage
 import scipy.sparse
 
+from covid3d import storage
 from covid3d.data import cache
 from covid3d.data import readers
 from covid3d.data import schema
@@ -217,6 +218,9 @@ def build_cache(refs, cache_dir, sizes=DEFAULT_SIZES, *, workers: int | None = N
   printed, and `skips` (all of it) written to skips.json.
   """
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+  if storage.is_remote(cache_dir):
+    raise ValueError(f"the record cache {cache_dir} must be a local folder (the scans it "
+                     "reads may be in a bucket; docs/data.md)")
   skips = SkipLog() if skips is None else skips
   os.makedirs(cache_dir, exist_ok=True)
   refs = list(refs)
@@ -273,8 +277,8 @@ def main(argv=None) -> None:
   parser = argparse.ArgumentParser(prog="python -m covid3d.data.preprocess",
                                    description=main.__doc__.splitlines()[0])
   parser.add_argument("dataset", choices=sorted(readers.DATASETS))
-  parser.add_argument("root", help="dataset root (docs/data.md)")
-  parser.add_argument("out", help="cache root; scans go to OUT/DATASET/PARTITION")
+  parser.add_argument("root", help="dataset root, a folder or gs://... (docs/data.md)")
+  parser.add_argument("out", help="local cache root; scans go to OUT/DATASET/PARTITION")
   parser.add_argument("--partitions", default=None,
                       help="comma separated (default: train,validation,test for "
                       "cov19ctdb, train otherwise)")
@@ -282,6 +286,8 @@ def main(argv=None) -> None:
   parser.add_argument("--workers", type=int, default=None, help="processes (default: CPUs)")
   parser.add_argument("--strict", action="store_true", help="stop at the first bad input")
   args = parser.parse_args(argv)
+  if storage.is_remote(args.out):
+    parser.error(f"{args.out}: the cache root must be a local folder (docs/data.md)")
   logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
   partitions = (args.partitions or ("train,validation,test" if args.dataset == "cov19ctdb"
                                     else "train")).split(",")

@@ -1,7 +1,15 @@
-"""Helpers shared by the dataset readers: folders, label CSVs, volume files, HU scaling."""
+"""Helpers shared by the dataset readers: folders, label CSVs, volume files, HU scaling.
+
+A dataset root may be a local folder or a bucket URL (``gs://...``): `data_path`
+gives a local path as the ``pathlib.Path`` it always was and a URL as an epath,
+and the readers use only what both offer. On a bucket, `entries` lists a
+folder with one request, NIfTI volumes are read from the object's bytes, and
+other volume files (SimpleITK) from a temporary local copy.
+"""
 import contextlib
 import csv
 import errno
+import gzip
 import locale
 import logging
 import os
@@ -10,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from covid3d import storage
 from covid3d.data import scan as scan_lib
 from covid3d.data.skips import DataError, SkipLog, note, reject
 
@@ -18,6 +27,12 @@ log = logging.getLogger(__name__)
 HU_WINDOW = (-1000.0, 500.0)
 MIN_SLICES = 2  # fewer slices make no volume (and no cubic spline)
 _GONE = (errno.ENOENT, errno.ENOTDIR, errno.EBADF, errno.ELOOP)  # as pathlib's is_dir
+NIFTI2_HEADER_BYTES = 540  # a NIfTI-2 header's sizeof_hdr (NIfTI-1: 348)
+
+
+def data_path(path):
+  """A dataset path: ``pathlib.Path`` when local (unchanged), ``epath.Path`` for a URL."""
+  return storage.as_path(path) if storage.is_remote(path) else Path(path)
 
 
 def partition_dir(root: Path, partition: str, names: dict, *, flat_ok: bool) -> Path:
@@ -45,10 +60,15 @@ def partition_dir(root: Path, partition: str, names: dict, *, flat_ok: bool) -> 
 def entries(folder: Path) -> list[tuple[Path, str]]:
   """[(path, 'dir' | 'file' | 'other')] of a folder, sorted by name.
 
+  A folder in a bucket is listed with one request (`storage.list_folder`);
+  it has only 'dir' and 'file' entries.
+
   Raises:
     OSError: (e.g. PermissionError) when the folder or an entry's type
       cannot be read.
   """
+  if storage.is_remote(folder):
+    return storage.list_folder(folder)
   out = []
   for p in sorted(folder.iterdir()):
     try:
@@ -104,7 +124,7 @@ def read_label_csv(path, columns: dict[str, tuple[str, ...]]) -> list[tuple[int,
       labels of the whole dataset depend on it).
   """
   try:
-    text = Path(path).read_text(encoding="utf-8-sig")
+    text = data_path(path).read_bytes().decode("utf-8-sig")
   except (OSError, UnicodeDecodeError) as e:
     raise DataError(path, f"unreadable label CSV: {e}") from e
   lines = text.splitlines()
@@ -187,13 +207,13 @@ def header_error(path) -> str | None:
   Cheap (no voxel data read); used to choose between two files of one scan.
   """
   try:
-    if Path(path).is_dir():   # a DICOM series: its files are checked when read
+    if data_path(path).is_dir():   # a DICOM series: its files are checked when read
       return None
     if scan_lib.is_nifti(path):
-      import nibabel as nib  # pylint: disable=g-import-not-at-top
-      nib.load(str(path))
+      load_nifti(path)
     else:
-      scan_lib.sitk_reader(path).ReadImageInformation()
+      with local_file(path) as local:
+        scan_lib.sitk_reader(local).ReadImageInformation()
   except Exception as e:  # pylint: disable=broad-except  # any library error = bad file
     return f"{type(e).__name__}: {e}"
   return None
@@ -256,11 +276,32 @@ def read_dicom_series(folder):
     return reader.Execute()
 
 
+def load_nifti(path):
+  """A nibabel image of a NIfTI file: ``nib.load`` locally, the object's bytes from a bucket."""
+  import nibabel as nib  # pylint: disable=g-import-not-at-top
+  if not storage.is_remote(path):
+    return nib.load(str(path))
+  data = data_path(path).read_bytes()
+  if data[:2] == b"\x1f\x8b":  # gzip's magic number: a .nii.gz
+    data = gzip.decompress(data)
+  head = data[:4]
+  nifti2 = NIFTI2_HEADER_BYTES in (int.from_bytes(head, "little"), int.from_bytes(head, "big"))
+  return (nib.Nifti2Image if nifti2 else nib.Nifti1Image).from_bytes(data)
+
+
+def local_file(path):
+  """A context giving a local path of ``path``: itself, or a temporary copy of a URL's file
+  or folder (`storage.local_copy`), for SimpleITK, which reads only local files."""
+  return storage.local_copy(path) if storage.is_remote(path) else contextlib.nullcontext(path)
+
+
 def read_volume(path):
   """Reads a 3-D NIfTI (nibabel), another SimpleITK image file, or a DICOM series folder.
 
   The file format comes from the extension in any case ('.MHA' is MetaImage);
-  a folder is read as a DICOM series (`read_dicom_series`).
+  a folder is read as a DICOM series (`read_dicom_series`). ``path`` may be a
+  URL (`load_nifti`, `local_file`); a MetaImage or NRRD header whose voxels
+  are in a separate file (.mhd + .raw) is read only from a local folder.
 
   Returns:
     (float32 array (I, J, K) in file voxel order, (4, 4) RAS affine).
@@ -269,12 +310,13 @@ def read_volume(path):
     Exception: whatever the library raises for a bad file; ValueError if not 3-D.
   """
   if scan_lib.is_nifti(path):
-    import nibabel as nib  # pylint: disable=g-import-not-at-top
-    img = nib.load(str(path))
+    img = load_nifti(path)
     data, affine = img.get_fdata(dtype=np.float32), img.affine
   else:
     import SimpleITK as sitk  # pylint: disable=g-import-not-at-top
-    img = read_dicom_series(path) if Path(path).is_dir() else scan_lib.sitk_reader(path).Execute()
+    with local_file(path) as local:
+      img = (read_dicom_series(local) if Path(local).is_dir()
+             else scan_lib.sitk_reader(local).Execute())
     data = sitk.GetArrayFromImage(img).astype(np.float32, copy=False).T
     affine = scan_lib.itk_to_ras_affine(img.GetSpacing(), img.GetOrigin(), img.GetDirection())
   while data.ndim > 3 and data.shape[-1] == 1:

@@ -33,12 +33,17 @@ a bad-input case.
 
 Slices whose in-plane size differs from the scan's most common size are
 dropped (logged by file name, never fatal), as in the paper.
+
+The root may be a bucket URL (``gs://...``; `read_common.data_path`): a scan's
+slices are then fetched together, as concurrent requests, before decoding.
 """
 import collections
+import io
 from pathlib import Path
 
 import numpy as np
 
+from covid3d import storage
 from covid3d.data import read_common
 from covid3d.data import scan as scan_lib
 from covid3d.data.skips import SkipLog, note, reject
@@ -120,7 +125,7 @@ def list_cov19ctdb(root, partition: str, *, severity_csv=None, strict: bool = Fa
   """
   skips = SkipLog() if skips is None else skips  # (a private one still logs)
   with skips.scope("cov19ctdb", partition):
-    return _list(Path(root), partition, severity_csv, strict, skips)
+    return _list(read_common.data_path(root), partition, severity_csv, strict, skips)
 
 
 def _list(root: Path, partition: str, severity_csv, strict: bool, skips: SkipLog):
@@ -161,7 +166,8 @@ def _list(root: Path, partition: str, severity_csv, strict: bool, skips: SkipLog
     refs.append(scan_lib.ScanRef("cov19ctdb", scan_id, tuple(map(str, slices)), labels,
                                  partition))
   refs = read_common.unique_ids(refs, strict=strict, skips=skips)
-  csv_path = Path(severity_csv) if severity_csv else find_severity_csv(root, partition)
+  csv_path = (read_common.data_path(severity_csv) if severity_csv
+              else find_severity_csv(root, partition))
   if csv_path is not None:
     refs = _add_severity(refs, csv_path, strict=strict, skips=skips, rejected=rejected)
   return sorted(refs, key=lambda r: r.scan_id)
@@ -208,11 +214,13 @@ def load_cov19ctdb(ref: scan_lib.ScanRef, *, strict: bool = False,
   luma channel is decoded directly) and scaled 0..255 -> [0, 1].
   """
   from PIL import Image  # pylint: disable=g-import-not-at-top
-  folder = Path(ref.paths[0]).parent
+  folder = read_common.data_path(ref.paths[0]).parent
+  fetched = (dict(zip(ref.paths, storage.read_many(ref.paths), strict=True))
+             if storage.is_remote(ref.paths[0]) else None)
   sizes = {}
   for p in ref.paths:
     try:
-      with Image.open(p) as im:
+      with Image.open(_slice_file(p, fetched)) as im:
         sizes[p] = im.size[::-1]
     except Exception as e:  # pylint: disable=broad-except  # any decoder error = bad slice
       reject(p, f"unreadable image: {type(e).__name__}: {e}", strict=strict, skips=skips,
@@ -228,7 +236,7 @@ def load_cov19ctdb(ref: scan_lib.ScanRef, *, strict: bool = False,
            f"{majority[0]}x{majority[1]}; slice dropped", skips=skips, what="slice")
       continue
     try:
-      slices.append(_read_gray(p))
+      slices.append(_read_gray(_slice_file(p, fetched)))
       names.append(Path(p).name)
     except Exception as e:  # pylint: disable=broad-except  # truncated/corrupt data
       reject(p, f"corrupt or truncated image: {type(e).__name__}: {e}", strict=strict,
@@ -250,8 +258,23 @@ def load_cov19ctdb(ref: scan_lib.ScanRef, *, strict: bool = False,
                        mask=mask, source=str(folder), meta=meta)
 
 
+def _slice_file(path: str, fetched: dict | None):
+  """What PIL opens for a slice: its local path, or its fetched bytes as a file.
+
+  Raises:
+    Exception: the error that fetching the object raised.
+  """
+  if fetched is None:
+    return path
+  data = fetched[path]
+  if isinstance(data, BaseException):
+    raise data
+  return io.BytesIO(data)
+
+
 def _read_gray(path) -> np.ndarray:
-  """uint8 (H, W) gray slice; RGB JPEGs decode only their luma channel."""
+  """uint8 (H, W) gray slice (``path``: a file name or a binary file); RGB JPEGs decode
+  only their luma channel."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
   with Image.open(path) as im:
     if im.format == "JPEG" and im.mode in ("RGB", "YCbCr"):

@@ -43,7 +43,7 @@ def list_lesions(root, partition: str = "train", *, strict: bool = False,
   """
   skips = SkipLog() if skips is None else skips  # (a private one still logs)
   with skips.scope("lesions", partition):
-    return _list(Path(root), partition, strict, skips)
+    return _list(read_common.data_path(root), partition, strict, skips)
 
 
 def _list(root: Path, partition: str, strict: bool, skips: SkipLog):

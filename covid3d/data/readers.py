@@ -4,6 +4,7 @@
   scan = readers.load_scan(refs[0], skips=skips)  # Scan, or None if rejected
   scan = readers.read_path('/scans/patient7/')     # any one scan a user names
 
+Roots and paths may be local or bucket URLs (``gs://...``; `read_common.data_path`).
 Formats, label CSVs and tolerated variants: `read_cov19ctdb`, `read_lesions`,
 `read_stoic`. Axis convention and writing masks back: `covid3d.data.scan`.
 Bad input raises `DataError` with `strict=True`, else is logged and recorded in
@@ -11,8 +12,6 @@ Bad input raises `DataError` with `strict=True`, else is logged and recorded in
 listings also count the scans they found there (the ledger,
 `covid3d.data.ledger`). One SkipLog may collect every dataset and partition.
 """
-from pathlib import Path
-
 from covid3d.data import read_common
 from covid3d.data.read_common import load_hu_scan
 from covid3d.data.read_cov19ctdb import (SLICE_SUFFIXES, list_cov19ctdb, list_slices,
@@ -64,7 +63,7 @@ def read_path(path, *, strict: bool = True, skips: SkipLog | None = None) -> Sca
     DataError: (``strict``, the default) naming the path and what is wrong
       with it; otherwise None is returned and the reason is in ``skips``.
   """
-  path = Path(path)
+  path = read_common.data_path(path)
   skips = SkipLog() if skips is None else skips
   with skips.scope("scan", "infer"):
     try:

@@ -10,7 +10,6 @@ cropping), ``mask``/``mask_large`` (uint8), labels by name, ``valid`` and
 """
 import dataclasses
 import logging
-import os
 from collections.abc import Mapping, Sequence
 
 import jax
@@ -19,7 +18,7 @@ import numpy as np
 from etils import epath
 from jax.experimental import multihost_utils
 
-from covid3d import cachedir
+from covid3d import cachedir, storage
 from covid3d.data import cache, phantom_writers, pipeline, preprocess, readers
 from covid3d.data.skips import SkipLog
 from covid3d.stages.handoff import HandOffError
@@ -63,7 +62,7 @@ def list_refs(config, dataset: str, partitions: Sequence[str] = ("train",),
     HandOffError: when the dataset folder is not set or does not exist.
   """
   root = dataset_dirs(config)[dataset]
-  if not root or not os.path.isdir(root):
+  if not root or not storage.as_path(root).is_dir():
     raise HandOffError(
         f"the {dataset} data folder {root!r} does not exist: set --config.data.{dataset}_dir=DIR "
         f"(README: 'Getting the real data'), or run a ':demo' config for the phantom")
