@@ -422,8 +422,11 @@ def main(argv=None) -> int:
     check_out(out, inputs, args.overwrite, names if args.lesions or args.saliency else ())
     check_scans(args.scans)
     predictor, segmenter, cam_fn = load_models(args)
-  except (UserError, handoff.HandOffError) as e:
+  except UserError as e:   # one line per mistake
     print("\n".join(f"{PROG}: {line}" for line in str(e).splitlines()), file=sys.stderr)
+    return 2
+  except handoff.HandOffError as e:
+    print(f"{PROG}: {e}", file=sys.stderr)
     return 2
   lesions = segmenter is not None
   try:
