@@ -1,6 +1,10 @@
 """Exports a trained fold ensemble as one self-contained file.
 
-  python -m covid3d.export --model=R/severity_segmia --out=severity.covid3d
+  python -m covid3d.export --model=R/severity_segmia --out=severity.covid3d [--overwrite]
+
+``--out`` must be a new file (``--overwrite`` replaces one, never through a
+link, and never a file inside the model's workdir); it is written whole under a
+temporary name beside it, then renamed.
 
 The file is a zip archive:
 
@@ -29,6 +33,7 @@ import argparse
 import dataclasses
 import io
 import json
+import os
 import sys
 import zipfile
 from typing import Callable
@@ -38,6 +43,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from covid3d import storage
 from covid3d.data import preprocess
 from covid3d.data.read_common import HU_WINDOW
 from covid3d.stages import build, chain, handoff, predict
@@ -94,13 +100,22 @@ def workdir_predictor(config, ensemble) -> Predictor:
 def export(config, ensemble, model_dir) -> bytes:
   """The zip archive (module doc) of ``ensemble``, as bytes."""
   f, leaves = ensemble_fn(config, ensemble)
-  size = min(config.data.sizes)
+  return pack(f, leaves, min(config.data.sizes), ensemble.names, ensemble.folds, model_dir)
+
+
+def pack(f, leaves, size: int, names, folds, source) -> bytes:
+  """The zip archive (module doc) of ``probs = f(leaves, x)``, as bytes.
+
+  ``f`` maps the flat weights ``leaves`` and float32 ``x`` (B, size, size, size, 1)
+  in [0, 1] to float32 probabilities (B, len(names)); ``folds`` and ``source``
+  (the workdir) are recorded in ``meta.json``.
+  """
   batch = jax.export.symbolic_shape("b")[0]
   x_spec = jax.ShapeDtypeStruct((batch, size, size, size, 1), jnp.float32)
   leaf_specs = tuple(jax.ShapeDtypeStruct(leaf.shape, leaf.dtype) for leaf in leaves)
   exported = jax.export.export(jax.jit(f))(leaf_specs, x_spec)
-  meta = {"format": FORMAT, "classes": list(ensemble.names), "input_size": size,
-          "folds": list(ensemble.folds), "source": str(model_dir),
+  meta = {"format": FORMAT, "classes": list(names), "input_size": size,
+          "folds": list(folds), "source": str(source),
           "preprocess": {"hu_window": list(HU_WINDOW), "slice_images": "value / 255",
                          "resample": "cubic spline to the cube, clipped to [0, 1]",
                          "settings": preprocess.settings((size,))}}
@@ -112,6 +127,32 @@ def export(config, ensemble, model_dir) -> bytes:
     z.writestr("model.stablehlo", bytes(exported.serialize()))
     z.writestr("params.npz", params.getvalue())
   return out.getvalue()
+
+
+def check_out(out, model, overwrite: bool) -> None:
+  """Refuses an ``--out`` that would harm a file: one that exists (unless ``overwrite``), a
+  link, a folder, or a file inside the ``model`` workdir (which export only reads).
+
+  Raises:
+    HandOffError: the one-line reason, naming ``out``.
+  """
+  if storage.is_remote(out):
+    if storage.as_path(out).exists() and not overwrite:
+      raise handoff.HandOffError(f"--out {out} exists: give a new file, or --overwrite")
+    return
+  try:
+    storage.refuse_link(out)
+  except storage.LinkRefused as e:
+    raise handoff.HandOffError(f"--out {e}") from None
+  if os.path.isdir(out):
+    raise handoff.HandOffError(f"--out {out} is a folder: give the file to write")
+  if os.path.exists(out) and not overwrite:
+    raise handoff.HandOffError(f"--out {out} exists: give a new file, or --overwrite to "
+                               "replace it")
+  model = os.path.realpath(model)
+  if os.path.commonpath([model, os.path.realpath(out)]) == model:
+    raise handoff.HandOffError(f"--out {out} is inside the model {model}, which export only "
+                               "reads: write the file elsewhere")
 
 
 def load(path) -> Predictor:
@@ -139,16 +180,25 @@ def main(argv=None) -> int:
   parser = argparse.ArgumentParser(prog=PROG, allow_abbrev=False,
                                    description=__doc__.split("\n\n")[0])
   parser.add_argument("--model", required=True, help="a finished severity or detection workdir")
-  parser.add_argument("--out", required=True, help="the file to write")
+  parser.add_argument("--out", required=True, help="the file to write (a new one)")
+  parser.add_argument("--overwrite", action="store_true",
+                      help="replace --out if it exists (never through a link)")
   args = parser.parse_args(argv)
   try:
+    check_out(args.out, args.model, args.overwrite)
     config, ensemble = load_model(args.model)
   except handoff.HandOffError as e:
     print(f"{PROG}: {e}", file=sys.stderr)
     return 2
   data = export(config, ensemble, args.model)
-  with open(args.out, "wb") as f:
-    f.write(data)
+  try:
+    storage.write_output(args.out, data)
+  except storage.LinkRefused as e:
+    print(f"{PROG}: --out {e}", file=sys.stderr)
+    return 2
+  except OSError as e:
+    print(f"{PROG}: --out {args.out}: {e.strerror or e}", file=sys.stderr)
+    return 2
   print(f"{args.out}: {len(ensemble.folds)} fold model(s), {', '.join(ensemble.names)}; "
         f"{len(data) / 2**20:.1f} MiB")
   return 0

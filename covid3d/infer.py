@@ -23,12 +23,25 @@ either, ``OUT/<scan name>.png`` shows the axial and the coronal slice with the
 most lesion (else saliency): the lesion outline in red, the Grad-CAM as a heat
 map. A scan that cannot be read gets its error and no probabilities,
 the others are still predicted, and the exit status is 1 (0 when all
-succeeded; 2 for a bad command line or model).
+succeeded; 2 for a bad command line, scan path, OUT or model, said in one line;
+the scan paths and OUT are checked before any model loads).
+
+Outputs never harm a file: OUT must be new or empty (``--overwrite`` lets the
+outputs replace earlier ones there); each is written whole under a temporary
+name and renamed, and never through a symbolic link (refused, naming it); an
+output whose name is an input's gets the next free name (``<name>_2``); OUT may
+not lie inside an input folder (a scan's or the model's). The table grows as
+``OUT/predictions.partial.csv``, a row as each scan finishes, renamed
+``predictions.csv`` when all are done; cells that a spreadsheet would run as a
+formula get a leading ``'``.
 """
 import argparse
 import csv
 import dataclasses
+import io
 import logging
+import os
+import stat
 import sys
 from pathlib import Path
 from typing import Callable
@@ -38,11 +51,23 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from covid3d import export, saliency
-from covid3d.data import preprocess, readers, schema
+from covid3d import export, saliency, storage
+from covid3d.data import preprocess, read_common, readers, schema
 from covid3d.stages import build, chain, handoff, pseudolabel
 
 PROG = "python -m covid3d.infer"
+PREDICTIONS = "predictions.csv"
+PARTIAL = "predictions.partial.csv"     # the table while scans are still being predicted
+# What each scan may write, after its output name (--lesions, --saliency).
+SCAN_OUTPUTS = (".png", "_lesions.nii.gz", "_saliency.nii.gz")
+# The input's own suffixes, not kept in its output name.
+INPUT_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr", ".dcm", ".dicom")
+# A cell starting with one of these is a formula to a spreadsheet (OWASP, CSV injection).
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+class UserError(ValueError):
+  """A command line that cannot run: a bad scan path or OUT (one line, exit status 2)."""
 
 
 @dataclasses.dataclass
@@ -97,19 +122,103 @@ def load_segmenter(workdir) -> Segmenter:
                    min(config.data.sizes))
 
 
-def output_name(path, taken: set) -> str:
-  """A file-name stem for ``path``'s outputs, unique among ``taken`` (which it joins)."""
+def output_name(path, taken: set, clashes: Callable[[str], bool] | None = None) -> str:
+  """A file-name stem for ``path``'s outputs, unique among ``taken`` (which it joins).
+
+  The input's format suffix (``.nii.gz``, ``.dcm``, ...) is dropped; a stem for
+  which ``clashes(stem)`` is true (its outputs would land on an input) is skipped.
+  """
   name = Path(path).name
-  for suffix in (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr"):
+  for suffix in INPUT_SUFFIXES:
     if name.lower().endswith(suffix):
       name = name[:-len(suffix)]
       break
   stem, k = name or "scan", 1
-  while name in taken or not name:
+  while not name or name in taken or (clashes is not None and clashes(name)):
     k += 1
     name = f"{stem}_{k}"
   taken.add(name)
   return name
+
+
+def output_names(paths, out, inputs=()) -> list[str]:
+  """`output_name` of each of ``paths``: distinct, and none whose outputs (``SCAN_OUTPUTS``
+  in ``out``) would be one of ``inputs`` (files, compared by their real paths)."""
+  avoid = {os.path.realpath(p) for p in inputs}
+  taken = set()
+
+  def clashes(name):
+    return any(os.path.realpath(Path(out) / f"{name}{s}") in avoid for s in SCAN_OUTPUTS)
+  return [output_name(p, taken, clashes) for p in paths]
+
+
+def scan_path_error(path) -> str:
+  """Why ``path`` cannot be a scan before it is read ('' if it may be one): missing,
+  unreadable, an empty folder, or neither a file nor a folder (a FIFO, a device)."""
+  try:
+    mode = os.stat(path).st_mode
+  except FileNotFoundError:
+    return "no such file or folder"
+  except OSError as e:
+    return read_common.os_reason(e, path)
+  if stat.S_ISDIR(mode):
+    try:
+      with os.scandir(path) as entries:
+        empty = next(entries, None) is None
+    except OSError as e:
+      return read_common.os_reason(e, path)
+    return "empty folder" if empty else ""
+  if not stat.S_ISREG(mode):
+    return "neither a file nor a folder"
+  if not os.access(path, os.R_OK):
+    return "permission denied"
+  return ""
+
+
+def check_scans(paths) -> None:
+  """Every scan path exists and can be read, before any model loads.
+
+  Raises:
+    UserError: one line per bad path, naming it.
+  """
+  bad = [f"scan {p}: {why}" for p in paths if (why := scan_path_error(p))]
+  if bad:
+    raise UserError("\n".join(bad))
+
+
+def check_out(out: Path, inputs, overwrite: bool, names=None) -> None:
+  """OUT can take the outputs without harming a file.
+
+  OUT is new or an empty folder (or ``overwrite``); it is not an input folder
+  (a scan's, the model's) nor inside one; no input is ``predictions.csv`` or its
+  partial table there; no output there (``names``: the scans' output names) is a
+  symbolic link.
+
+  Raises:
+    UserError: the one-line reason, naming the path.
+  """
+  if os.path.lexists(out) and not out.is_dir():
+    raise UserError(f"--out {out} is not a folder: give a new or empty folder")
+  if out.is_dir() and not overwrite:
+    entries = sorted(p.name for p in out.iterdir())
+    if entries:
+      raise UserError(f"--out {out} is not empty ({len(entries)} entries, e.g. {entries[0]}): "
+                      "give a new or empty folder, or --overwrite to replace the outputs there")
+  real_out = os.path.realpath(out)
+  for p in inputs:
+    real = os.path.realpath(p)
+    if os.path.isdir(real) and os.path.commonpath([real, real_out]) == real:
+      raise UserError(f"--out {out} is inside the input folder {p}, which infer only reads: "
+                      "write the outputs elsewhere")
+    if real in {os.path.realpath(out / PREDICTIONS), os.path.realpath(out / PARTIAL)}:
+      raise UserError(f"the input {p} is where the table goes: give another --out")
+  outputs = [out / PREDICTIONS, out / PARTIAL]
+  outputs += [out / f"{n}{s}" for n in names or () for s in SCAN_OUTPUTS]
+  for o in outputs:
+    try:
+      storage.refuse_link(o)
+    except storage.LinkRefused as e:
+      raise UserError(str(e)) from None
 
 
 def model_inputs(scan) -> Callable[[int], np.ndarray]:
@@ -129,7 +238,8 @@ def segment(segmenter: Segmenter, scan, cube, out: Path, name: str) -> np.ndarra
   """The lesion mask (uint8, scan grid); written as ``<name>_lesions.nii.gz`` (scan geometry)."""
   prob = preprocess.zoom_linear(segmenter.fn(cube(segmenter.input_size)), scan.volume.shape)
   mask = np.asarray(prob > 0.5, np.uint8)
-  readers.write_mask_like(mask, scan, out / f"{name}_lesions.nii.gz")
+  with storage.output_path(out / f"{name}_lesions.nii.gz") as tmp:
+    readers.write_mask_like(mask, scan, tmp)
   return mask
 
 
@@ -138,13 +248,22 @@ def explain(cam_fn, predictor: export.Predictor, scan, cube, probs, out: Path, n
   ``<name>_saliency.nii.gz`` in the scan's geometry (float32)."""
   heat = cam_fn(cube(predictor.input_size), [int(np.argmax(probs))])[0]
   heat = np.clip(preprocess.zoom_linear(heat, scan.volume.shape), 0.0, 1.0)
-  readers.write_image_like(heat, scan, out / f"{name}_saliency.nii.gz")
+  with storage.output_path(out / f"{name}_saliency.nii.gz") as tmp:
+    readers.write_image_like(heat, scan, tmp)
   return heat
 
 
-def plot_views(volume, path, title, mask=None, heat=None):
+def view_aspects(spacing) -> tuple[float, float]:
+  """imshow aspects (a pixel's height / width) of the axial (H, W) and the coronal (D, W)
+  views of a (D, H, W) volume with voxel ``spacing`` (z, y, x) mm: true physical shape."""
+  z, y, x = (float(v) for v in spacing)
+  return y / x, z / x
+
+
+def plot_views(volume, path, title, mask=None, heat=None, spacing=(1.0, 1.0, 1.0)):
   """The axial and the coronal slice with the most lesion (else the most saliency, else the
-  middle ones): the lesion outline in red, the Grad-CAM as a translucent heat map."""
+  middle ones): the lesion outline in red, the Grad-CAM as a translucent heat map. Each view
+  is drawn to the scale of the voxel ``spacing`` (z, y, x) mm; written whole as PNG."""
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
@@ -159,65 +278,86 @@ def plot_views(volume, path, title, mask=None, heat=None):
     axial, coronal = volume.shape[0] // 2, volume.shape[1] // 2
   views = ((f"axial slice {axial}", np.s_[axial]), (f"coronal row {coronal}", np.s_[::-1, coronal]))
   fig, axes = plt.subplots(1, 2, figsize=(8, 4))
-  for ax, (label, where) in zip(axes, views, strict=True):
-    ax.imshow(volume[where], cmap="gray", vmin=0, vmax=1)
+  for ax, (label, where), aspect in zip(axes, views, view_aspects(spacing), strict=True):
+    ax.imshow(volume[where], cmap="gray", vmin=0, vmax=1, aspect=aspect)
     if heat is not None:
-      ax.imshow(heat[where], cmap="jet", alpha=0.35, vmin=0, vmax=1)
+      ax.imshow(heat[where], cmap="jet", alpha=0.35, vmin=0, vmax=1, aspect=aspect)
     if mask is not None and mask[where].any():
       ax.contour(mask[where], levels=[0.5], colors="red", linewidths=1)
     ax.set_title(label, fontsize=9)
     ax.axis("off")
   fig.suptitle(title, fontsize=10)
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  with storage.output_path(path) as tmp:
+    fig.savefig(tmp, format="png", dpi=100)
   plt.close(fig)
 
 
 def predict_scans(predictor: export.Predictor, paths, out: Path,
-                  segmenter: Segmenter | None = None, cam_fn=None) -> list[Row]:
+                  segmenter: Segmenter | None = None, cam_fn=None, names=None,
+                  on_row: Callable[[list], None] | None = None) -> list[Row]:
   """Reads and predicts each of ``paths`` (one at a time); a Row each, in order.
 
   With ``segmenter`` and/or ``cam_fn`` (``saliency.ensemble_grad_cam``) each scan
-  also gets its lesion mask / Grad-CAM volume and ``<name>.png``.
+  also gets its lesion mask / Grad-CAM volume and ``<name>.png``, ``names``
+  being the scans' output names (default `output_names`, which keeps them off
+  the inputs). ``on_row(rows)`` is called with the rows so far as each scan
+  finishes.
   """
-  rows, taken = [], set()
-  for path in paths:
+  names = output_names(paths, out, paths) if names is None else names
+  rows = []
+  for path, name in zip(paths, names, strict=True):
     row = Row(str(path))
     rows.append(row)
     try:
       scan = readers.read_path(path)
       cube = model_inputs(scan)
       row.probs = predictor.fn(cube(predictor.input_size))[0]
-      if segmenter is None and cam_fn is None:
-        continue
-      name = output_name(path, taken)
-      mask = segment(segmenter, scan, cube, out, name) if segmenter is not None else None
-      heat = explain(cam_fn, predictor, scan, cube, row.probs, out, name) if cam_fn else None
-      title = f"{name}: {predictor.names[int(np.argmax(row.probs))]}"
-      if mask is not None:
-        row.lesion_fraction = float(mask.mean())
-        title += f", lesions {100 * row.lesion_fraction:.2f} % of the voxels"
-      plot_views(scan.volume, out / f"{name}.png", title, mask, heat)
+      if segmenter is not None or cam_fn is not None:
+        mask = segment(segmenter, scan, cube, out, name) if segmenter is not None else None
+        heat = explain(cam_fn, predictor, scan, cube, row.probs, out, name) if cam_fn else None
+        title = f"{name}: {predictor.names[int(np.argmax(row.probs))]}"
+        if mask is not None:
+          row.lesion_fraction = float(mask.mean())
+          title += f", lesions {100 * row.lesion_fraction:.2f} % of the voxels"
+        plot_views(scan.volume, out / f"{name}.png", title, mask, heat, scan.spacing)
     except readers.DataError as e:  # the path itself, or a file inside the folder
       row.error = e.reason if e.path == str(path) else str(e)
     except Exception as e:  # pylint: disable=broad-except  # one bad scan is its row's error
       row.error = f"{type(e).__name__}: {e}"
-      row.probs = None
+      row.probs = row.lesion_fraction = None
+    if on_row is not None:
+      on_row(rows)
   return rows
 
 
+def safe_cell(value: str) -> str:
+  """``value`` with a leading ``'`` if a spreadsheet would read it as a formula (it starts
+  with one of ``FORMULA_STARTS``, as OWASP's CSV-injection advice lists)."""
+  return f"'{value}" if value.startswith(FORMULA_STARTS) else value
+
+
+def csv_text(rows, names, lesions=False) -> str:
+  """``predictions.csv`` of ``rows`` (module doc), every text cell made safe (`safe_cell`)."""
+  text = io.StringIO(newline="")
+  w = csv.writer(text)
+  w.writerow([safe_cell(c) for c in ["scan", *names, "prediction",
+                                     *(["lesion_fraction"] if lesions else []), "error"]])
+  for r in rows:
+    lesion = [f"{r.lesion_fraction:.6f}" if r.lesion_fraction is not None else ""] \
+        if lesions else []
+    if r.probs is None:
+      cells = [r.scan, *[""] * len(names), "", *lesion, r.error]
+    else:
+      cells = [r.scan, *[f"{p:.6f}" for p in r.probs], names[int(np.argmax(r.probs))],
+               *lesion, ""]
+    w.writerow([safe_cell(c) for c in cells])
+  return text.getvalue()
+
+
 def write_csv(path, rows, names, lesions=False):
-  with open(path, "w", newline="") as f:
-    w = csv.writer(f)
-    w.writerow(["scan", *names, "prediction", *(["lesion_fraction"] if lesions else []), "error"])
-    for r in rows:
-      lesion = [f"{r.lesion_fraction:.6f}" if r.lesion_fraction is not None else ""] \
-          if lesions else []
-      if r.probs is None:
-        w.writerow([r.scan, *[""] * len(names), "", *lesion, r.error])
-      else:
-        w.writerow([r.scan, *[f"{p:.6f}" for p in r.probs], names[int(np.argmax(r.probs))],
-                    *lesion, ""])
+  """`csv_text` written whole at ``path`` (never through a link)."""
+  storage.write_output(path, csv_text(rows, names, lesions).encode("utf-8"))
 
 
 def table(rows, names) -> str:
@@ -237,11 +377,31 @@ def table(rows, names) -> str:
   return "\n".join(lines)
 
 
+def load_models(args):
+  """(predictor, segmenter or None, Grad-CAM fn or None) the command line names.
+
+  Raises:
+    HandOffError: a bad model, or --saliency with an exported file.
+  """
+  if args.saliency:
+    config, ensemble = export.load_model(args.model)
+    predictor = export.workdir_predictor(config, ensemble)
+    cam_fn = saliency.ensemble_grad_cam(config, ensemble)
+  else:
+    predictor, cam_fn = load_predictor(args.model), None
+  segmenter = load_segmenter(args.lesions) if args.lesions else None
+  return predictor, segmenter, cam_fn
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(prog=PROG, allow_abbrev=False,
                                    description=__doc__.split("\n\n")[0])
   parser.add_argument("--model", required=True, help="a finished severity or detection workdir")
-  parser.add_argument("--out", required=True, help="folder for predictions.csv")
+  parser.add_argument("--out", required=True,
+                      help="a new or empty folder for predictions.csv (and the images)")
+  parser.add_argument("--overwrite", action="store_true",
+                      help="write into a non-empty OUT, replacing earlier outputs of the same "
+                      "names (never through a link, never onto an input)")
   parser.add_argument("--lesions", default="", metavar="DIR",
                       help="a segmentation, segmia or multitask workdir: also write each scan's "
                       "lesion mask (NIfTI, scan geometry), a PNG and a lesion_fraction column")
@@ -252,28 +412,41 @@ def main(argv=None) -> int:
                       help="NIfTI/MetaImage/NRRD file, DICOM series folder or slice folder")
   args = parser.parse_args(argv)
   logging.basicConfig(level=logging.WARNING, format="%(message)s")
+  out = Path(args.out)
+  inputs = [*args.scans, args.model, *([args.lesions] if args.lesions else [])]
+  names = output_names(args.scans, out, inputs)
   try:
     if args.saliency and Path(args.model).is_file():
       raise handoff.HandOffError("--saliency needs the model's workdir (an exported file holds "
                                  "no gradients of the last stage)")
-    if args.saliency:
-      config, ensemble = export.load_model(args.model)
-      predictor = export.workdir_predictor(config, ensemble)
-      cam_fn = saliency.ensemble_grad_cam(config, ensemble)
-    else:
-      predictor, cam_fn = load_predictor(args.model), None
-    segmenter = load_segmenter(args.lesions) if args.lesions else None
+    check_out(out, inputs, args.overwrite, names if args.lesions or args.saliency else ())
+    check_scans(args.scans)
+    predictor, segmenter, cam_fn = load_models(args)
+  except UserError as e:   # one line per mistake
+    print("\n".join(f"{PROG}: {line}" for line in str(e).splitlines()), file=sys.stderr)
+    return 2
   except handoff.HandOffError as e:
     print(f"{PROG}: {e}", file=sys.stderr)
     return 2
-  out = Path(args.out)
-  out.mkdir(parents=True, exist_ok=True)
-  rows = predict_scans(predictor, args.scans, out, segmenter, cam_fn)
-  write_csv(out / "predictions.csv", rows, predictor.names, lesions=segmenter is not None)
+  lesions = segmenter is not None
+  try:
+    out.mkdir(parents=True, exist_ok=True)
+    if os.path.lexists(out / PREDICTIONS):   # --overwrite: no finished-looking table of before
+      os.unlink(out / PREDICTIONS)
+    rows = predict_scans(
+        predictor, args.scans, out, segmenter, cam_fn, names,
+        on_row=lambda rows: write_csv(out / PARTIAL, rows, predictor.names, lesions))
+    storage.move_output(out / PARTIAL, out / PREDICTIONS)
+  except storage.LinkRefused as e:
+    print(f"{PROG}: {e}", file=sys.stderr)
+    return 2
+  except OSError as e:   # OUT cannot be written (full, read-only)
+    print(f"{PROG}: --out {out}: {read_common.os_reason(e)}", file=sys.stderr)
+    return 2
   print(table(rows, predictor.names))
   failed = sum(r.error != "" for r in rows)
   print(f"{len(rows) - failed} of {len(rows)} scans predicted with {len(predictor.folds)} fold "
-        f"model(s); {out / 'predictions.csv'}")
+        f"model(s); {out / PREDICTIONS}")
   return 1 if failed else 0
 
 

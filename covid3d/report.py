@@ -3,6 +3,8 @@
 Reads every ``ROOT/*/cv.json`` (finetune workdirs) and, where present,
 ``metrics_validation.json``; writes ``ROOT/report.md`` (and prints it) and
 ``ROOT/report.png``, a bar chart of the CV macro F1 per run with the folds as dots.
+Nothing to report (no ``*/cv.json``) is one line on stderr and exit status 2,
+and writes nothing.
 A run made with a preset of the paper's rows (``configs/severity.py:NAME``) gets
 the paper's CV macro F1 (``covid3d.stages.chain``'s presets) beside its own, and a
 marker in the plot.
@@ -66,28 +68,34 @@ def markdown(rows) -> str:
   return "\n".join(lines) + "\n"
 
 
-def plot(rows, path):
-  import matplotlib  # pylint: disable=import-outside-toplevel
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-  fig, ax = plt.subplots(figsize=(max(1.6 * len(rows) + 1, 6.0), 3.2))  # room for the title
+def figure(rows):
+  """The bar chart of ``rows`` (`collect`) as a matplotlib Figure: the y axis runs to 105 %
+  and the dots are not clipped, so a fold at 100 % shows whole."""
+  from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
+  fig = Figure(figsize=(max(1.6 * len(rows) + 1, 6.0), 3.2))  # room for the title
+  ax = fig.subplots()
   for i, r in enumerate(rows):
     ax.bar(i, 100 * r["cv_macro_f1"], color="tab:blue", alpha=0.6)
-    ax.plot([i] * len(r["folds"]), 100 * np.asarray(r["folds"]), "k.", ms=5)
+    ax.plot([i] * len(r["folds"]), 100 * np.asarray(r["folds"]), "k.", ms=5, clip_on=False)
     ax.plot([i - 0.45, i + 0.45], [100 * chance(r)] * 2, "r--", lw=1,
             label="chance (random guess)" if i == 0 else None)
     if "paper_cv_macro_f1" in r:
       first = not any("paper_cv_macro_f1" in q for q in rows[:i])
-      ax.plot(i, r["paper_cv_macro_f1"], "D", color="tab:orange", ms=6,
+      ax.plot(i, r["paper_cv_macro_f1"], "D", color="tab:orange", ms=6, clip_on=False,
               label="the paper (real data)" if first else None)
   ax.set_xticks(range(len(rows)), [r["run"] for r in rows], rotation=20, ha="right")
   ax.set_ylabel("CV macro F1 (%)")
-  ax.set_ylim(0, 100)
+  ax.set_ylim(0, 105)
+  ax.set_yticks(range(0, 101, 20))
   ax.set_title("cross-validation macro F1 per run (dots: folds)")
-  ax.legend(loc="upper right", fontsize=8)
+  ax.legend(loc="best", fontsize=8)
   fig.tight_layout()
-  storage.save_figure(fig, path, dpi=110)
-  plt.close(fig)
+  return fig
+
+
+def plot(rows, path):
+  """`figure` of ``rows`` written whole as PNG at ``path``."""
+  storage.save_figure(figure(rows), path, dpi=110)
 
 
 def main(argv=None):
@@ -99,10 +107,12 @@ def main(argv=None):
   if not root.is_dir():
     parser.exit(2, f"{parser.prog}: {root}: no such folder\n")
   rows = collect(root)
+  if not rows:
+    parser.exit(2, f"{parser.prog}: {root}: nothing to report (no fine-tuning run: no "
+                "*/cv.json)\n")
   text = markdown(rows)
   storage.write_text(root / "report.md", text)
-  if rows:
-    plot(rows, root / "report.png")
+  plot(rows, root / "report.png")
   print(text, end="")
   return rows
 

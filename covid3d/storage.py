@@ -30,6 +30,7 @@ import contextlib
 import io
 import json
 import os
+import secrets
 import threading
 
 from etils import epath
@@ -156,6 +157,73 @@ def save_figure(fig, path, dpi: int = 100) -> epath.Path:
   buffer = io.BytesIO()
   fig.savefig(buffer, format="png", dpi=dpi)
   return write_bytes(path, buffer.getvalue())
+
+
+# Outputs a user asked for (covid3d.infer, covid3d.export): local files written
+# whole under a fresh hidden name beside them, and never through a link.
+
+
+class LinkRefused(ValueError):
+  """An output path that is a symbolic link: covid3d writes nothing through it."""
+
+
+def refuse_link(path) -> None:
+  """Raises `LinkRefused` (one line naming ``path``) if local ``path`` is a symbolic link."""
+  if not is_remote(path) and os.path.islink(path):
+    raise LinkRefused(f"{path} is a symbolic link: covid3d writes no output through a link "
+                      "(remove it, or choose another output)")
+
+
+@contextlib.contextmanager
+def output_path(path):
+  """A fresh temporary file name beside local ``path``, moved onto ``path`` when the block ends.
+
+  For writers that take a file name (nibabel, SimpleITK, matplotlib): the
+  temporary name ends with ``path``'s name, so its suffix picks the same
+  format. It is created empty and exclusively (a link or file already there
+  under that name is never opened), with the permissions the umask gives; it
+  is removed if the block raises. ``path`` itself is refused when it is a link,
+  before and again just before the rename (which replaces a file, never
+  follows a link).
+
+  Yields:
+    The temporary path (str).
+  """
+  path = os.path.abspath(path)
+  refuse_link(path)
+  folder, name = os.path.split(path)
+  os.makedirs(folder, exist_ok=True)
+  flags = os.O_CREAT | os.O_EXCL | os.O_WRONLY | getattr(os, "O_NOFOLLOW", 0)
+  while True:
+    tmp = os.path.join(folder, f".tmp-{secrets.token_hex(4)}-{name}")
+    try:
+      os.close(os.open(tmp, flags, 0o666))
+      break
+    except FileExistsError:
+      continue
+  try:
+    yield tmp
+    refuse_link(path)
+    os.replace(tmp, path)
+  finally:
+    if os.path.lexists(tmp):
+      os.unlink(tmp)
+
+
+def write_output(path, data: bytes) -> None:
+  """``data`` written whole at ``path``: a local file through `output_path` (never through a
+  link), a bucket object as `write_bytes` does."""
+  if is_remote(path):
+    write_bytes(path, data)
+    return
+  with output_path(path) as tmp, open(tmp, "wb") as f:
+    f.write(data)
+
+
+def move_output(src, dst) -> None:
+  """Renames local ``src`` onto ``dst`` in one step; refuses a ``dst`` that is a link."""
+  refuse_link(dst)
+  os.replace(src, dst)
 
 
 # --- Dataset files in a bucket: listing a folder, fetching many objects, a local copy. ---

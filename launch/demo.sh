@@ -73,4 +73,12 @@ pod=
 ((processes == 1)) || pod=", $processes processes"
 echo "== covid3d demo under $CHAIN_ROOT (python: $PYTHON$pod)"
 run_chain
+# Where to look next: the report, and the ensemble predicting one scan (a phantom's here).
+scans=("$local_dir"/data/stoic/data/mha/*.mha)
+scan=${scans[0]}
+[[ -e $scan ]] || scan=SCAN
+echo "== results: $CHAIN_ROOT/report.md, plotted in $CHAIN_ROOT/report.png"
+echo "== predict a scan with the ${demo_targets%%,*} ensemble (docs/inference.md):"
+echo "   $(quote_words "$PYTHON" -m covid3d.infer --model="$CHAIN_ROOT/${demo_targets%%,*}_segmia" \
+  --out="$local_dir/infer" --lesions="$CHAIN_ROOT/segmentation" --saliency "$scan")"
 print_total_time

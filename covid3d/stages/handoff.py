@@ -9,6 +9,7 @@ names the workdir NAME beside the stage's own.
 """
 import copy
 import json
+import shlex
 
 import ml_collections
 from etils import epath
@@ -132,12 +133,25 @@ def resolve_siblings(config: ml_collections.ConfigDict, workdir) -> ml_collectio
 
   ``stage:NAME`` is the workdir ``NAME`` beside ``workdir`` (the launchers'
   ``ROOT/<stage>`` layout), so a preset can name its source stage.
+
+  Raises:
+    HandOffError: that workdir does not exist; the message names the command that makes it.
   """
   config = copy.deepcopy(config)
   for field in ("init_from", "pseudo_labels"):
     value = config.get(field, "")
     if value.startswith(SIBLING):
       config[field] = str(epath.Path(workdir).parent / value[len(SIBLING):])
+      if not epath.Path(config[field]).exists():
+        raise HandOffError(f"{field}={value!r} names {config[field]}, which does not exist: "
+                           f"{making_command(config[field])}")
   return config
 
 
+def making_command(sibling: str) -> str:
+  """Words that say how the chain makes the workdir ``sibling`` (``ROOT/NAME``)."""
+  root, name = str(epath.Path(sibling).parent), epath.Path(sibling).name
+  for step in chain.steps(root):
+    if step.kind == "stage" and step.output == f"{root}/{name}":
+      return f"make it first with {shlex.join(['python', *step.args])}"
+  return f"{name} is not a stage of the chain (python -m {chain.PROG} lists them)"

@@ -77,8 +77,16 @@ def write_outputs(outdir, partition, ids, probs, names, labels=None):
                                      strict=True)),
             "confusion_matrix": cm.tolist()}
   storage.write_json(outdir / f"metrics_{partition}.json", result, indent=1)
-  metrics.plot_confusion_matrix(cm, list(names), str(outdir / f"confusion_{partition}.png"))
+  metrics.plot_confusion_matrix(cm, list(names), str(outdir / f"confusion_{partition}.png"),
+                                title=confusion_title(outdir, partition, result))
   return result
+
+
+def confusion_title(outdir, partition: str, result: dict) -> str:
+  """The confusion plot's title: the run (``outdir``'s name), the partition, accuracy and
+  macro F1 of ``result`` (``metrics_<partition>.json``)."""
+  return (f"{storage.as_path(outdir).name}, {partition} ({result['n']} scans)\n"
+          f"accuracy {result['accuracy']:.3f}, macro F1 {result['macro_f1']:.3f}")
 
 
 @dataclasses.dataclass(frozen=True)

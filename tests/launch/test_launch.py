@@ -181,6 +181,11 @@ def test_demo_dry_run_chain(tmp_path):
   assert cmds[-1] == ["my-python", "-m", "covid3d.report", str(root)]
   assert sum(line.startswith("== [") for line in out.splitlines()) == len(parsed) + 1
   assert "total wall time" in out.splitlines()[-1]
+  # The last lines point to the report's plot and show infer on the demo's ensemble.
+  assert out.splitlines()[-4] == f"== results: {root}/report.md, plotted in {root}/report.png"
+  assert out.splitlines()[-2].split() == [
+      "my-python", "-m", "covid3d.infer", f"--model={root}/severity_segmia",
+      f"--out={root}/infer", f"--lesions={root}/segmentation", "--saliency", "SCAN"]
   assert not root.exists()                                     # a dry run runs nothing
 
 

@@ -1,6 +1,7 @@
 """covid3d.report: the results table and plot of the fine-tuning runs under a root."""
 import json
 
+import numpy as np
 import pytest
 
 from covid3d import report
@@ -29,10 +30,37 @@ def test_report_tables_every_run_with_mean_and_chance(tmp_path, capsys):
   assert (tmp_path / "report.png").stat().st_size > 0
 
 
-def test_report_of_an_empty_root_says_so(tmp_path):
-  assert report.main([str(tmp_path)]) == []
-  assert "No finetune runs" in (tmp_path / "report.md").read_text()
-  assert not (tmp_path / "report.png").exists()
+def test_report_of_an_empty_root_is_one_line_and_exit_status_2(tmp_path, capsys):
+  (tmp_path / "segmentation").mkdir()   # a workdir, but no fine-tuning run
+  with pytest.raises(SystemExit) as exit_:
+    report.main([str(tmp_path)])
+  assert exit_.value.code == 2
+  assert capsys.readouterr().err == (f"python -m covid3d.report: {tmp_path}: nothing to report "
+                                     "(no fine-tuning run: no */cv.json)\n")
+  assert not (tmp_path / "report.md").exists() and not (tmp_path / "report.png").exists()
+
+
+def test_a_fold_at_100_percent_is_drawn_whole(tmp_path):
+  _write_run(tmp_path, "severity_segmia", [1.0, 0.8])
+  fig = report.figure(report.collect(tmp_path))
+  ax = fig.axes[0]
+  assert ax.get_ylim()[1] >= 105
+  dots = [line for line in ax.lines if line.get_marker() == "."]
+  assert dots and not any(line.get_clip_on() for line in dots)
+  assert max(dots[0].get_ydata()) == 100
+
+
+def test_a_confusion_plot_names_its_run_and_partition(tmp_path):
+  from covid3d.stages import predict
+  run = tmp_path / "severity_segmia"
+  probs = np.eye(4)[[0, 1, 2, 3, 3]]
+  result = predict.write_outputs(run, "validation", [f"s{i}" for i in range(5)], probs,
+                                 ("mild", "moderate", "severe", "critical"),
+                                 np.array([0, 1, 2, 3, 2]))
+  title = predict.confusion_title(run, "validation", result)
+  assert title.splitlines()[0] == "severity_segmia, validation (5 scans)"
+  assert title.splitlines()[1] == f"accuracy 0.800, macro F1 {result['macro_f1']:.3f}"
+  assert (run / "confusion_validation.png").stat().st_size > 1000
 
 
 def test_a_preset_run_gets_the_papers_figure_beside_its_own(tmp_path):
