@@ -34,6 +34,20 @@ def _event_class():
   return message_factory.GetMessageClass(pool.FindMessageTypeByName("tft.Event"))
 
 
+def _events(path) -> list:
+  """The ``Event`` records of a TFRecord file, their CRCs checked."""
+  data, records = path.read_bytes(), []
+  while data:
+    (n,) = struct.unpack("<Q", data[:8])
+    assert struct.unpack("<I", data[8:12])[0] == log.masked_crc32c(data[:8])
+    body = data[12:12 + n]
+    assert struct.unpack("<I", data[12 + n:16 + n])[0] == log.masked_crc32c(body)
+    records.append(body)
+    data = data[16 + n:]
+  Event = _event_class()
+  return [Event.FromString(r) for r in records]
+
+
 def test_crc32c_known_values():
   assert log.crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
   assert log.crc32c(b"") == 0
@@ -49,16 +63,7 @@ def test_event_file_parses_as_tensorflow_events(tmp_path):
   assert lines == [{"step": 3, "split": "train", "loss": 0.5, "lr": pytest.approx(1e-4)},
                    {"step": 300, "split": "eval", "macro_f1": 0.25}]
   (path,) = (tmp_path / "tensorboard").glob("events.out.tfevents.*")
-  data, records = path.read_bytes(), []
-  while data:
-    (n,) = struct.unpack("<Q", data[:8])
-    assert struct.unpack("<I", data[8:12])[0] == log.masked_crc32c(data[:8])
-    body = data[12:12 + n]
-    assert struct.unpack("<I", data[12 + n:16 + n])[0] == log.masked_crc32c(body)
-    records.append(body)
-    data = data[16 + n:]
-  Event = _event_class()
-  events = [Event.FromString(r) for r in records]
+  events = _events(path)
   assert events[0].file_version == "brain.Event:2"
   assert events[1].step == 3
   assert {v.tag: v.simple_value for v in events[1].summary.value} == {
@@ -184,7 +189,9 @@ def test_a_local_run_appends_to_one_file_and_one_reader_serves_both_layouts(tmp_
   logger.close()
   assert _steps(tmp_path) == [1, 2, 3, 3.5, 4, 5, 6]
   assert sorted(p.name for p in parts.glob("part-*")) == [log.part_name(n) for n in (9, 10, 11, 12)]
-  assert len(list((tmp_path / "tensorboard").glob("events.out.tfevents.*.00000[12]"))) == 2
+  tensorboard = sorted((tmp_path / "tensorboard").glob("events.out.tfevents.*.00000[12]"))
+  assert [[(e.file_version, e.step) for e in _events(path)] for path in tensorboard] == [
+      [("brain.Event:2", 0), ("", 5)], [("brain.Event:2", 0), ("", 6)]]
 
 
 def test_parts_are_flushed_after_flush_every_s(tmp_path):
