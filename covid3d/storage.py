@@ -311,3 +311,25 @@ def local_copy(path):
       with path.open("rb") as src, open(local, "wb") as dst:
         shutil.copyfileobj(src, dst, 1 << 22)
     yield local
+
+
+# Listing a folder another process writes into (the metrics logger's parts).
+
+
+def list_names(folder) -> list[str]:
+  """The names of the entries in ``folder`` as the storage holds them now, sorted
+  ([] if there is no such folder).
+
+  gcsfs keeps the listings it has made and would not see the objects that
+  another process added since: on ``gs://`` this asks the bucket again.
+  """
+  folder = as_path(folder)
+  if not is_remote(folder):
+    return sorted(os.listdir(folder)) if folder.is_dir() else []
+  import fsspec  # pylint: disable=import-outside-toplevel  (a dependency of gcsfs)
+  fs, root = fsspec.core.url_to_fs(str(folder))
+  try:
+    entries = fs.ls(root, detail=False, refresh=True)
+  except FileNotFoundError:
+    return []
+  return sorted(entry.rstrip("/").rsplit("/", 1)[-1] for entry in entries)

@@ -293,10 +293,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, model, p
           logger.write(step, "eval", evaluated)
           logging.info("step %d eval (EMA): %s", step, evaluated)
         if evaluated is not None or itstime(step, config.checkpoint_every, config.num_steps):
+          logger.flush()  # a checkpoint's rows reach a bucket before the checkpoint does
           ckpt.save(step, state, train_iter.get_state(), saved_config, evaluated)
           last_saved = step
       if stop.requested():
         if step != last_saved:
+          logger.flush()
           ckpt.save(step, state, train_iter.get_state(), saved_config)
         ckpt.wait()
         signum = stop.signum or signal.SIGTERM

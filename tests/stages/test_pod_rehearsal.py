@@ -206,8 +206,8 @@ def test_a_pod_run_survives_a_lost_host_and_a_preemption(stage, tmp_path):
   assert {"DONE", "config.json", "cv.json", "fold0", "skips.json",
           "log.0.txt", "log.1.txt"} <= {p.name for p in severity.iterdir()}
   assert "resumed from step" in (severity / "log.0.txt").read_text()
-  assert {"DONE", "checkpoints", "metrics.jsonl"} <= {p.name
-                                                      for p in (severity / "fold0").iterdir()}
+  assert {"DONE", "checkpoints", "metrics.jsonl.d"} <= {p.name
+                                                        for p in (severity / "fold0").iterdir()}
   assert log.read_metrics(severity / "fold0"), "no metrics read back from the bucket"
   report.main([str(chain)])
   assert "severity" in (chain / "report.md").read_text() and (chain / "report.png").exists()

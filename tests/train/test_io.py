@@ -34,6 +34,20 @@ def _event_class():
   return message_factory.GetMessageClass(pool.FindMessageTypeByName("tft.Event"))
 
 
+def _events(path) -> list:
+  """The ``Event`` records of a TFRecord file, their CRCs checked."""
+  data, records = path.read_bytes(), []
+  while data:
+    (n,) = struct.unpack("<Q", data[:8])
+    assert struct.unpack("<I", data[8:12])[0] == log.masked_crc32c(data[:8])
+    body = data[12:12 + n]
+    assert struct.unpack("<I", data[12 + n:16 + n])[0] == log.masked_crc32c(body)
+    records.append(body)
+    data = data[16 + n:]
+  Event = _event_class()
+  return [Event.FromString(r) for r in records]
+
+
 def test_crc32c_known_values():
   assert log.crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
   assert log.crc32c(b"") == 0
@@ -49,16 +63,7 @@ def test_event_file_parses_as_tensorflow_events(tmp_path):
   assert lines == [{"step": 3, "split": "train", "loss": 0.5, "lr": pytest.approx(1e-4)},
                    {"step": 300, "split": "eval", "macro_f1": 0.25}]
   (path,) = (tmp_path / "tensorboard").glob("events.out.tfevents.*")
-  data, records = path.read_bytes(), []
-  while data:
-    (n,) = struct.unpack("<Q", data[:8])
-    assert struct.unpack("<I", data[8:12])[0] == log.masked_crc32c(data[:8])
-    body = data[12:12 + n]
-    assert struct.unpack("<I", data[12 + n:16 + n])[0] == log.masked_crc32c(body)
-    records.append(body)
-    data = data[16 + n:]
-  Event = _event_class()
-  events = [Event.FromString(r) for r in records]
+  events = _events(path)
   assert events[0].file_version == "brain.Event:2"
   assert events[1].step == 3
   assert {v.tag: v.simple_value for v in events[1].summary.value} == {
@@ -152,3 +157,48 @@ def test_array_iterator_resume_and_process_split():
     np.testing.assert_array_equal(np.concatenate([next(h)["x"] for h in halves]), b["x"])
   with pytest.raises(ValueError, match="differ in length"):
     ArrayIterator({"x": np.arange(3), "y": np.arange(4)}, 2)
+
+
+def _steps(workdir) -> list[int]:
+  return [row["step"] for row in log.read_metrics(workdir)]
+
+
+def test_a_local_run_appends_to_one_file_and_one_reader_serves_both_layouts(tmp_path):
+  logger = log.MetricLogger(str(tmp_path))
+  logger.write(1, "train", {"loss": 1.0})
+  logger.flush()
+  logger.close()
+  assert _steps(tmp_path) == [1] and not (tmp_path / log.METRICS_PARTS).exists()
+  with open(tmp_path / log.METRICS_FILE, "a") as f:
+    f.write('{"step": 2, "spl')  # a run killed while writing a row
+  logger = log.MetricLogger(str(tmp_path))
+  logger.write(2, "train", {"loss": 0.5})  # not joined to the torn row
+  logger.close()
+  assert _steps(tmp_path) == [1, 2]
+  # A workdir copied from a bucket: its parts come after the file, by number.
+  parts = tmp_path / log.METRICS_PARTS
+  storage.write_text(parts / log.part_name(10), '{"step": 4}\n')
+  storage.write_text(parts / log.part_name(9), '{"step": 3}\n{"step": 3.5}\n')
+  (parts / "notes.txt").write_text("not a part")
+  assert _steps(tmp_path) == [1, 2, 3, 3.5, 4]
+  logger = log.MetricLogger(str(tmp_path), flush_every_s=float("inf"))  # continues the parts
+  logger.write(5, "train", {"loss": 0.25})
+  assert _steps(tmp_path) == [1, 2, 3, 3.5, 4]  # held until a flush
+  logger.flush()
+  logger.write(6, "eval", {"macro_f1": 0.5})
+  logger.close()
+  assert _steps(tmp_path) == [1, 2, 3, 3.5, 4, 5, 6]
+  assert sorted(p.name for p in parts.glob("part-*")) == [log.part_name(n) for n in (9, 10, 11, 12)]
+  tensorboard = sorted((tmp_path / "tensorboard").glob("events.out.tfevents.*.00000[12]"))
+  assert [[(e.file_version, e.step) for e in _events(path)] for path in tensorboard] == [
+      [("brain.Event:2", 0), ("", 5)], [("brain.Event:2", 0), ("", 6)]]
+
+
+def test_parts_are_flushed_after_flush_every_s(tmp_path):
+  (tmp_path / log.METRICS_PARTS).mkdir()
+  logger = log.MetricLogger(str(tmp_path), flush_every_s=0.0)
+  for step in (1, 2, 3):
+    logger.write(step, "train", {"loss": 1.0 / step})
+    assert _steps(tmp_path) == list(range(1, step + 1))
+  logger.close()
+  assert len(log.metric_parts(tmp_path)) == 3
