@@ -192,7 +192,7 @@ def main(argv=None) -> int:
     return 2
   data = export(config, ensemble, args.model)
   try:
-    storage.write_output(args.out, data)
+    storage.write_bytes(args.out, data)
   except storage.LinkRefused as e:
     print(f"{PROG}: --out {e}", file=sys.stderr)
     return 2

@@ -357,7 +357,7 @@ def csv_text(rows, names, lesions=False) -> str:
 
 def write_csv(path, rows, names, lesions=False):
   """`csv_text` written whole at ``path`` (never through a link)."""
-  storage.write_output(path, csv_text(rows, names, lesions).encode("utf-8"))
+  storage.write_bytes(path, csv_text(rows, names, lesions).encode("utf-8"))
 
 
 def table(rows, names) -> str:

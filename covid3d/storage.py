@@ -27,10 +27,13 @@ wins), and Orbax's tensorstore writes are bounded by `within` (see
 ``train.save_timeout_s``).
 """
 import contextlib
+import errno
 import io
 import json
 import os
 import secrets
+import shutil
+import tempfile
 import threading
 
 from etils import epath
@@ -102,28 +105,23 @@ def as_path(path) -> epath.Path:
 def whole_file(path):
   """A binary file to write ``path`` through, put in place whole when the block ends.
 
-  A local file is streamed to a temporary name beside ``path`` and renamed
-  into place (nothing is left behind if the block raises); a bucket object
-  is buffered in memory and uploaded in one request. Creates parent folders.
+  A local file is streamed to a fresh temporary name beside ``path`` and
+  renamed into place (`output_path`: never through a link, nothing left
+  behind if the block raises); a bucket object is buffered in memory and
+  uploaded in one request. Creates parent folders.
 
   Yields:
     The open binary file.
   """
   path = as_path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
   if is_remote(path):
+    path.parent.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
     yield buffer
     path.write_bytes(buffer.getvalue())
     return
-  tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-  try:
-    with open(tmp, "wb") as f:
-      yield f
-    os.replace(tmp, path)
-  finally:
-    if tmp.exists():
-      tmp.unlink()
+  with output_path(path) as tmp, open(tmp, "wb") as f:
+    yield f
 
 
 def write_bytes(path, data: bytes) -> epath.Path:
@@ -159,8 +157,8 @@ def save_figure(fig, path, dpi: int = 100) -> epath.Path:
   return write_bytes(path, buffer.getvalue())
 
 
-# Outputs a user asked for (covid3d.infer, covid3d.export): local files written
-# whole under a fresh hidden name beside them, and never through a link.
+# Local files are written whole under a fresh hidden name beside them, and never
+# through a link (every writer above; covid3d.infer and covid3d.export use these too).
 
 
 class LinkRefused(ValueError):
@@ -210,16 +208,6 @@ def output_path(path):
       os.unlink(tmp)
 
 
-def write_output(path, data: bytes) -> None:
-  """``data`` written whole at ``path``: a local file through `output_path` (never through a
-  link), a bucket object as `write_bytes` does."""
-  if is_remote(path):
-    write_bytes(path, data)
-    return
-  with output_path(path) as tmp, open(tmp, "wb") as f:
-    f.write(data)
-
-
 def move_output(src, dst) -> None:
   """Renames local ``src`` onto ``dst`` in one step; refuses a ``dst`` that is a link."""
   refuse_link(dst)
@@ -238,7 +226,6 @@ def list_folder(folder) -> list[tuple[epath.Path, str]]:
   Raises:
     OSError: the folder cannot be listed (FileNotFoundError when it has nothing).
   """
-  import errno  # pylint: disable=import-outside-toplevel
   folder = as_path(folder)
   def fail(error):
     raise error
@@ -294,8 +281,6 @@ def local_copy(path):
   Yields:
     The local path (str).
   """
-  import shutil  # pylint: disable=import-outside-toplevel
-  import tempfile  # pylint: disable=import-outside-toplevel
   path = as_path(path)
   with tempfile.TemporaryDirectory(prefix="covid3d-copy-") as tmp:
     local = os.path.join(tmp, path.name)

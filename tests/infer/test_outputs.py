@@ -142,7 +142,7 @@ def test_each_output_is_written_whole_or_not_at_all(tmp_path):
       Path(tmp).write_bytes(b"half")
       raise RuntimeError("the writer failed")
   assert target.read_bytes() == b"before" and no_temporary_files(tmp_path)
-  storage.write_output(target, b"after")
+  storage.write_bytes(target, b"after")
   assert target.read_bytes() == b"after" and no_temporary_files(tmp_path)
   assert oct(target.stat().st_mode & 0o777) == oct(0o666 & ~_umask())
 
