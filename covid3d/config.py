@@ -107,7 +107,10 @@ def get_config(stage: str) -> ml_collections.ConfigDict:
   c.model.seg_head.prior = placeholder(float)  # initial lesion probability (focal-loss bias
                                       # init); None: bias 0 (authors)
 
-  c.inflation = ml_collections.ConfigDict()  # how a 2-D checkpoint becomes 3-D (covid3d.inflation)
+  c.inflation = ml_collections.ConfigDict()  # how a 2-D checkpoint becomes 3-D (covid3d.inflation);
+                                      # with a 3-D workdir as init_from, how its weights were
+                                      # inflated: a stage stops when the workdir's config.json
+                                      # records another (covid3d.stages.handoff)
   c.inflation.mode = "full"           # full, 1g, 2g
   c.inflation.norm = "sum"            # sum (authors' code), sum_per_slice (their in-loop 1G
                                       # rescale) or l2 (paper's text)
@@ -209,8 +212,10 @@ def demo_steps(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 def apply_preset(c: ml_collections.ConfigDict, preset: chain.Preset) -> ml_collections.ConfigDict:
   """``c`` set as the fine-tuning ``preset`` says (see ``chain.Preset``)."""
-  c.init_from = "random" if preset.init == "random" else f"stage:{preset.init}"
+  c.init_from = "random" if preset.init == "random" else f"stage:{preset.source}"
   c.inflation.mode = preset.inflation
+  c.inflation.new_axis = preset.new_axis
+  c.inflation.norm = preset.norm
   c.augment.rot90.p = preset.rot90
   c.loss.balanced = preset.balanced
   c.data.folds = preset.folds

@@ -38,6 +38,10 @@ HEADLINE says in words what the step does; the ARGs are python's arguments
 holds a tab or a newline: a value that would make one is an error. An error is
 one line on stderr ("covid3d.stages.chain: MESSAGE"), exit status 2.
 
+With ``--ablations`` it prints, in the same format, the steps of
+launch/ablations.sh (``ablation_steps``): every preset of the targets, after
+the pretrainings each needs, of its own inflation.
+
   python -m covid3d.stages.chain --markdown
 
 prints the README's pipeline table (``# | config | does | reads | writes``);
@@ -63,9 +67,13 @@ class Preset:
   """A fine-tuning preset, ``configs/<target>.py:<name>``: an authors' run or a paper's row.
 
   ``init`` is the stage whose workdir (beside the run's own) it starts from, or
-  "random"; ``inflation`` how the ImageNet weights were inflated (here when
-  ``init`` is "pretrain2d", else in the pretraining it starts from: the chain's
-  ``--inflation``); ``rot90`` the quarter-turn probability; ``balanced``
+  "random"; ``inflation`` how the ImageNet weights were inflated: here when
+  ``init`` is "pretrain2d", else in the pretraining it starts from, whose
+  workdir is then named for it (``source``: ``segmia_2g``; the run stops when
+  that workdir's recorded inflation differs); ``new_axis`` and ``norm`` the
+  rest of the inflation (``inflation.new_axis``, ``inflation.norm``: the
+  authors' ImageNet fine-tuning put the 2-D kernel in the (slice, row) plane,
+  new axis 2, and their 1G rescaled per slice); ``rot90`` the quarter-turn probability; ``balanced``
   balanced or plain CE; ``folds`` 5 or 1 (no cross-validation);
   ``submission``: predict with the last fold alone, as the challenge code did
   (else the fold ensemble, as the paper's tables report). ``run`` names the
@@ -77,11 +85,27 @@ class Preset:
   run: str
   init: str
   inflation: str
+  new_axis: int = 0
+  norm: str = "sum"
   rot90: float = 0.0
   balanced: bool = True
   folds: int = 5
   submission: bool = True
   paper_cv_macro_f1: float | None = None
+
+  @property
+  def source(self) -> str:
+    """The workdir (beside the run's own) it starts from: "random", "pretrain2d", or the
+    pretraining's workdir as the chain names it for ``inflation`` (``inflated_name``)."""
+    if self.init in ("random", "pretrain2d"):
+      return self.init
+    return inflated_name(self.init, self.inflation)
+
+
+def inflated_name(name: str, inflation: str) -> str:
+  """The workdir name of a stage whose weights descend from ``inflation``: NAME for the
+  default ``full``, else NAME_<inflation> (``segmia_2g``), so the two can share a root."""
+  return name if inflation == "full" else f"{name}_{inflation}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,24 +129,24 @@ FINETUNE_TARGETS = (
     Target("severity", "severity", ("mild", "moderate", "severe", "critical"), (
         Preset("table3_random", "Table 3, random", "random", "full", submission=False,
                paper_cv_macro_f1=62.71),
-        Preset("authors1", "severity submission 1", "pretrain2d", "full",
+        Preset("authors1", "severity submission 1", "pretrain2d", "full", new_axis=2,
                paper_cv_macro_f1=65.67),
-        Preset("table2_1g", "Table 2, 1G", "pretrain2d", "1g", submission=False,
-               paper_cv_macro_f1=65.81),
-        Preset("table2_2g", "Table 2, 2G", "pretrain2d", "2g", submission=False,
+        Preset("table2_1g", "Table 2, 1G", "pretrain2d", "1g", new_axis=2, norm="sum_per_slice",
+               submission=False, paper_cv_macro_f1=65.81),
+        Preset("table2_2g", "Table 2, 2G", "pretrain2d", "2g", new_axis=2, submission=False,
                paper_cv_macro_f1=69.61),
         Preset("authors2", "severity submission 2", "segmentation", "full",
                paper_cv_macro_f1=67.25),
         Preset("authors3", "severity submission 3", "segmia", "full", paper_cv_macro_f1=66.48),
         Preset("authors4", "severity submission 4", "multitask", "full",
                paper_cv_macro_f1=68.18),
-        Preset("table1_ce", "Table 1, plain CE", "pretrain2d", "full", balanced=False,
-               submission=False, paper_cv_macro_f1=65.37),
+        Preset("table1_ce", "Table 1, plain CE", "pretrain2d", "full", new_axis=2,
+               balanced=False, submission=False, paper_cv_macro_f1=65.37),
         Preset("authors5", "severity submission 5", "segmentation", "full", rot90=0.25,
                paper_cv_macro_f1=71.74),
     )),
     Target("detection", "covid", ("non-covid", "covid"), (
-        Preset("authors1", "detection submission 1", "pretrain2d", "full",
+        Preset("authors1", "detection submission 1", "pretrain2d", "full", new_axis=2,
                paper_cv_macro_f1=91.73),
         Preset("authors2", "detection submission 2", "multitask", "2g"),
         Preset("authors3", "detection submission 3", "segmia", "2g"),
@@ -265,43 +289,103 @@ def steps(root, targets=TARGETS, init2d="", inflation="full", configs="configs",
   ``targets`` are the fine-tuning targets, in the order they run; a 2-D
   checkpoint ``init2d`` replaces pretraining. A stage runs
   ``configs/<config>.py<suffix>``; ``flags_3d`` go to the 3-D stages, then
-  ``flags`` to every stage (so a later flag wins, as in absl).
+  ``flags`` to every stage (so a later flag wins, as in absl). The workdirs of
+  the stages whose weights descend from an ``inflation`` other than ``full``
+  are named for it (``inflated_name``), and those stages are told it
+  (``--config.inflation.mode``), which each checks against its source's.
   """
   if not targets:
     raise ValueError("no fine-tuning target")
-  for target in targets:
-    if target not in TARGETS:
-      raise ValueError(f"target {target!r} is not {' or '.join(TARGETS)}")
+  return (*_stage_steps(root, targets, init2d, inflation, configs, suffix, flags, flags_3d),
+          _report_step(root))
+
+
+def _check_targets(targets):
+  for name in targets:
+    if name not in TARGETS:
+      raise ValueError(f"target {name!r} is not {' or '.join(TARGETS)}")
+
+
+def _report_step(root):
+  (stage,) = (s for s in STAGES if s.kind == "report")
+  return Step("report", "report", f"{root}/report.md", stage.headline,
+              ("-m", "covid3d.report", root))
+
+
+def _stage_steps(root, targets, init2d, inflation, configs, suffix, flags, flags_3d):
+  """The chain's stage steps (``steps`` without the report); no targets: the pretrainings."""
+  _check_targets(targets)
   # What a stage hands on: its workdir, by stage name; a given checkpoint is
   # pretrain2d's, which then does not run.
   workdirs = {"random": "random"}
   if init2d:
     workdirs["pretrain2d"] = init2d
+  inflated = set()      # the stages whose weights descend from the inflation
   out = []
   for stage in STAGES:
-    if not stage.chained or stage.name in workdirs:
-      continue
-    if stage.kind == "report":
-      out.append(Step("report", "report", f"{root}/report.md", stage.headline,
-                      ("-m", "covid3d.report", root)))
+    if not stage.chained or stage.kind != "stage" or stage.name in workdirs:
       continue
     for config in targets if stage.per_target else stage.configs:
       for init in stage.init_from or ("",):
+        descends = stage.inflates or init in inflated
         name = f"{config}_{init}" if len(stage.init_from) > 1 else config
-        workdir = f"{root}/{name}"
+        workdir = f"{root}/{inflated_name(name, inflation) if descends else name}"
         start = workdirs[init] if init else ""
         labels = workdirs[stage.pseudo_labels] if stage.pseudo_labels else ""
         args = ["-m", "covid3d.main", f"--config={configs}/{config}.py{suffix}",
                 f"--workdir={workdir}"]
         args += [f"--config.init_from={start}"] if start else []
         args += [f"--config.pseudo_labels={labels}"] if labels else []
-        args += [f"--config.inflation.mode={inflation}"] if stage.inflates else []
+        args += [f"--config.inflation.mode={inflation}"] if descends else []
         args += [*flags_3d] if stage.is_3d else []
         args += flags
         headline = stage.headline.format(init_from=start, init=init, inflation=inflation)
         out.append(Step("stage", config, workdir, headline, tuple(args), start, labels))
         workdirs[stage.name] = workdir
-  return tuple(out)
+        if descends:
+          inflated.add(stage.name)
+  return out
+
+
+def ablation_steps(root, targets=TARGETS, init2d="", configs="configs", suffix="", flags=(),
+                   flags_3d=()):
+  """The steps of ``launch/ablations.sh``: every preset of ``targets``, each with what it needs.
+
+  First the pretrainings the presets start from, of each inflation they name
+  (the chain's stages of that inflation, ``steps``, that lead to a preset's
+  ``source``; each workdir once), then one run per preset in
+  ``root/<target>_<preset>`` (``configs/<target>.py:<preset><suffix>``, its
+  source resolved by name; ``init2d`` for those that start from the 2-D
+  weights; the fold ensemble predicts, ``--config.predict.folds=``), then the report.
+  """
+  _check_targets(targets)
+  presets = [(name, p) for name in targets for p in target(name).presets]
+  if not presets:
+    raise ValueError("no preset to run")
+  out, made = [], set()
+  for inflation in dict.fromkeys(p.inflation for _, p in presets):
+    pretraining = _stage_steps(root, (), init2d, inflation, configs, suffix, flags, flags_3d)
+    needed = {f"{root}/{p.source}" for _, p in presets if p.inflation == inflation}
+    for step in reversed(pretraining):     # what the needed stages start from is needed too
+      if step.output in needed:
+        needed |= {step.init_from, step.pseudo_labels}
+    for step in pretraining:
+      if step.output in needed and step.output not in made:
+        out.append(step)
+        made.add(step.output)
+  words = suffix.removeprefix(":")
+  for name, p in presets:
+    workdir = f"{root}/{name}_{p.name}"
+    start = init2d if init2d and p.init == "pretrain2d" else ""
+    args = ["-m", "covid3d.main", f"--config={configs}/{name}.py:{p.name}"
+            + (f",{words}" if words else ""), f"--workdir={workdir}"]
+    args += [f"--config.init_from={start}"] if start else []
+    args += ["--config.predict.folds=", *flags_3d, *flags]
+    inflated = "" if p.init == "random" else f" ({p.inflation} inflation)"
+    headline = f"{p.run}, from {start or p.source}{inflated}"
+    source = start or (p.source if p.init == "random" else f"{root}/{p.source}")
+    out.append(Step("stage", name, workdir, headline, tuple(args), source))
+  return (*out, _report_step(root))
 
 
 def markdown_table():
@@ -334,9 +418,11 @@ def presets_markdown():
   for t in FINETUNE_TARGETS:
     for p in t.presets:
       start = {"random": "random", "pretrain2d": "`pretrain2d` (ImageNet)"}.get(
-          p.init, f"`{p.init}`")
-      inflation = "-" if p.init == "random" else {"full": "full"}.get(p.inflation,
-                                                                       p.inflation.upper())
+          p.init, f"`{p.source}`")
+      inflation = "-" if p.init == "random" else ", ".join(
+          [{"full": "full"}.get(p.inflation, p.inflation.upper())]
+          + [f"`new_axis={p.new_axis}`"] * (p.new_axis != 0)
+          + [f"`norm={p.norm}`"] * (p.norm != "sum"))
       cv = f"{p.folds} folds" if p.folds > 1 else "none"
       predicts = "ensemble" if not p.submission else "fold 5" if p.folds > 1 else "the one model"
       rows.append(f"| `{t.name}.py:{p.name}` | {p.run} | {start} | {inflation} | {p.rot90:g} "
@@ -373,6 +459,9 @@ def main(argv=None):
                       help="print the presets of TARGET that reproduce the paper's rows")
   parser.add_argument("--presets-markdown", action="store_true",
                       help="print docs/method.md's preset table")
+  parser.add_argument("--ablations", action="store_true",
+                      help="print the steps of launch/ablations.sh instead: every preset of "
+                      "--targets, after the pretrainings each needs (--inflation is theirs)")
   args = parser.parse_args(argv)
   if args.markdown:
     sys.stdout.write(markdown_table())
@@ -386,10 +475,15 @@ def main(argv=None):
       return 2
     sys.stdout.write("".join(f"{p.name}\t{p.init}\n" for p in paper_rows(args.paper_rows)))
     return 0
+  targets, flags, flags_3d = tuple(args.targets.split(",")), tuple(args.flag), tuple(args.flag_3d)
   try:
-    lines = [step_line(s) for s in steps(
-        args.root, tuple(args.targets.split(",")), args.init2d, args.inflation, args.configs,
-        args.suffix, tuple(args.flag), tuple(args.flag_3d))]
+    if args.ablations:
+      plan = ablation_steps(args.root, targets, args.init2d, args.configs, args.suffix, flags,
+                            flags_3d)
+    else:
+      plan = steps(args.root, targets, args.init2d, args.inflation, args.configs, args.suffix,
+                   flags, flags_3d)
+    lines = [step_line(s) for s in plan]
   except ValueError as error:
     print(f"{PROG}: {error}", file=sys.stderr)
     return 2

@@ -14,7 +14,7 @@ import shlex
 import ml_collections
 from etils import epath
 
-from covid3d import storage, weights
+from covid3d import inflation, storage, weights
 from covid3d.stages import chain
 from covid3d.train import checkpoint, log
 
@@ -110,6 +110,56 @@ def check_source(src: str) -> None:
     checkpoints_dir(src)   # raises its one line: a finished stage that writes no checkpoints
 
 
+def inflation_settings(block) -> dict:
+  """The fields of an ``inflation`` block (a config's, or one read from config.json) that
+  change the inflated weights: ``norm=sum_per_slice`` is ``sum`` except in ``1g``, and the
+  Gaussian does not enter ``full``. A field an older config.json lacks takes today's default."""
+  mode = block.get("mode", "full")
+  norm = block.get("norm", "sum")
+  out = {"mode": mode, "new_axis": int(block.get("new_axis", 0)),
+         "norm": "sum" if norm == "sum_per_slice" and mode != "1g" else norm}
+  if mode != "full":
+    out["gaussian"] = block.get("gaussian", "authors")
+  return out
+
+
+def check_inflation(config: ml_collections.ConfigDict) -> None:
+  """Stops a stage whose ``inflation`` differs from that its 3-D source workdir was made with.
+
+  A 3-D workdir's weights were inflated when it (or the stage it started from)
+  read the 2-D ones; its ``config.json`` records how. The stage's own
+  ``inflation`` block then names the inflation it expects (a preset's, or the
+  chain's ``--inflation``), and a difference would give its row silently.
+  Checked only where the source is a 3-D stage's workdir that did not start
+  from random weights (a 2-D source is inflated by this stage; a file records nothing).
+
+  Raises:
+    HandOffError: one line naming the source's config.json, both settings and the remedies.
+  """
+  src = config.get("init_from", "")
+  saved = epath.Path(src) / "config.json" if src not in ("", "random") else None
+  if saved is None or src.endswith(weights.CHECKPOINT_SUFFIXES) or not saved.exists():
+    return
+  theirs = json.loads(saved.read_text())
+  try:
+    is_3d = chain.stage_of(theirs.get("stage", "")).is_3d
+  except KeyError:
+    return
+  if not is_3d or theirs.get("init_from", "random") in ("", "random"):
+    return
+  made, asked = inflation_settings(theirs.get("inflation", {})), inflation_settings(
+      config.inflation)
+  differ = [k for k in asked if made.get(k, asked[k]) != asked[k]]   # full has no Gaussian
+  if not differ:
+    return
+  words = lambda settings: ", ".join(f"{k}={settings[k]}" for k in differ)
+  flags = lambda settings: " ".join(f"--config.inflation.{k}={settings[k]}" for k in differ)
+  raise HandOffError(
+      f"{saved} records inflation {words(made)}, but this {config.stage} run asks for "
+      f"{words(asked)}: start from a workdir made with {flags(asked)} (launch/ablations.sh "
+      f"makes them, named <stage>_<mode>), or give {flags(made)}")
+
+
 def check_pseudo_labels(pseudo_dir: str, stage: str) -> None:
   """Cheap checks of ``pseudo_labels`` before a stage that trains on them does its work.
 
@@ -151,7 +201,8 @@ def resolve_siblings(config: ml_collections.ConfigDict, workdir) -> ml_collectio
 def making_command(sibling: str) -> str:
   """Words that say how the chain makes the workdir ``sibling`` (``ROOT/NAME``)."""
   root, name = str(epath.Path(sibling).parent), epath.Path(sibling).name
-  for step in chain.steps(root):
-    if step.kind == "stage" and step.output == f"{root}/{name}":
-      return f"make it first with {shlex.join(['python', *step.args])}"
+  for mode in inflation.MODES:    # NAME_2g: the chain run with --inflation 2g
+    for step in chain.steps(root, inflation=mode):
+      if step.kind == "stage" and step.output == f"{root}/{name}":
+        return f"make it first with {shlex.join(['python', *step.args])}"
   return f"{name} is not a stage of the chain (python -m {chain.PROG} lists them)"

@@ -36,6 +36,7 @@ def run(config: ml_collections.ConfigDict, workdir: str):
   config = base_config.split_string_tuples(handoff.resolve_siblings(config, workdir))
   if config.stage != "predict":   # predict's init_from is a fine-tuning workdir (its folds)
     handoff.check_source(config.init_from)
+    handoff.check_inflation(config)
   if stage.pseudo_labels:
     handoff.check_pseudo_labels(config.pseudo_labels, config.stage)
   saved = epath.Path(workdir) / "config.json"
