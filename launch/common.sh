@@ -305,6 +305,7 @@ CHAIN_INFLATION=full
 CHAIN_TARGETS=severity
 CHAIN_FLAGS=()        # flags of every stage (data folders, distributed, ...)
 CHAIN_FLAGS_3D=()     # flags of the 3-D stages only (batch size)
+CHAIN_PLAN=()         # (--ablations): the steps of ablations.sh instead of the chain
 
 # The configs folder, relative when run from the repository root.
 local_configs() {
@@ -343,7 +344,7 @@ run_chain() {
   step_list=$("$PYTHON" "$CHAIN_PY" --root="$CHAIN_ROOT" --targets="$CHAIN_TARGETS" \
     --init2d="$CHAIN_INIT2D" --inflation="$CHAIN_INFLATION" --configs="$CHAIN_CONFIGS" \
     --suffix="$CHAIN_SUFFIX" "${CHAIN_FLAGS_3D[@]/#/--flag-3d=}" \
-    "${CHAIN_FLAGS[@]/#/--flag=}" "${OPT_EXTRA[@]/#/--flag=}") ||
+    "${CHAIN_FLAGS[@]/#/--flag=}" "${OPT_EXTRA[@]/#/--flag=}" "${CHAIN_PLAN[@]}") ||
     fail "$PYTHON $CHAIN_PY could not list the chain"
   mapfile -t step_lines <<<"$step_list"
   for step_line in "${step_lines[@]}"; do

@@ -92,14 +92,16 @@ def stages(stdout, unwrap=lambda argv: argv):
 
 
 def chain_steps(root, init2d=None, targets=("severity",), **kwargs):
-  """The stage steps (not the report) of covid3d.stages.chain for one run."""
-  return [s for s in chain.steps(str(root), targets, init2d or "", **kwargs) if s.kind == "stage"]
+  """The stage steps (not the report) of covid3d.stages.chain for one run; no targets: the
+  pretrainings."""
+  return [s for s in chain.steps(str(root), targets or ("severity",), init2d or "", **kwargs)
+          if s.kind == "stage" and (targets or not chain.stage_of(s.name).per_target)]
 
 
-def expected_chain(root, init2d=None, targets=("severity",)):
+def expected_chain(root, init2d=None, targets=("severity",), inflation="full"):
   """(config, workdir, init_from, pseudo_labels) of every stage, in order."""
   return [(s.name, s.output, s.init_from or None, s.pseudo_labels or None)
-          for s in chain_steps(root, init2d, targets)]
+          for s in chain_steps(root, init2d, targets, inflation=inflation)]
 
 
 def chain_of(parsed):
@@ -172,11 +174,12 @@ def test_demo_dry_run_chain(tmp_path):
     assert s["flags"]["--config.data.phantom_dir"] == f"{root}/data"
     assert s["flags"]["--config.cache_dir"] == f"{root}/cache"   # everything under ROOT
     assert s["args"][-1] == "--config.train.num_steps=2"      # user overrides come last
-    # the stages that start from the 2-D weights inflate them, the others do not
-    inflates = s["flags"].get("--config.init_from") == f"{root}/pretrain2d"
-    assert s["flags"].get("--config.inflation.mode") == ("full" if inflates else None)
-  assert {s["stage"] for s in parsed if "--config.inflation.mode" in s["flags"]} == {
-      "segmentation", "segmia", "multitask"}
+    # the stages whose weights descend from inflated 2-D ones are told the inflation (those
+    # that start from the 2-D weights inflate them; the others check their source's)
+    inherits = s["flags"].get("--config.init_from", "random") not in ("random", )
+    assert s["flags"].get("--config.inflation.mode") == ("full" if inherits else None)
+  assert [s["workdir"].rsplit("/", 1)[1] for s in parsed
+          if "--config.inflation.mode" not in s["flags"]] == ["pretrain2d", "severity_random"]
   cmds = commands(out)
   assert cmds[-1] == ["my-python", "-m", "covid3d.report", str(root)]
   assert sum(line.startswith("== [") for line in out.splitlines()) == len(parsed) + 1
@@ -190,28 +193,48 @@ def test_demo_dry_run_chain(tmp_path):
 
 
 def test_ablations_dry_run(tmp_path, data):
-  """The chain, then one severity run per ablation row (a preset), then the report."""
+  """The pretrainings each preset needs, of its inflation, then one run per preset, then the
+  report: chain.ablation_steps, printed and not run."""
   root = tmp_path / "abl"
   out = dry("ablations.sh", "--root", root, "--config.train.num_steps=2")
   parsed = stages(out)
-  assert chain_of(parsed[:8]) == expected_chain(root)
-  rows = parsed[8:]
-  presets = ["table3_random", "authors1", "table2_1g", "table2_2g", "authors2", "authors3",
-             "authors4", "table1_ce", "authors5"]
-  assert [s["workdir"] for s in rows] == [f"{root}/ablation_{p}" for p in presets]
-  for s, preset in zip(rows, presets, strict=True):
-    assert s["config"] == "configs/severity.py" and s["suffix"] == f"{preset},demo"
+  full = chain_steps(root, targets=())
+  two_g = [s for s in chain_steps(root, targets=(), inflation="2g") if s.name != "pretrain2d"]
+  assert [s["workdir"] for s in parsed[:9]] == [s.output for s in full + two_g]
+  assert [s["workdir"].rsplit("/", 1)[1] for s in parsed[5:9]] == [
+      "segmentation_2g", "pseudolabel_2g", "segmia_2g", "multitask_2g"]
+  assert {s["flags"]["--config.inflation.mode"] for s in parsed[5:9]} == {"2g"}
+  rows = parsed[9:]
+  presets = [(t.name, p.name) for t in chain.FINETUNE_TARGETS for p in t.presets]
+  assert [s["workdir"] for s in rows] == [f"{root}/{t}_{p}" for t, p in presets]
+  for s, (target, preset) in zip(rows, presets, strict=True):
+    assert s["config"] == f"configs/{target}.py" and s["suffix"] == f"{preset},demo"
     assert s["flags"]["--config.predict.folds"] == ""          # the fold ensemble
     assert s["args"][-1] == "--config.train.num_steps=2"
     assert "--config.init_from" not in s["flags"]              # the preset names its source
   assert commands(out)[-1][1:] == ["-m", "covid3d.report", str(root)]
-  # Real data with a 2-D checkpoint: the rows that start from 2-D weights take it.
-  out = dry("ablations.sh", "--root", root, "--cov19ctdb", data["cov19ctdb"], "--lesions",
-            data["lesions"], "--stoic", data["stoic"], "--init2d", data["init2d"])
-  rows = stages(out)[-9:]
-  assert {s["suffix"] for s in rows} == set(presets)
+  assert not root.exists()
+  # Severity alone on real data with a 2-D checkpoint: no pretrain2d, no 2G pretraining,
+  # and the rows that start from the 2-D weights take the checkpoint.
+  out = dry("ablations.sh", "--root", root, "--targets", "severity", "--cov19ctdb",
+            data["cov19ctdb"], "--lesions", data["lesions"], "--stoic", data["stoic"],
+            "--init2d", data["init2d"])
+  parsed = stages(out)
+  assert [s["stage"] for s in parsed[:4]] == ["segmentation", "pseudolabel", "segmia",
+                                              "multitask"]
+  rows = parsed[4:]
+  assert [s["suffix"] for s in rows] == [p.name for p in chain.target("severity").presets]
   assert {s["suffix"] for s in rows if s["flags"].get("--config.init_from") == data["init2d"]} \
       == {"authors1", "table2_1g", "table2_2g", "table1_ce"}
+  result = launch("ablations.sh", "--dry-run", "--inflation", "2g")
+  assert result.returncode == 2 and "each preset names its own inflation" in result.stderr
+
+
+def test_detection_alone_runs_only_the_pretrainings_its_presets_start_from(tmp_path):
+  steps = chain.ablation_steps(str(tmp_path), ("detection",))
+  assert [s.output.rsplit("/", 1)[1] for s in steps] == [
+      "pretrain2d", "segmentation_2g", "pseudolabel_2g", "segmia_2g", "multitask_2g",
+      *(f"detection_authors{i}" for i in range(1, 6)), "report.md"]
 
 
 def test_demo_defaults_and_flag_form(tmp_path):
@@ -246,7 +269,8 @@ def test_pipeline_imagenet_chain(tmp_path, data):
             "--root", root, "--inflation", "2g", "--targets", "severity,detection",
             "--batch-size", "8", "--", "--config.train.learning_rate=1e-4")
   parsed = stages(out)
-  assert chain_of(parsed) == expected_chain(root, targets=("severity", "detection"))
+  assert chain_of(parsed) == expected_chain(root, targets=("severity", "detection"),
+                                            inflation="2g")
   flags = data_flags(data, "cov19ctdb", "lesions", "stoic", "imagenet")
   assert [s["argv"][1:] for s in parsed] == [list(s.args) for s in chain_steps(
       root, targets=("severity", "detection"), inflation="2g",
@@ -258,8 +282,10 @@ def test_pipeline_imagenet_chain(tmp_path, data):
     assert s["args"][-1] == "--config.train.learning_rate=1e-4"
     is_3d = s["stage"] != "pretrain2d"
     assert s["flags"].get("--config.train.batch_size") == ("8" if is_3d else None)
-    inflates = s["flags"].get("--config.init_from") == f"{root}/pretrain2d"
-    assert s["flags"].get("--config.inflation.mode") == ("2g" if inflates else None)
+    # the 2G stages and those that start from them are told it, in workdirs named for it
+    inherits = s["flags"].get("--config.init_from", "random") != "random"
+    assert s["flags"].get("--config.inflation.mode") == ("2g" if inherits else None)
+    assert s["workdir"].endswith("_2g") == inherits
   assert commands(out)[-1] == ["python", "-m", "covid3d.report", str(root)]
 
 
@@ -558,7 +584,10 @@ def test_chain_hand_offs():
       assert step.output.startswith("R/") and step.output not in made
       assert step.init_from in made or (step.name == "pretrain2d" and not step.init_from)
       assert step.pseudo_labels in made | {""}
-      assert ("--config.inflation.mode=full" in step.args) == (step.init_from == weights_2d)
+      # the stages whose weights descend from the inflated 2-D ones are told the inflation
+      assert ("--config.inflation.mode=full" in step.args) == (step.init_from not in (
+          "", "random"))
+      assert (step.init_from == weights_2d) == chain.stage_of(step.name).inflates
       made.add(step.output)
     assert ("R/pretrain2d" in made) == (not init2d)
     assert {s.pseudo_labels for s in steps if s.pseudo_labels} == {"R/pseudolabel"}
