@@ -6,9 +6,13 @@
 Presets (``configs/detection.py:NAME``; data in covid3d/stages/chain.py, tabled in
 docs/method.md), each starting from the stage workdir beside its own (R/<stage>
 for the workdir R/x):
-  authors1..authors5  the authors' five challenge submissions; 2-5 start from
-                      pretrainings run with --config.inflation.mode=2g, 4 and 5
-                      train without cross-validation (data.folds=1).
+  authors1..authors5  the authors' five challenge submissions; 1 inflates the ImageNet
+                      weights into the (slice, row) plane as their code (new_axis=2);
+                      2-5 start from pretrainings run with --config.inflation.mode=2g,
+                      in R/<stage>_2g (launch/ablations.sh makes them; a source made
+                      with another inflation stops the run); 4 and 5 train without
+                      cross-validation (data.folds=1).
+Their fold file: --config.data.folds_csv=cv5_cov_nocov.csv (their training/splitmia/).
 """
 from covid3d import config as base
 

@@ -10,11 +10,12 @@ def get_config(arg=None):
   c = base.pretraining_config("segmia", arg, num_steps=20000, eval_every=1000)
   c.segmia = base.ml_collections.ConfigDict()
   c.segmia.partitions = ("train", "validation", "test")  # COV19-CT-DB partitions whose
-                                      # pseudo-labelled scans segmia trains on; all three (the
-                                      # authors' use of every unlabelled scan) is transductive:
-                                      # the validation and test scans the results are reported
-                                      # on are seen, without their labels; ("train",) keeps
-                                      # them out
+                                      # pseudo-labelled scans segmia trains on; all three is
+                                      # transductive: the validation and test scans the results
+                                      # are reported on are seen, without their labels;
+                                      # ("train",) keeps them out. Which the authors used is not
+                                      # known; their released cache covers train and validation
+                                      # only (docs/method.md)
   c.segmia.validate_on = "lesions"    # what the student is validated on (picks the checkpoint
                                       # handed on): 'lesions', the real masks of the
                                       # segmentation stage's validation scans (the authors'),

@@ -10,10 +10,12 @@ docs/method.md), each starting from the stage workdir beside its own (R/<stage>
 for the workdir R/x):
   authors1..authors5  the authors' five challenge submissions (predict with fold 5)
   table1_ce           the paper's Table 1 plain-CE row (ImageNet, full inflation)
-  table2_1g, table2_2g  Table 2: ImageNet with 1G / 2G inflation
+  table2_1g, table2_2g  Table 2: ImageNet with 1G (their per-slice rescale) / 2G inflation
   table3_random       Table 3: random initialisation
 (the other rows of Tables 1-3 are authors1..authors4 with the 5-fold ensemble:
-an empty ``--config.predict.folds=``).
+an empty ``--config.predict.folds=``). The ImageNet presets inflate into the
+(slice, row) plane as their code (new_axis=2). Their fold file:
+--config.data.folds_csv=cv5_infonly.csv (their training/splitmia/).
 """
 from covid3d import config as base
 

@@ -48,8 +48,22 @@ def chance(row) -> float:
 
 
 def markdown(rows) -> str:
+  """The report's text: the table of ``rows`` (`collect`), one table per target when the
+  root holds runs of several (severity and detection have other classes), then chance."""
   if not rows:
     return "No finetune runs (no */cv.json) found.\n"
+  targets = list(dict.fromkeys(r["target"] for r in rows))
+  parts = []
+  for name in targets:
+    heading = [f"### {name}", ""] if len(targets) > 1 else []
+    parts.append("\n".join(heading + table([r for r in rows if r["target"] == name])))
+  levels = sorted({f"{100 * chance(r):.0f} %" for r in rows})
+  return ("\n\n".join(parts) + "\n\nChance level (uniform random guess, balanced classes): "
+          f"{', '.join(levels)}.\n")
+
+
+def table(rows) -> list[str]:
+  """The markdown lines of the table of ``rows``, runs of one target."""
   classes = list(rows[0]["f1_per_class"])
   paper = any("paper_cv_macro_f1" in r for r in rows)
   head = (["run", "init_from", "CV macro F1 (mean ± std)"] + [f"CV F1 {c}" for c in classes]
@@ -63,9 +77,7 @@ def markdown(rows) -> str:
     if paper:
       cells.append(f"{r['paper_cv_macro_f1']:.2f}" if "paper_cv_macro_f1" in r else "-")
     lines.append("| " + " | ".join(cells) + " |")
-  levels = sorted({f"{100 * chance(r):.0f} %" for r in rows})
-  lines.append(f"\nChance level (uniform random guess, balanced classes): {', '.join(levels)}.")
-  return "\n".join(lines) + "\n"
+  return lines
 
 
 def figure(rows):

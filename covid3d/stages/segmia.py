@@ -2,11 +2,12 @@
 
 Initialised from the inflated ImageNet (pretrain2d) weights, not from the
 teacher, as in the paper. ``segmia.partitions`` chooses the partitions whose
-scans it trains on (all three by default, as the authors; ``train,`` alone
-keeps the reported validation and test scans out). ``segmia.validate_on``:
-'lesions' (default, the authors') validates the student on the real lesion
-masks of the segmentation stage's validation scans, and trains on every
-pseudo-labelled scan; 'pseudo_labels' holds out a share of those instead.
+scans it trains on (all three by default; which the authors used is not known,
+docs/method.md; ``train,`` alone keeps the reported validation and test scans
+out). ``segmia.validate_on``: 'lesions' (default, the authors') validates the
+student on the real lesion masks of the segmentation stage's validation scans,
+and trains on every pseudo-labelled scan; 'pseudo_labels' holds out a share of
+those instead.
 """
 from covid3d.data.skips import SkipLog
 from covid3d.stages import inputs

@@ -140,9 +140,12 @@ def test_finished_folds_are_skipped_on_rerun(chain, run_stage, caplog):
 
 def test_a_preset_without_cv_trains_one_model_selected_on_validation(chain, run_stage,
                                                                     shrink):
-  """detection:authors5 (no CV): its source named as a sibling stage, all training scans."""
+  """detection:authors5 (no CV; here from the chain's full-inflation segmentation, not the
+  preset's segmentation_2g): all training scans, selected on the validation partition."""
   workdir = run_stage("detection", chain, "detection_authors5", "authors5,demo",
-                **{"data.folds": 1, "train.num_epochs": 1.0, "train.eval_every_epochs": 1.0})
+                      init_from=str(chain / "segmentation"),
+                      **{"inflation.mode": "full", "data.folds": 1, "train.num_epochs": 1.0,
+                         "train.eval_every_epochs": 1.0})
   saved = json.loads((workdir / "config.json").read_text())
   assert saved["init_from"] == str(chain / "segmentation")
   cv = json.loads((workdir / "cv.json").read_text())

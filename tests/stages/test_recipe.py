@@ -12,8 +12,9 @@ def load_config(name, arg=""):
   return base_config.load(f"{name}:{arg}")
 
 
-# The authors' submissions (submissions/*/submission0N.py): source stage,
-# inflation, quarter-turn probability, folds (1: trained without CV).
+# The authors' submissions (submissions/*/submission0N.py): source stage's
+# workdir (named for its inflation), inflation, quarter-turn probability, folds
+# (1: trained without CV).
 AUTHORS_SUBMISSIONS = {
     ("severity", 1): ("pretrain2d", "full", 0.0, 5),
     ("severity", 2): ("segmentation", "full", 0.0, 5),
@@ -21,10 +22,10 @@ AUTHORS_SUBMISSIONS = {
     ("severity", 4): ("multitask", "full", 0.0, 5),
     ("severity", 5): ("segmentation", "full", 0.25, 5),
     ("detection", 1): ("pretrain2d", "full", 0.0, 5),
-    ("detection", 2): ("multitask", "2g", 0.0, 5),
-    ("detection", 3): ("segmia", "2g", 0.0, 5),
-    ("detection", 4): ("segmia", "2g", 0.25, 1),
-    ("detection", 5): ("segmentation", "2g", 0.0, 1),
+    ("detection", 2): ("multitask_2g", "2g", 0.0, 5),
+    ("detection", 3): ("segmia_2g", "2g", 0.0, 5),
+    ("detection", 4): ("segmia_2g", "2g", 0.25, 1),
+    ("detection", 5): ("segmentation_2g", "2g", 0.0, 1),
 }
 
 

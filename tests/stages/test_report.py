@@ -7,10 +7,11 @@ import pytest
 from covid3d import report
 
 
-def _write_run(root, name, folds, classes=("mild", "moderate", "severe", "critical")):
+def _write_run(root, name, folds, classes=("mild", "moderate", "severe", "critical"),
+               target="severity"):
   run = root / name
   run.mkdir()
-  cv = {"target": "severity", "init_from": f"/x/{name}",
+  cv = {"target": target, "init_from": f"/x/{name}",
         "folds": [{"fold": k, "macro_f1": f} for k, f in enumerate(folds)],
         "mean_f1_per_class": {c: 0.5 for c in classes}}
   (run / "cv.json").write_text(json.dumps(cv))
@@ -72,6 +73,23 @@ def test_a_preset_run_gets_the_papers_figure_beside_its_own(tmp_path):
   lines = (tmp_path / "report.md").read_text().splitlines()
   assert lines[0].endswith("| paper: CV macro F1 |")
   assert lines[2].endswith("| 69.61 |") and lines[3].endswith("| - |")
+
+
+def test_runs_of_two_targets_get_a_table_each_with_the_papers_figures(tmp_path):
+  """An ablations root: detection runs (2 classes) beside severity ones (4)."""
+  _write_run(tmp_path, "detection_authors1", [0.9, 0.8], ("non-covid", "covid"), "detection")
+  (tmp_path / "detection_authors1" / "config.json").write_text(json.dumps({"preset": "authors1"}))
+  _write_run(tmp_path, "severity_authors1", [0.6, 0.8])
+  (tmp_path / "severity_authors1" / "config.json").write_text(json.dumps({"preset": "authors1"}))
+  rows = report.main([str(tmp_path)])
+  assert [r["paper_cv_macro_f1"] for r in rows] == [91.73, 65.67]
+  text = (tmp_path / "report.md").read_text()
+  detection, severity = text.split("### severity\n")
+  assert detection.startswith("### detection\n") and "CV F1 covid |" in detection
+  assert "| detection_authors1 | detection_authors1 | 85.00 ± 5.00 | 50.00 | 50.00 | - | 91.73 |" \
+      in detection
+  assert "CV F1 critical |" in severity and severity.rstrip().endswith(
+      "balanced classes): 25 %, 50 %.")
 
 
 def test_help_and_a_missing_root_are_one_line_each(tmp_path, capsys):
