@@ -160,6 +160,19 @@ def check_inflation(config: ml_collections.ConfigDict) -> None:
       f"makes them, named <stage>_<mode>), or give {flags(made)}")
 
 
+def check_folds_csv(config: ml_collections.ConfigDict) -> None:
+  """A fold file given to a fine-tuning run without cross-validation would go unused: stop.
+
+  Raises:
+    HandOffError: ``data.folds_csv`` with ``data.folds=1`` (detection authors4/5).
+  """
+  if config.data.folds_csv and config.data.folds == 1:
+    raise HandOffError(
+        f"data.folds_csv={config.data.folds_csv} splits the training scans into folds, but "
+        "data.folds=1 trains one model on all of them (selected on the validation partition): "
+        "drop one of the two")
+
+
 def check_pseudo_labels(pseudo_dir: str, stage: str) -> None:
   """Cheap checks of ``pseudo_labels`` before a stage that trains on them does its work.
 

@@ -37,6 +37,8 @@ def run(config: ml_collections.ConfigDict, workdir: str):
   if config.stage != "predict":   # predict's init_from is a fine-tuning workdir (its folds)
     handoff.check_source(config.init_from)
     handoff.check_inflation(config)
+  if stage.per_target:
+    handoff.check_folds_csv(config)
   if stage.pseudo_labels:
     handoff.check_pseudo_labels(config.pseudo_labels, config.stage)
   saved = epath.Path(workdir) / "config.json"

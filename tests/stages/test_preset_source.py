@@ -81,3 +81,15 @@ def test_presets_inflate_as_the_authors_runs(preset, mode, new_axis, norm):
   rescaled 1G per slice; their 3-D pretrainings (slice-last) inflated in the axial plane."""
   inflation = base_config.load(preset).inflation
   assert (inflation.mode, inflation.new_axis, inflation.norm) == (mode, new_axis, norm)
+
+
+def test_the_presets_take_the_authors_fold_files_where_they_cross_validate(tmp_path):
+  """cv5_cov_nocov.csv-style files go to data.folds_csv; a run without CV refuses one."""
+  config = base_config.load("detection:authors3")
+  assert config.data.folds == 5
+  handoff.check_folds_csv(config)
+  config = base_config.load("detection:authors4")
+  config.init_from, config.data.folds_csv = "random", str(tmp_path / "cv5_cov_nocov.csv")
+  with pytest.raises(handoff.HandOffError, match=r"^data.folds_csv=.*cv5_cov_nocov.csv splits "
+                     r"the training scans into folds, but data.folds=1 .*: drop one of the two$"):
+    registry.run(config, str(tmp_path / "detection_authors4"))
