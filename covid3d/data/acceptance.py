@@ -112,7 +112,7 @@ def problems(scan, rules: Rules = Rules()) -> list[str]:
   sz, sy, sx = scan.spacing
   if d < rules.min_slices:
     covering = f" covering {d * sz:.0f} mm" if has_geometry(scan) else ""
-    out.append(f"{d} slices{covering}; a chest CT has at least {rules.min_slices}")
+    out.append(f"{d} slices{covering}; a chest CT has at least {rules.min_slices} slices")
   elif has_geometry(scan) and d * sz < rules.min_extent_mm:
     out.append(f"{d} slices covering {d * sz:.0f} mm; a chest CT covers at least "
                f"{rules.min_extent_mm:.0f} mm")
