@@ -316,8 +316,8 @@ def fold_disagreement(fold_probs, names) -> str:
   votes = np.argmax(fold_probs, axis=-1)
   if len(set(votes.tolist())) > 1:
     counts = np.bincount(votes, minlength=len(names))
-    return "folds predict " + ", ".join(f"{names[c]} ({counts[c]})" for c in np.argsort(-counts)
-                                        if counts[c])
+    order = np.argsort(-counts, kind="stable")
+    return "folds predict " + ", ".join(f"{names[c]} ({counts[c]})" for c in order if counts[c])
   c = int(np.argmax(fold_probs.mean(axis=0)))
   lo, hi = fold_probs[:, c].min(), fold_probs[:, c].max()
   if hi - lo > DISAGREEMENT_SPREAD:
