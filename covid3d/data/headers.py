@@ -57,21 +57,23 @@ def _short(need: int, got: int) -> Refused:
                  "truncated or forged")
 
 
-def check_nifti(header, path, max_voxels: int) -> None:
-  """A local NIfTI file's ``header`` (nibabel): its size within ``max_voxels``, and its data
-  wholly in the file (decompressed and counted for ``.nii.gz``, never kept).
+def check_nifti(path, max_voxels: int) -> None:
+  """A local NIfTI file's header: its size within ``max_voxels``, and its data wholly in the
+  file (decompressed and counted for ``.nii.gz``, never kept).
 
   Raises:
     Refused: the reason.
   """
-  need = _extent(header, max_voxels)
-  if str(path).lower().endswith(".gz"):
-    got = 0
-    with gzip.open(path, "rb") as f:
+  gz = str(path).lower().endswith(".gz")
+  with (gzip.open if gz else open)(path, "rb") as f:
+    head = f.read(NIFTI2_HEADER_BYTES)
+    need = _extent(_nifti_header(head), max_voxels)
+    if not gz:
+      got = os.path.getsize(path)
+    else:
+      got = len(head)
       while got < need and (chunk := f.read(min(CHUNK, need - got))):
         got += len(chunk)
-  else:
-    got = os.path.getsize(path)
   if got < need:
     raise _short(need, got)
 

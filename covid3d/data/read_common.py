@@ -261,9 +261,8 @@ def load_nifti(path, max_voxels: int = MAX_VOXELS):
   """
   import nibabel as nib  # pylint: disable=g-import-not-at-top
   if not storage.is_remote(path):
-    img = nib.load(str(path))
-    headers.check_nifti(img.header, path, max_voxels)
-    return img
+    headers.check_nifti(path, max_voxels)
+    return nib.load(str(path))
   data = headers.bounded_nifti_bytes(data_path(path).read_bytes(), max_voxels)
   return (nib.Nifti2Image if headers.is_nifti2(data) else nib.Nifti1Image).from_bytes(data)
 
