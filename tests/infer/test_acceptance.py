@@ -148,3 +148,12 @@ def test_max_voxels_refuses_a_scan_from_its_header(inputs, tmp_path):
   row = read_table(tmp_path / "out" / "predictions.csv")[str(inputs / "phantom")]
   assert row["error"] == ("40 slices of 64x64 is 163,840 voxels, more than the 100,000 allowed "
                           "(infer --max-voxels)")
+
+
+def test_a_real_head_ct_is_refused_for_want_of_lungs(tmp_path):
+  """pydicom's 693_J2KI.dcm, a real head CT slice (JPEG 2000), as a 30-slice series of
+  245 mm x 150 mm: a CT of the size of a chest, in HU, an image, but no lungs."""
+  dicom_fixtures.write_series(tmp_path / "head", 30, name="693_J2KI.dcm")
+  scan = readers.read_path(tmp_path / "head")
+  assert scan.volume.shape == (30, 512, 512)
+  assert acceptance.problems(scan) == ["no lungs: no air-filled tissue inside the body"]
