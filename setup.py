@@ -27,6 +27,7 @@ setuptools.setup(
         "array-record>=0.7.1",
         "grain>=0.2.12",
         "SimpleITK>=2.3",
+        "pydicom>=3.0",  # DICOM headers: positions, orientations, frames (covid3d.data.read_dicom)
         "pillow>=10.0",
         "safetensors>=0.4",
         "absl-py>=2.0",

@@ -54,11 +54,13 @@ PROG = "python -m covid3d.export"
 
 @dataclasses.dataclass(frozen=True)
 class Predictor:
-  """Mean-softmax probabilities of a fold ensemble: ``fn(x)`` on float32 (B, s, s, s, 1)."""
+  """Mean-softmax probabilities of a fold ensemble: ``fn(x)`` on float32 (B, s, s, s, 1);
+  ``fold_fn(x)`` each fold's (F, B, K), or None (an exported file holds the mean alone)."""
   fn: Callable
   names: tuple
   input_size: int
   folds: tuple
+  fold_fn: Callable | None = None
 
 
 def load_model(model_dir) -> tuple[ml_collections.ConfigDict, predict.Ensemble]:
@@ -76,8 +78,9 @@ def load_model(model_dir) -> tuple[ml_collections.ConfigDict, predict.Ensemble]:
   return config, predict.load_ensemble(config, model_dir)
 
 
-def ensemble_fn(config, ensemble):
-  """``f(leaves, x)``: the fold ensemble's mean softmax; ``leaves`` the folds' flat weights."""
+def ensemble_fn(config, ensemble, per_fold: bool = False):
+  """``f(leaves, x)``: the fold ensemble's mean softmax (``per_fold``: each fold's, stacked
+  (F, B, K)); ``leaves`` the folds' flat weights."""
   apply_fn = build.apply_fn(ensemble.model, config, ensemble.label)
   treedef = jax.tree_util.tree_structure(ensemble.params)
 
@@ -85,16 +88,20 @@ def ensemble_fn(config, ensemble):
     params = jax.tree_util.tree_unflatten(treedef, leaves)
     probs = [jax.nn.softmax(apply_fn(p, x, True, None).astype(jnp.float32), axis=-1)
              for p in params]
-    return jnp.mean(jnp.stack(probs), axis=0)
+    return jnp.stack(probs) if per_fold else jnp.mean(jnp.stack(probs), axis=0)
   return f, tuple(np.asarray(leaf) for leaf in jax.tree_util.tree_leaves(ensemble.params))
 
 
 def workdir_predictor(config, ensemble) -> Predictor:
-  """The ensemble of a fine-tuning workdir as a Predictor (jit-compiled)."""
-  f, leaves = ensemble_fn(config, ensemble)
+  """The ensemble of a fine-tuning workdir as a Predictor (jit-compiled; ``fn`` is the mean
+  of ``fold_fn``)."""
+  f, leaves = ensemble_fn(config, ensemble, per_fold=True)
   forward = jax.jit(f)
-  return Predictor(lambda x: np.asarray(forward(leaves, jnp.asarray(x))), ensemble.names,
-                   min(config.data.sizes), ensemble.folds)
+
+  def fold_fn(x):
+    return np.asarray(forward(leaves, jnp.asarray(x)))
+  return Predictor(lambda x: fold_fn(x).mean(axis=0), ensemble.names, min(config.data.sizes),
+                   ensemble.folds, fold_fn)
 
 
 def export(config, ensemble, model_dir) -> bytes:

@@ -11,10 +11,17 @@ several), or a folder of ``<integer>.jpg`` or ``.png`` slices
 records were (HU clipped to [-1000, 500] and scaled to [0, 1], or 0..255 ->
 [0, 1] for slice images; a cubic resampling to the model's cube).
 
+Each scan is first checked from its header (at most ``--max-voxels`` voxels,
+`covid3d.data.headers`) and then for what a chest CT is (CT modality, slices,
+extent, an image with air, body and lungs: `covid3d.data.acceptance`); a scan
+that fails gets its reasons as its error, or with ``--accept-any`` is predicted
+with them in its ``warning``.
+
 Writes ``OUT/predictions.csv``: ``scan`` (the path as given), one probability
 column per class (``mild,moderate,severe,critical`` or ``non-covid,covid``),
-``prediction`` and ``error`` (empty when the scan was predicted); prints the
-same table. ``--lesions=DIR`` (a segmentation, segmia or multitask workdir)
+``prediction``, ``fold_disagreement`` (empty when the folds agree:
+`fold_disagreement`), ``warning`` and ``error`` (empty when the scan was
+predicted); prints the same table. ``--lesions=DIR`` (a segmentation, segmia or multitask workdir)
 adds ``OUT/<scan name>_lesions.nii.gz``, the lesion mask in the scan's own
 geometry, and a ``lesion_fraction`` column (the mask's share of the scan's
 voxels); ``--saliency`` adds ``OUT/<scan name>_saliency.nii.gz``, the Grad-CAM
@@ -52,7 +59,7 @@ import ml_collections
 import numpy as np
 
 from covid3d import export, saliency, storage
-from covid3d.data import preprocess, read_common, readers, schema
+from covid3d.data import acceptance, headers, preprocess, read_common, readers, schema
 from covid3d.stages import build, chain, handoff, pseudolabel
 
 PROG = "python -m covid3d.infer"
@@ -62,6 +69,8 @@ PARTIAL = "predictions.partial.csv"     # the table while scans are still being 
 SCAN_OUTPUTS = (".png", "_lesions.nii.gz", "_saliency.nii.gz")
 # The input's own suffixes, not kept in its output name.
 INPUT_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr", ".dcm", ".dicom")
+# Folds disagree when their classes differ or the predicted class's probability spans more.
+DISAGREEMENT_SPREAD = 0.3
 # A cell starting with one of these is a formula to a spreadsheet (OWASP, CSV injection).
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 
@@ -77,6 +86,8 @@ class Row:
   probs: np.ndarray | None = None
   lesion_fraction: float | None = None
   error: str = ""
+  warning: str = ""        # acceptance problems predicted anyway (--accept-any), resampling
+  disagreement: str = ""   # `fold_disagreement` of the folds' probabilities
 
 
 @dataclasses.dataclass(frozen=True)
@@ -293,15 +304,39 @@ def plot_views(volume, path, title, mask=None, heat=None, spacing=(1.0, 1.0, 1.0
   plt.close(fig)
 
 
+def fold_disagreement(fold_probs, names) -> str:
+  """'' when the folds agree, else how they differ: their predicted classes differ, or the
+  ensemble's class gets probabilities more than ``DISAGREEMENT_SPREAD`` apart.
+
+  ``fold_probs``: (F, K) each fold's probabilities; None (an exported file) gives 'n/a'.
+  """
+  if fold_probs is None:
+    return "n/a (an exported file holds the folds' mean only)"
+  fold_probs = np.asarray(fold_probs)
+  votes = np.argmax(fold_probs, axis=-1)
+  if len(set(votes.tolist())) > 1:
+    counts = np.bincount(votes, minlength=len(names))
+    order = np.argsort(-counts, kind="stable")
+    return "folds predict " + ", ".join(f"{names[c]} ({counts[c]})" for c in order if counts[c])
+  c = int(np.argmax(fold_probs.mean(axis=0)))
+  lo, hi = fold_probs[:, c].min(), fold_probs[:, c].max()
+  if hi - lo > DISAGREEMENT_SPREAD:
+    return f"p({names[c]}) from {lo:.2f} to {hi:.2f} across the folds"
+  return ""
+
+
 def predict_scans(predictor: export.Predictor, paths, out: Path,
                   segmenter: Segmenter | None = None, cam_fn=None, names=None,
-                  on_row: Callable[[list], None] | None = None) -> list[Row]:
-  """Reads and predicts each of ``paths`` (one at a time); a Row each, in order.
+                  on_row: Callable[[list], None] | None = None, accept_any: bool = False,
+                  max_voxels: int = headers.MAX_VOXELS) -> list[Row]:
+  """Reads, checks and predicts each of ``paths`` (one at a time); a Row each, in order.
 
-  With ``segmenter`` and/or ``cam_fn`` (``saliency.ensemble_grad_cam``) each scan
-  also gets its lesion mask / Grad-CAM volume and ``<name>.png``, ``names``
-  being the scans' output names (default `output_names`, which keeps them off
-  the inputs). ``on_row(rows)`` is called with the rows so far as each scan
+  A scan that cannot be a chest CT (`acceptance.problems`) gets those problems as its error,
+  or, with ``accept_any``, is predicted with them in its warning. A scan of more than
+  ``max_voxels`` voxels (from its header) is not read. With ``segmenter`` and/or ``cam_fn``
+  (``saliency.ensemble_grad_cam``) each scan also gets its lesion mask / Grad-CAM volume and
+  ``<name>.png``, ``names`` being the scans' output names (default `output_names`, which
+  keeps them off the inputs). ``on_row(rows)`` is called with the rows so far as each scan
   finishes.
   """
   names = output_names(paths, out, paths) if names is None else names
@@ -310,9 +345,19 @@ def predict_scans(predictor: export.Predictor, paths, out: Path,
     row = Row(str(path))
     rows.append(row)
     try:
-      scan = readers.read_path(path)
+      scan = readers.read_path(path, max_voxels=max_voxels)
+      found = acceptance.problems(scan)
+      if found and not accept_any:
+        raise readers.DataError(path, "; ".join(found))
+      row.warning = "; ".join([*found, *([scan.meta["resampled"]] if "resampled" in scan.meta
+                                         else [])])
       cube = model_inputs(scan)
-      row.probs = predictor.fn(cube(predictor.input_size))[0]
+      if predictor.fold_fn is not None:
+        fold_probs = predictor.fold_fn(cube(predictor.input_size))[:, 0]
+        row.probs = fold_probs.mean(axis=0)
+      else:
+        fold_probs, row.probs = None, predictor.fn(cube(predictor.input_size))[0]
+      row.disagreement = fold_disagreement(fold_probs, predictor.names)
       if segmenter is not None or cam_fn is not None:
         mask = segment(segmenter, scan, cube, out, name) if segmenter is not None else None
         heat = explain(cam_fn, predictor, scan, cube, row.probs, out, name) if cam_fn else None
@@ -342,15 +387,16 @@ def csv_text(rows, names, lesions=False) -> str:
   text = io.StringIO(newline="")
   w = csv.writer(text)
   w.writerow([safe_cell(c) for c in ["scan", *names, "prediction",
-                                     *(["lesion_fraction"] if lesions else []), "error"]])
+                                     *(["lesion_fraction"] if lesions else []),
+                                     "fold_disagreement", "warning", "error"]])
   for r in rows:
     lesion = [f"{r.lesion_fraction:.6f}" if r.lesion_fraction is not None else ""] \
         if lesions else []
     if r.probs is None:
-      cells = [r.scan, *[""] * len(names), "", *lesion, r.error]
+      cells = [r.scan, *[""] * len(names), "", *lesion, "", r.warning, r.error]
     else:
       cells = [r.scan, *[f"{p:.6f}" for p in r.probs], names[int(np.argmax(r.probs))],
-               *lesion, ""]
+               *lesion, r.disagreement, r.warning, ""]
     w.writerow([safe_cell(c) for c in cells])
   return text.getvalue()
 
@@ -374,6 +420,10 @@ def table(rows, names) -> str:
       lines.append("  ".join([r.scan.ljust(width),
                               *(f"{p:.4f}".rjust(c) for p, c in zip(r.probs, cols, strict=True)),
                               names[int(np.argmax(r.probs))]]) + lesion)
+      if r.disagreement and not r.disagreement.startswith("n/a"):
+        lines.append(f"{' ' * width}  folds disagree: {r.disagreement}")
+      if r.warning:
+        lines.append(f"{' ' * width}  warning: {r.warning}")
   return "\n".join(lines)
 
 
@@ -408,6 +458,12 @@ def main(argv=None) -> int:
   parser.add_argument("--saliency", action="store_true",
                       help="also write each scan's Grad-CAM of the predicted class (last ConvNeXt "
                       "stage) as NIfTI in the scan's geometry, shown in the PNG (a workdir model)")
+  parser.add_argument("--accept-any", action="store_true",
+                      help="predict scans that fail the chest-CT checks too, their problems in "
+                      "the warning column (docs/inference.md)")
+  parser.add_argument("--max-voxels", type=int, default=headers.MAX_VOXELS, metavar="N",
+                      help="refuse, from its header, a scan of more voxels than this "
+                      f"(default {headers.MAX_VOXELS:,}: 1024x1024 pixels x 2000 slices)")
   parser.add_argument("scans", nargs="+", metavar="SCAN",
                       help="NIfTI/MetaImage/NRRD file, DICOM series folder or slice folder")
   args = parser.parse_args(argv)
@@ -435,7 +491,8 @@ def main(argv=None) -> int:
       os.unlink(out / PREDICTIONS)
     rows = predict_scans(
         predictor, args.scans, out, segmenter, cam_fn, names,
-        on_row=lambda rows: write_csv(out / PARTIAL, rows, predictor.names, lesions))
+        on_row=lambda rows: write_csv(out / PARTIAL, rows, predictor.names, lesions),
+        accept_any=args.accept_any, max_voxels=args.max_voxels)
     storage.move_output(out / PARTIAL, out / PREDICTIONS)
   except storage.LinkRefused as e:
     print(f"{PROG}: {e}", file=sys.stderr)

@@ -9,7 +9,6 @@ other volume files (SimpleITK) from a temporary local copy.
 import contextlib
 import csv
 import errno
-import gzip
 import locale
 import logging
 import os
@@ -19,7 +18,9 @@ from pathlib import Path
 import numpy as np
 
 from covid3d import storage
+from covid3d.data import headers, read_dicom
 from covid3d.data import scan as scan_lib
+from covid3d.data.headers import MAX_VOXELS, Refused
 from covid3d.data.skips import DataError, SkipLog, note, reject
 
 log = logging.getLogger(__name__)
@@ -27,7 +28,7 @@ log = logging.getLogger(__name__)
 HU_WINDOW = (-1000.0, 500.0)
 MIN_SLICES = 2  # fewer slices make no volume (and no cubic spline)
 _GONE = (errno.ENOENT, errno.ENOTDIR, errno.EBADF, errno.ELOOP)  # as pathlib's is_dir
-NIFTI2_HEADER_BYTES = 540  # a NIfTI-2 header's sizeof_hdr (NIfTI-1: 348)
+DICOM_SUFFIXES = (".dcm", ".dicom")
 
 
 def data_path(path):
@@ -251,42 +252,19 @@ def kept_locale():
     locale.setlocale(locale.LC_ALL, saved)
 
 
-def read_dicom_series(folder):
-  """A folder's DICOM series as a SimpleITK image in Hounsfield units.
-
-  Slices are ordered by their position (GDCM), rescale slope and intercept are
-  applied; of several series the one with the most slices is read (logged).
+def load_nifti(path, max_voxels: int = MAX_VOXELS):
+  """A nibabel image of a NIfTI file, its size and data checked from the header first
+  (`headers.check_nifti`): ``nib.load`` locally, the object's bytes from a bucket.
 
   Raises:
-    ValueError: the folder holds no DICOM series. Any GDCM error for bad files.
+    Refused: too many voxels, or less data than the header describes.
   """
-  import SimpleITK as sitk  # pylint: disable=g-import-not-at-top
-  reader = sitk.ImageSeriesReader()
-  with kept_locale():
-    series = {uid: reader.GetGDCMSeriesFileNames(str(folder), uid)
-              for uid in reader.GetGDCMSeriesIDs(str(folder))}
-  if not series:
-    raise ValueError("no DICOM series (and no .jpg/.png slices) in the folder")
-  uid = max(series, key=lambda u: (len(series[u]), u))
-  if len(series) > 1:
-    log.warning("%s: %d DICOM series; reading the largest, %s (%d slices)", folder, len(series),
-             uid, len(series[uid]))
-  reader.SetFileNames(series[uid])
-  with kept_locale():
-    return reader.Execute()
-
-
-def load_nifti(path):
-  """A nibabel image of a NIfTI file: ``nib.load`` locally, the object's bytes from a bucket."""
   import nibabel as nib  # pylint: disable=g-import-not-at-top
   if not storage.is_remote(path):
+    headers.check_nifti(path, max_voxels)
     return nib.load(str(path))
-  data = data_path(path).read_bytes()
-  if data[:2] == b"\x1f\x8b":  # gzip's magic number: a .nii.gz
-    data = gzip.decompress(data)
-  head = data[:4]
-  nifti2 = NIFTI2_HEADER_BYTES in (int.from_bytes(head, "little"), int.from_bytes(head, "big"))
-  return (nib.Nifti2Image if nifti2 else nib.Nifti1Image).from_bytes(data)
+  data = headers.bounded_nifti_bytes(data_path(path).read_bytes(), max_voxels)
+  return (nib.Nifti2Image if headers.is_nifti2(data) else nib.Nifti1Image).from_bytes(data)
 
 
 def local_file(path):
@@ -295,45 +273,82 @@ def local_file(path):
   return storage.local_copy(path) if storage.is_remote(path) else contextlib.nullcontext(path)
 
 
-def read_volume(path):
-  """Reads a 3-D NIfTI (nibabel), another SimpleITK image file, or a DICOM series folder.
+def is_dicom_file(path) -> bool:
+  """A ``.dcm``/``.dicom`` name, or a file with DICOM's ``DICM`` marker at byte 128."""
+  if str(path).lower().endswith(DICOM_SUFFIXES):
+    return True
+  if scan_lib.is_nifti(path) or str(path).lower().endswith(tuple(scan_lib.SITK_IMAGE_IOS)):
+    return False
+  try:
+    with open(path, "rb") as f:
+      return f.read(132)[128:] == b"DICM"
+  except OSError:
+    return False
+
+
+def read_sitk(path, max_voxels: int):
+  """A SimpleITK image file (MetaImage, NRRD, ...), its data files (`headers.check_data_files`)
+  and size (from ``ReadImageInformation``) checked before any voxel is read."""
+  if str(path).lower().endswith((".mha", ".mhd", ".nrrd", ".nhdr")):
+    headers.check_data_files(path)
+  reader = scan_lib.sitk_reader(path)
+  reader.ReadImageInformation()
+  size = reader.GetSize()
+  headers.check_voxels(int(np.prod(size)) * reader.GetNumberOfComponents(), max_voxels,
+                       "x".join(map(str, size)))
+  return reader.Execute()
+
+
+def read_volume(path, max_voxels: int = MAX_VOXELS):
+  """Reads a 3-D NIfTI (nibabel), another SimpleITK image file, or DICOM (a series folder or
+  one file, `covid3d.data.read_dicom`), each checked from its header first (`headers`).
 
   The file format comes from the extension in any case ('.MHA' is MetaImage);
-  a folder is read as a DICOM series (`read_dicom_series`). ``path`` may be a
-  URL (`load_nifti`, `local_file`); a MetaImage or NRRD header whose voxels
-  are in a separate file (.mhd + .raw) is read only from a local folder.
+  a folder is read as a DICOM series. ``path`` may be a URL (`load_nifti`,
+  `local_file`); a MetaImage or NRRD header whose voxels are in a separate file
+  (.mhd + .raw) is read only from a local folder.
 
   Returns:
-    (float32 array (I, J, K) in file voxel order, (4, 4) RAS affine).
+    (float32 array (I, J, K) in file voxel order, (4, 4) RAS affine, info: DICOM's
+    ``modality``, ``resampled`` (`read_dicom.read_dicom`); {} for other files).
 
   Raises:
+    Refused: the reason a file is refused from its header (size, data files, DICOM geometry).
     Exception: whatever the library raises for a bad file; ValueError if not 3-D.
   """
+  info = {}
   if scan_lib.is_nifti(path):
-    img = load_nifti(path)
+    img = load_nifti(path, max_voxels)
     data, affine = img.get_fdata(dtype=np.float32), img.affine
   else:
     import SimpleITK as sitk  # pylint: disable=g-import-not-at-top
     with local_file(path) as local:
-      img = (read_dicom_series(local) if Path(local).is_dir()
-             else scan_lib.sitk_reader(local).Execute())
-    data = sitk.GetArrayFromImage(img).astype(np.float32, copy=False).T
-    affine = scan_lib.itk_to_ras_affine(img.GetSpacing(), img.GetOrigin(), img.GetDirection())
+      if Path(local).is_dir() or is_dicom_file(local):
+        data, affine, info = read_dicom.read_dicom(local, max_voxels)
+      else:
+        img = read_sitk(local, max_voxels)
+        data = sitk.GetArrayFromImage(img).astype(np.float32, copy=False).T
+        affine = scan_lib.itk_to_ras_affine(img.GetSpacing(), img.GetOrigin(),
+                                            img.GetDirection())
   while data.ndim > 3 and data.shape[-1] == 1:
     data = data[..., 0]
   if data.ndim != 3:
     raise ValueError(f"expected a 3-D image, got shape {data.shape}")
-  return data, affine
+  return data, affine, info
 
 
-def load_volume(path, *, strict, skips):
+def load_volume(path, *, strict, skips, max_voxels: int = MAX_VOXELS):
   """`read_volume` + canonical layout + a finite check; None when rejected.
 
   Returns:
-    (float32 (D, H, W) in file units, spacing (z, y, x), meta) or None.
+    (float32 (D, H, W) in file units, spacing (z, y, x), meta (with `read_volume`'s info))
+    or None.
   """
   try:
-    data, affine = read_volume(path)
+    data, affine, info = read_volume(path, max_voxels)
+  except Refused as e:
+    reject(path, str(e), strict=strict, skips=skips)
+    return None
   except Exception as e:  # pylint: disable=broad-except  # any library error = bad file
     reject(path, f"unreadable or truncated image: {type(e).__name__}: {e}",
            strict=strict, skips=skips)
@@ -346,7 +361,8 @@ def load_volume(path, *, strict, skips):
     reject(path, f"shape {data.shape}: a volume needs at least {MIN_SLICES} voxels per axis",
            strict=strict, skips=skips)
     return None
-  return scan_lib.to_canonical(data, affine)
+  volume, spacing, meta = scan_lib.to_canonical(data, affine)
+  return volume, spacing, {**meta, **info}
 
 
 def hu_to_unit(volume_hu: np.ndarray) -> np.ndarray:
@@ -371,13 +387,14 @@ def load_mask(ref, shape, *, strict, skips):
   return mask.astype(np.uint8)
 
 
-def load_hu_scan(ref, *, strict: bool = False, skips: SkipLog | None = None):
+def load_hu_scan(ref, *, strict: bool = False, skips: SkipLog | None = None,
+                 max_voxels: int = MAX_VOXELS):
   """Scan of a HU volume file `ref.paths[0]` (+ its mask), or None when rejected.
 
-  Used for the lesion set (NIfTI) and STOIC (MHA).
+  Used for the lesion set (NIfTI) and STOIC (MHA); ``max_voxels``: `headers.check_voxels`.
   """
   path = ref.paths[0]
-  loaded = load_volume(path, strict=strict, skips=skips)
+  loaded = load_volume(path, strict=strict, skips=skips, max_voxels=max_voxels)
   if loaded is None:
     return None
   volume, spacing, meta = loaded

@@ -44,7 +44,7 @@ from pathlib import Path
 import numpy as np
 
 from covid3d import storage
-from covid3d.data import read_common
+from covid3d.data import headers, read_common
 from covid3d.data import scan as scan_lib
 from covid3d.data.skips import SkipLog, note, reject
 
@@ -207,11 +207,14 @@ def _add_severity(refs, csv_path: Path, *, strict, skips, rejected=frozenset()):
 
 
 def load_cov19ctdb(ref: scan_lib.ScanRef, *, strict: bool = False,
-                   skips: SkipLog | None = None) -> scan_lib.Scan | None:
+                   skips: SkipLog | None = None,
+                   max_voxels: int = headers.MAX_VOXELS) -> scan_lib.Scan | None:
   """Reads a JPEG slice folder into a Scan (None: rejected, reason in `skips`).
 
   Slices are read as 8-bit gray (the real data stores gray as RGB; the JPEG
-  luma channel is decoded directly) and scaled 0..255 -> [0, 1].
+  luma channel is decoded directly) and scaled 0..255 -> [0, 1]. Their sizes
+  come from the image headers first: a scan of more than ``max_voxels`` voxels
+  is rejected before any slice is decoded.
   """
   from PIL import Image  # pylint: disable=g-import-not-at-top
   folder = read_common.data_path(ref.paths[0]).parent
@@ -228,7 +231,13 @@ def load_cov19ctdb(ref: scan_lib.ScanRef, *, strict: bool = False,
   if not sizes:
     reject(folder, "no readable slice", strict=strict, skips=skips)
     return None
-  majority = collections.Counter(sizes.values()).most_common(1)[0][0]
+  majority, count = collections.Counter(sizes.values()).most_common(1)[0]
+  try:
+    headers.check_voxels(count * majority[0] * majority[1], max_voxels,
+                         f"{count} slices of {majority[1]}x{majority[0]}")
+  except headers.Refused as e:
+    reject(folder, str(e), strict=strict, skips=skips)
+    return None
   slices, names = [], []
   for p, size in sizes.items():
     if size != majority:

@@ -1,7 +1,7 @@
 """STOIC reader: `data/mha/<PatientID>.mha` + `metadata/reference.csv` (SimpleITK).
 
 A patient's volume may instead be a folder `data/mha/<PatientID>/` holding its
-DICOM series (hospital exports; `read_common.read_dicom_series`).
+DICOM series (hospital exports; `covid3d.data.read_dicom`).
 
 reference.csv columns PatientID, probCOVID, probSevere (0/1 in the public
 training set; names matched case-insensitively, '_'/'-'/spaces ignored) become

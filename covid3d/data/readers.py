@@ -13,6 +13,7 @@ listings also count the scans they found there (the ledger,
 `covid3d.data.ledger`). One SkipLog may collect every dataset and partition.
 """
 from covid3d.data import read_common
+from covid3d.data.headers import MAX_VOXELS
 from covid3d.data.read_common import load_hu_scan
 from covid3d.data.read_cov19ctdb import (SLICE_SUFFIXES, list_cov19ctdb, list_slices,
                                          load_cov19ctdb)
@@ -50,14 +51,16 @@ def load_scan(ref: ScanRef, *, strict: bool = False, skips: SkipLog | None = Non
     return _LOADERS[ref.dataset](ref, strict=strict, skips=skips)
 
 
-def read_path(path, *, strict: bool = True, skips: SkipLog | None = None) -> Scan | None:
+def read_path(path, *, strict: bool = True, skips: SkipLog | None = None,
+              max_voxels: int = MAX_VOXELS) -> Scan | None:
   """Any one scan a user names, read as the datasets of its kind are.
 
   ``path``: a volume file (NIfTI ``.nii``/``.nii.gz``, MetaImage ``.mha``/``.mhd``,
-  NRRD; Hounsfield units, clipped and scaled as STOIC and the lesion set), a
+  NRRD, DICOM; Hounsfield units, clipped and scaled as STOIC and the lesion set), a
   folder of ``<integer>.jpg``/``.png`` slices (scaled 0..255 -> [0, 1] as
   COV19-CT-DB), or a folder holding a DICOM series (HU, as the volume files).
-  The scan id is the file or folder name.
+  The scan id is the file or folder name. Sizes are checked from the headers
+  against ``max_voxels`` before any voxel is read (`covid3d.data.headers`).
 
   Raises:
     DataError: (``strict``, the default) naming the path and what is wrong
@@ -78,6 +81,6 @@ def read_path(path, *, strict: bool = True, skips: SkipLog | None = None) -> Sca
                        for p, kind in listing):
       slices = tuple(str(p) for p in list_slices(path, skips, strict=strict))
       ref = ScanRef("cov19ctdb", path.name, slices, {}, "infer")
-      return load_cov19ctdb(ref, strict=strict, skips=skips)
+      return load_cov19ctdb(ref, strict=strict, skips=skips, max_voxels=max_voxels)
     return load_hu_scan(ScanRef("stoic", path.name, (str(path),), {}, "infer"),
-                        strict=strict, skips=skips)
+                        strict=strict, skips=skips, max_voxels=max_voxels)

@@ -49,7 +49,9 @@ def test_infer_gives_one_answer_per_volume_whatever_the_format(chain, tmp_path, 
     reader = csv.DictReader(f)
     rows = list(reader)
   names = ["mild", "moderate", "severe", "critical"]
-  assert reader.fieldnames == ["scan", *names, "prediction", "lesion_fraction", "error"]
+  assert reader.fieldnames == ["scan", *names, "prediction", "lesion_fraction",
+                               "fold_disagreement", "warning", "error"]
+  assert not any(r["warning"] for r in rows)   # the phantom passes the chest-CT checks
   # Lesion masks in each scan's own geometry; one volume, one mask, whatever the format.
   fractions = [float(r["lesion_fraction"]) for r in rows[:5]]
   assert all(0.0 <= f <= 1.0 for f in fractions) and rows[5]["lesion_fraction"] == ""

@@ -217,9 +217,10 @@ def test_cells_a_spreadsheet_would_run_get_a_quote(tmp_path, scans, monkeypatch,
   model = write_model(tmp_path / "m.covid3d", names=("=cmd|' /C calc'!A0", "b"))
   assert infer.main([f"--model={model}", "--out=out", "--", *hostile, "=bad.nii.gz"]) == 1
   rows = read_rows(tmp_path / "out" / "predictions.csv")
-  assert rows[0] == ["scan", "'=cmd|' /C calc'!A0", "b", "prediction", "error"]
+  assert rows[0] == ["scan", "'=cmd|' /C calc'!A0", "b", "prediction", "fold_disagreement",
+                     "warning", "error"]
   assert [r[0] for r in rows[1:]] == [f"'{n}" for n in [*hostile, "=bad.nii.gz"]]
-  assert all(r[3] in ("'=cmd|' /C calc'!A0", "b") for r in rows[1:5]) and rows[5][4]
+  assert all(r[3] in ("'=cmd|' /C calc'!A0", "b") for r in rows[1:5]) and rows[5][6]
   assert infer.safe_cell("0.25") == "0.25" and infer.safe_cell("a=b") == "a=b"
   assert infer.safe_cell("\t=1") == "'\t=1"
 
