@@ -37,12 +37,14 @@ def get_config(arg=None):
   c.train.learning_rate = 4e-3        # the train fields below: the official ConvNeXt recipe
                                       # the authors followed (docs/method.md), at batch 4096
   c.train.weight_decay = 0.05
+  c.train.decay_1d = False            # the recipe exempts 1-D parameters from the decay
   c.train.schedule = "cosine"
   c.train.warmup_steps = 20 * 312
   c.train.num_steps = 300 * 312
   c.train.batch_size = 4096
   c.train.eval_batch_size = 1024
   c.train.ema_decay = 0.9999
+  c.train.best_min_gain = 0.0         # any higher accuracy replaces the best, as the recipe's
   return base.finalize(c, arg, demo)
 
 

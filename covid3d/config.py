@@ -162,6 +162,7 @@ def pretraining_config(stage: str, arg, num_steps: int,
   c.train.clip_norm = 5.0
   c.train.ema_decay = 0.99
   c.train.best_metric = "dice"        # the EMA validation Dice picks the checkpoint handed on
+  c.train.best_min_gain = 0.0         # any higher Dice (AUC) replaces the best: their pretraining
   c.augment.elastic.p = 0.0
   c.augment.rot90.p = 0.0
   c.augment.noise.space = "intensity"

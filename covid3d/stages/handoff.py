@@ -71,7 +71,7 @@ def best_evaluation(workdir) -> dict:
   """The ``metrics.jsonl`` evaluation row of the checkpoint ``best_params`` hands on.
 
   One rule for what a stage reports (``DONE``, ``cv.json``) and what it hands on:
-  the step the checkpoints record as best (on a tie, whichever Orbax keeps).
+  the step the checkpoints record as best (on a tie, the earliest: ``train.best_ties``).
   """
   ckpt = checkpoint.Checkpointer.open(str(epath.Path(workdir) / "checkpoints"))
   step = ckpt.best_step()
