@@ -1,5 +1,6 @@
 """What a stage takes from the weights it starts from (initial_params.merge_source)."""
 import functools
+import json
 
 import jax
 import numpy as np
@@ -9,6 +10,7 @@ from covid3d import config as base
 from covid3d.inflation import inflate_params
 from covid3d.models import ConvNeXt
 from covid3d.stages import build, initial_params
+from covid3d.stages import handoff
 from covid3d.stages.handoff import HandOffError
 
 
@@ -137,3 +139,13 @@ def test_a_backbone_of_another_variant_is_a_clear_error():
   fresh = params_of("severity")
   with pytest.raises(HandOffError, match="model.variant='nano'"):
     initial_params.merge_source(source, fresh, c, "src")
+
+
+def test_pretrain2d_hands_on_raw_weights_as_configured(tmp_path):
+  assert handoff.hands_on_ema(tmp_path)   # no config.json: EMA
+  for stage, hand_on, ema in (("pretrain2d", "raw", False), ("pretrain2d", "ema", True),
+                              ("segmentation", "raw", True)):
+    (tmp_path / "config.json").write_text(json.dumps({"stage": stage,
+                                                      "pretrain2d": {"hand_on": hand_on}}))
+    assert handoff.hands_on_ema(tmp_path) == ema, (stage, hand_on)
+  assert base.load("pretrain2d").pretrain2d.hand_on == "raw"
