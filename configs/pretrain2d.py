@@ -29,20 +29,31 @@ def get_config(arg=None):
   c.pretrain2d.mixup_mode = "batch"   # 'batch' or 'pair'
   c.pretrain2d.label_smoothing = 0.1  # label smoothing of the training loss
   c.pretrain2d.eval_crop_pct = 0.875  # eval: shorter side to size / crop_pct, centre crop
+  c.pretrain2d.normalise = "imagenet"  # the 2-D input on ImageNet: 'imagenet' (the authors':
+                                      # ImageNet's per-channel RGB mean/std, then gray; for a
+                                      # gray pixel (x - 0.4588) / 0.2256) or 'ct' (data.mean,
+                                      # data.std: the CT statistics). Phantom slices: always
+                                      # data.mean, data.std
+  c.pretrain2d.hand_on = "raw"        # what later stages take from this workdir: the 'raw'
+                                      # (non-EMA) weights of its best checkpoint, as the
+                                      # authors' ImageNet model, or 'ema'
   c.pretrain2d.image_dtype = "float32"  # host batches: float32 in [0, 1], or uint8 (a quarter
                                       # of the bytes; /255 on device)
   c.pretrain2d.prefetch = 4           # batches prefetched per host
   c.pretrain2d.loader_workers = 0     # grain worker processes (0: threads only)
   c.augment.crop.p = 0.0              # 2-D training uses no volume augmentation
+  c.model.head_hidden = 0             # the authors' 2-D ImageNet model has no pre_head
   c.train.learning_rate = 4e-3        # the train fields below: the official ConvNeXt recipe
                                       # the authors followed (docs/method.md), at batch 4096
   c.train.weight_decay = 0.05
+  c.train.decay_1d = False            # the recipe exempts 1-D parameters from the decay
   c.train.schedule = "cosine"
   c.train.warmup_steps = 20 * 312
   c.train.num_steps = 300 * 312
   c.train.batch_size = 4096
   c.train.eval_batch_size = 1024
   c.train.ema_decay = 0.9999
+  c.train.best_min_gain = 0.0         # any higher accuracy replaces the best, as the recipe's
   return base.finalize(c, arg, demo)
 
 

@@ -71,7 +71,8 @@ def get_config(stage: str) -> ml_collections.ConfigDict:
   c.stage = stage                     # the config's stage (configs/<stage>.py; chain.STAGES)
   c.seed = 0                          # model initialisation and phantom; train.seed: training
   c.init_from = "random"              # initial weights: 'random'; an earlier stage's workdir
-                                      # (its best EMA checkpoint; a 2-D one is inflated);
+                                      # (its best EMA checkpoint, raw for pretrain2d.hand_on=
+                                      # raw; a 2-D one is inflated);
                                       # 'stage:NAME', the workdir NAME beside this one (R/NAME
                                       # for the workdir R/x, the launchers' layout); or a
                                       # checkpoint file (.pth, .pt, .tar, .bin, .ckpt,
@@ -93,10 +94,13 @@ def get_config(stage: str) -> ml_collections.ConfigDict:
   c.model.layer_scale_init = 1e-6
   c.model.head_hidden = 768           # the authors' extra Linear+ReLU before each classifier;
                                       # 0: the official head
-  c.model.head_init = "carry"         # a classification head the init_from source lacks:
-                                      # 'carry' takes the source head's LayerNorm and pre_head
-                                      # (the authors' fine-tuning), re-initialising the
-                                      # classifier; 'fresh' re-initialises the whole head
+  c.model.head_init = "authors"       # a classification head the init_from source lacks:
+                                      # 'authors' (their code) takes the source head's
+                                      # LayerNorm, and from a 3-D source also its pre_head and
+                                      # (same class count) classifier; a segmentation model
+                                      # keeps the LayerNorm as final_norm to hand on; 'carry'
+                                      # takes the LayerNorm and pre_head from any source;
+                                      # 'fresh' re-initialises the whole head (docs/method.md)
   c.model.dwconv_impl = "auto"        # xla, fft, shift, pallas or auto (measured per device, shape)
   c.model.remat = "none"              # none, block, stage: recompute activations to save memory
   c.model.seg_head = ml_collections.ConfigDict()
@@ -165,6 +169,7 @@ def pretraining_config(stage: str, arg, num_steps: int,
   c.train.clip_norm = 5.0
   c.train.ema_decay = 0.99
   c.train.best_metric = "dice"        # the EMA validation Dice picks the checkpoint handed on
+  c.train.best_min_gain = 0.0         # any higher Dice (AUC) replaces the best: their pretraining
   c.augment.elastic.p = 0.0
   c.augment.rot90.p = 0.0
   c.augment.noise.space = "intensity"

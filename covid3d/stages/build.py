@@ -55,13 +55,16 @@ def init_params(model, config: ml_collections.ConfigDict, input_size: int,
   return jax.jit(model.init)(jax.random.key(config.seed), jnp.zeros(shape))["params"]
 
 
-def apply_fn(model, config: ml_collections.ConfigDict, output: str | None = None) -> steps.ApplyFn:
+def apply_fn(model, config: ml_collections.ConfigDict, output: str | None = None,
+             normalisation: tuple[float, float] | None = None) -> steps.ApplyFn:
   """``model``'s apply_fn (``covid3d.train.steps``) on inputs in [0, 1].
 
-  The data's mean/std (``config.data``) are applied on device; ``output``
-  picks one head's output of a ``MultitaskModel`` (None: all outputs).
+  The data's mean/std (``config.data``; ``normalisation`` overrides them) are
+  applied on device; ``output`` picks one head's output of a ``MultitaskModel``
+  (None: all outputs).
   """
-  fn = steps.flax_apply_fn(model, config.data.mean, config.data.std)
+  mean, std = normalisation or (config.data.mean, config.data.std)
+  fn = steps.flax_apply_fn(model, mean, std)
   if output is None:
     return fn
   return lambda params, x, deterministic, rngs: fn(params, x, deterministic, rngs)[output]

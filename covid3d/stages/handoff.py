@@ -2,7 +2,8 @@
 
 A finished stage leaves ``config.json`` (written when it starts),
 ``checkpoints/`` (Orbax; the best EMA parameters are what is handed on,
-``covid3d.stages.initial_params``) and ``DONE`` (a JSON summary, written last).
+``covid3d.stages.initial_params``, but see ``hands_on_ema``) and ``DONE`` (a
+JSON summary, written last).
 ``config.init_from`` names where a stage's initial weights come from:
 ``random``, an earlier stage's workdir, or a checkpoint file; ``stage:NAME``
 names the workdir NAME beside the stage's own.
@@ -46,6 +47,20 @@ def stage_info(workdir) -> dict:
   return json.loads(path.read_text())
 
 
+def hands_on_ema(workdir) -> bool:
+  """Whether ``workdir`` hands on its EMA parameters (else the raw ones).
+
+  Every stage hands on its best EMA parameters, but a ``pretrain2d`` run with
+  ``pretrain2d.hand_on='raw'`` its raw ones, as the authors' ImageNet weights
+  (the ``'model'`` entry of their checkpoint, not ``'model_ema'``). A workdir
+  without ``config.json`` or that setting hands on EMA parameters.
+  """
+  path = epath.Path(workdir) / "config.json"
+  info = json.loads(path.read_text()) if path.exists() else {}
+  return not (info.get("stage") == "pretrain2d"
+              and info.get("pretrain2d", {}).get("hand_on", "ema") == "raw")
+
+
 def checkpoints_dir(workdir) -> epath.Path:
   """``<workdir>/checkpoints``, the parameters an earlier stage hands on.
 
@@ -71,7 +86,7 @@ def best_evaluation(workdir) -> dict:
   """The ``metrics.jsonl`` evaluation row of the checkpoint ``best_params`` hands on.
 
   One rule for what a stage reports (``DONE``, ``cv.json``) and what it hands on:
-  the step the checkpoints record as best (on a tie, whichever Orbax keeps).
+  the step the checkpoints record as best (on a tie, the earliest: ``train.best_ties``).
   """
   ckpt = checkpoint.Checkpointer.open(str(epath.Path(workdir) / "checkpoints"))
   step = ckpt.best_step()

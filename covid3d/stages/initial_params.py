@@ -59,9 +59,11 @@ def _classification_heads(tree) -> dict:
 
 
 def read_source(src: str, slice_axis: str = "first"):
-  """The parameter tree ``init_from`` names: a workdir's best EMA parameters, or a checkpoint file.
+  """The parameter tree ``init_from`` names: what a workdir hands on, or a checkpoint file.
 
-  A file may be an official/timm ConvNeXt (2-D or 3-D) or any of the authors'
+  A workdir hands on its best EMA parameters, but a ``pretrain2d`` workdir run
+  with ``pretrain2d.hand_on='raw'`` its raw ones (``handoff.hands_on_ema``). A
+  file may be an official/timm ConvNeXt (2-D or 3-D) or any of the authors'
   files (``weights.load_authors_checkpoint``; EMA weights); ``slice_axis='last'``
   maps weights trained on slice-last volumes (the authors' pretrainings).
   """
@@ -74,7 +76,33 @@ def read_source(src: str, slice_axis: str = "first"):
           f"python -m covid3d.authors convert {src} OUT, then use init_from=OUT/fold<k> "
           "(or predict with init_from=OUT)")
     return tree
-  return best_params(src)
+  return best_params(src, ema=handoff.hands_on_ema(src))
+
+
+HEAD_INITS = ("authors", "carry", "fresh")
+
+
+def _donor(source, head_init: str):
+  """The head a new head takes parts of: the source's one classification head.
+
+  Failing that, with ``head_init='authors'``, the final LayerNorm a
+  segmentation-only source kept (``{"norm": source["final_norm"]}``); else None.
+  """
+  heads = _classification_heads(source)
+  if len(heads) == 1:
+    return next(iter(heads.values()))
+  if head_init == "authors" and not heads and "final_norm" in source:
+    return {"norm": source["final_norm"]}
+  return None
+
+
+def _carried_parts(head_init: str, source_is_2d: bool) -> tuple[str, ...]:
+  """The parts of the donor head a new classification head takes (``merge_source``)."""
+  if head_init == "carry":
+    return ("norm", "pre_head")
+  if head_init == "authors":
+    return ("norm",) if source_is_2d else ("norm", "pre_head", "fc")
+  return ()
 
 
 def merge_source(source, params, config: ml_collections.ConfigDict, what: str):
@@ -82,17 +110,30 @@ def merge_source(source, params, config: ml_collections.ConfigDict, what: str):
 
   * The backbone is taken whole (inflated when ``source`` is 2-D) and must fit exactly.
   * A head of the same name and shapes is taken whole (e.g. reloading a fold).
-  * Otherwise, with ``config.model.head_init='carry'`` (the authors' fine-tuning),
-    a classification head takes its LayerNorm ``norm`` and ``pre_head`` from the
-    source's single classification head where the shapes fit, and keeps its
-    fresh classifier ``fc`` (another class count); ``'fresh'`` re-initialises
-    every head the source does not hold under the same name. Each choice is logged.
+  * Otherwise ``config.model.head_init`` says what a classification head takes
+    from the source's one classification head (the donor), where the shapes fit:
+    'authors' (the authors' code): from a 2-D source its final LayerNorm
+    ``norm`` only (their 2-D to 3-D copy skips the head, so ``pre_head`` and
+    ``fc`` start fresh); from a 3-D source ``norm``, ``pre_head`` and, with the
+    same class count, ``fc`` (their fine-tuning loads the whole encoder and
+    replaces the classifier only for another class count). A source without a
+    classification head donates the ``final_norm`` it kept, if any.
+    'carry' (covid3d's earlier rule): ``norm`` and ``pre_head`` from any source,
+    a fresh ``fc``. 'fresh': the whole head is new. Each choice is logged.
+  * A model without classification heads (``segmentation``, ``segmia``) keeps the
+    donor's ``norm`` as ``final_norm`` with ``head_init='authors'``: their
+    segmentation encoder holds the ImageNet final LayerNorm, unused and so
+    untrained, and hands it on to fine-tuning. No layer uses ``final_norm``.
 
   Raises:
-    HandOffError: a backbone that does not fit.
+    HandOffError: a backbone that does not fit, or an unknown ``head_init``.
   """
+  head_init = config.model.head_init
+  if head_init not in HEAD_INITS:
+    raise HandOffError(f"model.head_init must be one of {HEAD_INITS}, got {head_init!r}")
   backbone = _backbone_of(source)
-  if _is_2d(backbone):
+  source_is_2d = _is_2d(backbone)
+  if source_is_2d:
     inf = config.inflation
     logging.info("inflating the 2-D backbone of %s (%s, norm %s, %s Gaussian)", what, inf.mode,
                  inf.norm, inf.gaussian)
@@ -102,7 +143,8 @@ def merge_source(source, params, config: ml_collections.ConfigDict, what: str):
              f"is config.model.variant={config.model.variant!r} "
              f"the variant {what} was trained with?")
   out = dict(params, backbone=backbone)
-  theirs_heads = _classification_heads(source)
+  donor = _donor(source, head_init)
+  parts = _carried_parts(head_init, source_is_2d)
   for name in params:
     if name == "backbone":
       continue
@@ -111,17 +153,20 @@ def merge_source(source, params, config: ml_collections.ConfigDict, what: str):
       out[name] = theirs
       logging.info("head %s loaded from %s", name, what)
       continue
-    donor = next(iter(theirs_heads.values())) if len(theirs_heads) == 1 else None
-    if config.model.head_init == "carry" and name.startswith("head_") and donor is not None:
-      carried = {k: donor[k] for k in ("norm", "pre_head")
+    if name.startswith("head_") and donor is not None:
+      carried = {k: donor[k] for k in parts
                  if k in donor and k in params[name] and _same_shapes(donor[k], params[name][k])}
       if carried:
         out[name] = dict(params[name], **carried)
-        logging.info("head %s: %s loaded from %s's %s, the rest re-initialised", name,
-                     " and ".join(sorted(carried)), what, next(iter(theirs_heads)))
+        logging.info("head %s: %s loaded from %s, the rest re-initialised (head_init=%s)", name,
+                     ", ".join(sorted(carried)), what, head_init)
         continue
     why = "absent in the source" if theirs is None else "shape differs from the source"
     logging.info("head %s re-initialised (%s)", name, why)
+  if (head_init == "authors" and not _classification_heads(params) and donor is not None
+      and "norm" in donor):
+    out["final_norm"] = donor["norm"]
+    logging.info("final LayerNorm of %s kept (unused here, handed on to fine-tuning)", what)
   return out
 
 

@@ -12,6 +12,11 @@ Three ways, chosen by the config:
   ``pretrain2d`` config block); evaluated on ImageNet's ``validation`` split.
 * ``data.phantom``: trains on axial slices of the phantom's COV19-CT-DB scans
   (label: covid or not), the laptop stand-in for ImageNet.
+
+As the authors' 2-D model, it has no pre_head (``model.head_hidden=0``); on
+ImageNet its input is normalised with ImageNet's statistics
+(``pretrain2d.normalise``), and later stages take the raw weights of its best
+checkpoint (``pretrain2d.hand_on``; ``handoff.hands_on_ema``).
 """
 import dataclasses
 import logging
@@ -42,6 +47,24 @@ def phantom_slices(config, workdir):
   return {"image": np.concatenate(images)[..., None], "label": np.asarray(labels, np.int32)}
 
 
+NORMALISATIONS = ("imagenet", "ct")
+
+
+def input_normalisation(config) -> tuple[float, float]:
+  """(mean, std) of the 2-D model's input in [0, 1] units.
+
+  On ImageNet with ``pretrain2d.normalise='imagenet'``, the authors' (ImageNet's
+  RGB statistics, then gray: ``imagenet.gray_normalisation``); otherwise
+  ``data.mean``/``data.std``, the CT statistics every 3-D stage uses.
+  """
+  normalise = config.pretrain2d.normalise
+  if normalise not in NORMALISATIONS:
+    raise ValueError(f"pretrain2d.normalise must be one of {NORMALISATIONS}, got {normalise!r}")
+  if config.data.imagenet_dir and normalise == "imagenet":
+    return imagenet.gray_normalisation()
+  return config.data.mean, config.data.std
+
+
 def imagenet_pipeline(config):
   """(train iterator, eval_batches) of grayscale ImageNet, this process's share.
 
@@ -55,10 +78,11 @@ def imagenet_pipeline(config):
   train_source = imagenet.open_source("train", config.data.imagenet_dir, data_dir, prepare)
   val_source = imagenet.open_source("validation", config.data.imagenet_dir, data_dir, prepare)
   size = config.pretrain2d.image_size
+  mean, std = input_normalisation(config)
   transform = imagenet.TrainTransform(
       size=size, random_crop=bool(opt("random_crop")), scale=tuple(opt("crop_scale")),
       ratio=tuple(opt("crop_ratio")), hflip=opt("hflip"), randaugment=opt("randaugment"),
-      erase=opt("random_erase"), mean=config.data.mean, std=config.data.std,
+      erase=opt("random_erase"), mean=mean, std=std,
       crop_pct=opt("eval_crop_pct"))
   mixup = imagenet.Mixup(opt("mixup"), opt("cutmix"), opt("mixup_prob"),
                          opt("mixup_switch_prob"), opt("mixup_mode"))
@@ -152,6 +176,9 @@ def _phantom_pipeline(config, workdir):
 
 
 def run(config, workdir):
+  if config.pretrain2d.hand_on not in ("raw", "ema"):
+    raise ValueError("pretrain2d.hand_on must be 'raw' or 'ema', "
+                     f"got {config.pretrain2d.hand_on!r}")
   if config.init_from.endswith(weights.CHECKPOINT_SUFFIXES):
     return import_checkpoint(config, workdir)
   on_imagenet = bool(config.data.imagenet_dir)
@@ -169,7 +196,7 @@ def run(config, workdir):
         "--config.init_from=<2-D ConvNeXt checkpoint>, or a ':demo' config (phantom slices)")
   model = build.make_convnext2d(config, num_classes)
   params = build.init_params(model, config, input_size, spatial_dims=2)
-  apply_fn = build.apply_fn(model, config)
+  apply_fn = build.apply_fn(model, config, normalisation=input_normalisation(config))
   if on_imagenet and config.pretrain2d.image_dtype == "uint8":
     normalised = apply_fn  # uint8 batches: to [0, 1] on device first
     apply_fn = lambda p, x, deterministic, rngs: normalised(p, x / 255.0, deterministic, rngs)

@@ -3,10 +3,17 @@
 Layout: ``<workdir>/checkpoints/<step>/{state,data,config}``. ``state`` is the
 whole ``TrainState`` (saved asynchronously), ``data`` one JSON file per process
 with that process's iterator state (``iterator.get_state()``), ``config`` the
-resolved config as JSON. The latest ``keep`` checkpoints are kept, plus the one
-with the highest evaluation metric (checkpoints saved at an evaluation carry
-the metrics); ``<workdir>/checkpoints/checkpointer.json`` records that metric's
+resolved config as JSON. The latest ``keep`` checkpoints are kept, plus the best
+one by an evaluation metric (checkpoints saved at an evaluation carry the
+metrics); ``<workdir>/checkpoints/checkpointer.json`` records that metric's
 name, so a later reader (the next stage) picks the same best checkpoint.
+
+Which evaluation is the best is decided when it is saved, as the authors' code
+does: a later one replaces the best only if its metric exceeds the best's by
+more than ``min_gain`` (``ties='earliest'``: equal maxima keep the earliest), or,
+with ``ties='latest'``, if it equals or exceeds it. The outcome is saved with the
+metrics as ``SELECTION``, a rank that only the current best holds at its
+highest, so Orbax keeps and names that checkpoint.
 Paths may be local or ``gs://``.
 """
 import dataclasses
@@ -22,6 +29,14 @@ from orbax.checkpoint import checkpoint_managers as policies
 from covid3d import storage
 
 RECORD = "checkpointer.json"
+SELECTION = "selection_rank"   # saved with an evaluated checkpoint's metrics; see above
+TIES = ("earliest", "latest")
+
+
+def _value(metrics: dict, name: str) -> float:
+  """``metrics[name]``; a NaN (e.g. an AUC with one class absent) as -inf, which never wins."""
+  value = float(metrics[name])
+  return value if value == value else float("-inf")
 
 
 class IteratorStateHandler(ocp.CheckpointHandler):
@@ -66,12 +81,22 @@ class Checkpointer:
     timeout_s: float, seconds a save (its synchronous part, then the wait for
       its background writes) may take before `storage.StorageTimeout`; a
       checkpointer that timed out refuses further saves at once.
+    min_gain: float >= 0, what a later evaluation must exceed the best by to
+      replace it (``ties='earliest'``).
+    ties: 'earliest' (the authors' rule above) or 'latest' (a later evaluation
+      that equals the best replaces it; ``min_gain`` unused).
   """
 
   def __init__(self, directory: str, keep: int, best_metric: str | None,
-               timeout_s: float = 600.0):
+               timeout_s: float = 600.0, min_gain: float = 0.0, ties: str = "earliest"):
     if keep < 1:
       raise ValueError(f"train.keep_checkpoints must be >= 1, got {keep}")
+    if ties not in TIES:
+      raise ValueError(f"train.best_ties must be one of {TIES}, got {ties!r}")
+    if min_gain < 0:
+      raise ValueError(f"train.best_min_gain must be >= 0, got {min_gain}")
+    self.min_gain, self.ties = float(min_gain), ties
+    self._best = None   # (rank, metric value) of the best evaluation, once looked up
     directory = storage.as_path(directory)   # Orbax needs a local path absolute
     record = directory / RECORD
     if best_metric is None and record.exists():
@@ -80,9 +105,9 @@ class Checkpointer:
     if best_metric is None:
       options = ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=True)
     else:
-      # A NaN metric (e.g. an AUC with one class absent) never wins.
-      metric = lambda metrics: (metrics[best_metric] if metrics[best_metric] == metrics[best_metric]
-                                else float("-inf"))
+      # The rank decided at saving; the metric itself in directories written without one.
+      metric = lambda metrics: (metrics[SELECTION] if SELECTION in metrics
+                                else _value(metrics, best_metric))
       policy = policies.AnyPreservationPolicy([
           policies.LatestN(n=keep),
           policies.BestN(get_metric_fn=metric, n=1, keep_checkpoints_without_metrics=False)])
@@ -118,8 +143,33 @@ class Checkpointer:
         config=ocp.args.JsonSave(json.loads(config.to_json_best_effort())))
     clean = None if metrics is None else {k: float(v) for k, v in metrics.items()
                                           if jax.numpy.ndim(v) == 0}
+    if clean is not None and self.best_metric is not None:
+      clean[SELECTION] = self._rank(_value(clean, self.best_metric))
     self._bounded(lambda: self.manager.save(step, args=args, metrics=clean, force=True),
                   f"checkpoint of step {step} to {self.manager.directory}")
+
+  def _rank(self, value: float) -> float:
+    """The ``SELECTION`` rank of an evaluation with metric ``value``; it becomes the best or not.
+
+    The best's rank + 1 when it replaces the best (0 for the first), else the
+    best's rank - 0.5: below the best's, and distinct from every earlier rank.
+    """
+    if self._best is None:
+      step = self.best_step()
+      saved = self.manager.metrics(step) if step is not None else None
+      if saved:
+        self._best = (float(saved.get(SELECTION, 0.0)), _value(saved, self.best_metric))
+    if self._best is None:
+      replaces = True
+      rank = 0.0
+    else:
+      best_rank, best_value = self._best
+      replaces = (value > best_value + self.min_gain if self.ties == "earliest"
+                  else value >= best_value)
+      rank = best_rank + 1.0 if replaces else best_rank - 0.5
+    if replaces:
+      self._best = (rank, value)
+    return rank
 
   def _bounded(self, fn, what: str):
     """``fn()`` within ``timeout_s`` (see the class docstring)."""

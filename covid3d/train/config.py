@@ -39,6 +39,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.optimizer = "adamw"               # 'adamw' or 'adam' (Adam = AdamW with no weight decay)
   c.learning_rate = 5e-5              # peak learning rate (the submissions')
   c.weight_decay = 1e-8               # decoupled AdamW weight decay (the submissions')
+  c.decay_1d = True                   # decay the 1-D parameters too (LayerNorm scales and
+                                      # biases, biases, layer-scale gamma), as the submissions'
+                                      # AdamW over all parameters; False exempts them, as the
+                                      # official ConvNeXt recipe (the pretrain2d stage)
   c.b1 = 0.9                          # Adam's first-moment decay
   c.b2 = 0.999                        # Adam's second-moment decay
   c.eps = 1e-8                        # Adam's epsilon
@@ -67,6 +71,13 @@ def default_config() -> ml_collections.ConfigDict:
                                       # 'macro_f1' for classification, 'dice' for segmentation,
                                       # 'auc' (STOIC ROC AUC) for multitask; any metric the
                                       # task's evaluation reports; the checkpoints record it
+  c.best_min_gain = 1e-4              # a later evaluation replaces the best checkpoint only if
+                                      # its best_metric is higher by more than this (the
+                                      # authors' fine-tuning; their pretrainings: 0, strictly
+                                      # higher); equal maxima keep the earliest
+  c.best_ties = "earliest"            # 'earliest' (the rule above, the authors') or 'latest':
+                                      # an evaluation that equals the best replaces it (covid3d's
+                                      # earlier rule; best_min_gain unused)
   c.max_nonfinite_in_a_row = 10       # stop after this many consecutive steps with a non-finite
                                       # loss or gradient (each leaves the state unchanged)
   c.progress_bar = True               # a tqdm bar on process 0

@@ -218,7 +218,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, model, p
   state = steps.replicate(create_state(params, tx, config.seed), mesh)
   ckpt = checkpoint.Checkpointer(str(epath.Path(workdir) / "checkpoints"),
                                  config.keep_checkpoints, config.best_metric,
-                                 timeout_s=config.save_timeout_s)
+                                 timeout_s=config.save_timeout_s,
+                                 min_gain=config.best_min_gain, ties=config.best_ties)
   latest = ckpt.latest_step()
   if latest is not None:
     # A checkpoint of other settings is not this run's to resume.

@@ -1,4 +1,6 @@
 """Optimiser, learning-rate schedule and parameter EMA from the ``train`` config."""
+import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 
@@ -23,13 +25,26 @@ def make_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
   raise ValueError(f"train.schedule must be 'constant' or 'cosine', got {config.schedule!r}")
 
 
+def decayed(params):
+  """True for the parameters the official ConvNeXt recipe decays: those of 2 or more axes.
+
+  The 1-D ones (LayerNorm scales and biases, every bias, the layer-scale
+  ``gamma``) are exempt, as timm's ``param_groups_weight_decay``.
+  """
+  return jax.tree.map(lambda p: jnp.ndim(p) > 1, params)
+
+
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  """AdamW (or Adam) with the config's schedule, after optional norm clipping."""
+  """AdamW (or Adam) with the config's schedule, after optional norm clipping.
+
+  ``decay_1d=False`` exempts the 1-D parameters from the weight decay (``decayed``).
+  """
   if config.optimizer not in ("adamw", "adam"):
     raise ValueError(f"train.optimizer must be 'adamw' or 'adam', got {config.optimizer!r}")
   weight_decay = config.weight_decay if config.optimizer == "adamw" else 0.0
   adamw = optax.adamw(make_schedule(config), b1=config.b1, b2=config.b2,
-                      eps=config.eps, weight_decay=weight_decay)
+                      eps=config.eps, weight_decay=weight_decay,
+                      mask=None if config.decay_1d else decayed)
   if config.clip_norm < 0:
     raise ValueError(f"train.clip_norm must be >= 0, got {config.clip_norm}")
   if config.clip_norm:

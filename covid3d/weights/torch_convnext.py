@@ -119,22 +119,21 @@ def split_authors_state(state: Mapping[str, Any]) -> Tuple[Dict[str, Any], Dict[
   (ConvNeXt3dSTOIC) keys become the ConvNeXt part without the prefix;
   ``decoder.*`` keys the decoder part without ``decoder.``; everything else,
   and the ConvNeXt's age/sex ``metadata_*`` layers, the other part. A state
-  dict without these prefixes is all ConvNeXt (official or timm keys).
+  dict without these prefixes (a bare ``ConvNeXt3d``, or an official/timm
+  ConvNeXt) is all ConvNeXt but for those ``metadata_*`` layers.
   """
   state = _strip_module(state)
-  for prefix in AUTHORS_PREFIXES:
-    if any(k.startswith(prefix) for k in state):
-      convnext, decoder, other = {}, {}, {}
-      for k, v in state.items():
-        if k.startswith(prefix):
-          name = k[len(prefix):]
-          (other if name.startswith(AUTHORS_METADATA) else convnext)[name] = v
-        elif k.startswith("decoder."):
-          decoder[k[len("decoder."):]] = v
-        else:
-          other[k] = v
-      return convnext, decoder, other
-  return dict(state), {}, {}
+  prefix = next((p for p in AUTHORS_PREFIXES if any(k.startswith(p) for k in state)), "")
+  convnext, decoder, other = {}, {}, {}
+  for k, v in state.items():
+    if k.startswith(prefix):
+      name = k[len(prefix):]
+      (other if name.startswith(AUTHORS_METADATA) else convnext)[name] = v
+    elif k.startswith("decoder."):
+      decoder[k[len("decoder."):]] = v
+    else:
+      other[k] = v
+  return convnext, decoder, other
 
 
 
@@ -214,8 +213,7 @@ def load_torch_convnext(source, spatial_dims: int, *, num_classes: Optional[int]
       the stem kernel over its input channels, so a gray image ``g`` gives the
       response the RGB model gives to ``(g, g, g)``; None keeps the
       checkpoint's channels; another int must equal the checkpoint's.
-    ignore: key prefixes to drop before matching (e.g. ``('metadata_',)``
-      for the metadata layers of a bare state dict of the authors' STOIC model).
+    ignore: key prefixes to drop before matching (e.g. ``("pre_head.",)``).
     ema: a checkpoint with EMA and raw weights gives its EMA weights (False:
       the raw ones); see ``read_state_dict``.
     slice_axis: ``'first'`` (default) keeps the kernels; ``'last'`` maps 3-D

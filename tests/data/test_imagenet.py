@@ -265,6 +265,30 @@ def test_soft_label_loss():
   assert float(zero[0]) == 0.0 and float(zero[1]) == 0.0
 
 
+def test_imagenet_input_is_normalised_as_the_authors():
+  """Their ImageNet input: each RGB channel normalised (timm's ImageNet mean/std), then
+  torchvision's Grayscale; for a gray pixel that is one (mean, std) in [0, 1] units."""
+  x = np.random.default_rng(0).uniform(size=1000)
+  theirs = sum(w * (x - m) / s for w, m, s in zip((0.2989, 0.587, 0.114), (0.485, 0.456, 0.406),
+                                                  (0.229, 0.224, 0.225), strict=True))
+  mean, std = imagenet.gray_normalisation()
+  np.testing.assert_allclose((x - mean) / std, theirs, rtol=1e-9, atol=1e-9)
+  assert (round(mean, 4), round(std, 4)) == (0.4588, 0.2256)
+  assert (imagenet.TrainTransform().mean, imagenet.TrainTransform().std) == (mean, std)
+
+  c = base_config.load("pretrain2d")
+  c.data.imagenet_dir = "/imagenet"
+  assert c.pretrain2d.normalise == "imagenet"
+  assert pretrain2d.input_normalisation(c) == (mean, std)
+  c.pretrain2d.normalise = "ct"
+  assert pretrain2d.input_normalisation(c) == (0.3971, 0.3207)   # the CT statistics
+  c.pretrain2d.normalise, c.data.imagenet_dir = "imagenet", ""  # phantom slices are CT
+  assert pretrain2d.input_normalisation(c) == (0.3971, 0.3207)
+  c.pretrain2d.normalise = "rgb"
+  with pytest.raises(ValueError, match="pretrain2d.normalise"):
+    pretrain2d.input_normalisation(c)
+
+
 @pytest.mark.slow  # compiling the step
 def test_stage_trains_a_step_on_the_stand_in(stand_in, tmp_path, monkeypatch, shrink):
   """One step of the stage on the stand-in; its evaluation batches are drawn, not evaluated.
@@ -288,11 +312,19 @@ def test_stage_trains_a_step_on_the_stand_in(stand_in, tmp_path, monkeypatch, sh
     return train_and_evaluate(*args, eval_batches=None, **kwargs)
 
   monkeypatch.setattr(loop, "train_and_evaluate", without_evaluation)
+  apply_fn = pretrain2d.build.apply_fn
+
+  def recording_apply_fn(*args, **kwargs):
+    given["normalisation"] = kwargs["normalisation"]
+    return apply_fn(*args, **kwargs)
+
+  monkeypatch.setattr(pretrain2d.build, "apply_fn", recording_apply_fn)
   # Marking the workdir done needs an evaluation (the stages' tests check it).
   monkeypatch.setattr(handoff, "mark_trained", lambda workdir, result: None)
   workdir = tmp_path / "pretrain2d"
   assert registry.run(c, str(workdir))["step"] == 1
   (row,) = [r for r in log.read_metrics(workdir) if r["split"] == "train"]
   assert np.isfinite(row["loss"]) and row["loss"] > 0
+  assert given["normalisation"] == imagenet.gray_normalisation()   # pretrain2d.normalise
   batch = next(iter(given["eval_batches"]()))
   assert batch["image"].shape[1:3] == (SIZE, SIZE) and len(batch["image"]) == 4

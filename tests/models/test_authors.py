@@ -324,6 +324,28 @@ def test_convert_submission_to_a_fold_ensemble_workdir(tmp_path, capsys):
     authors.convert_submission(sub, tmp_path / "other", target="severity")
 
 
+def test_bare_convnext3d_state_dict_drops_the_metadata_layers(tmp_path):
+  """A bare ``ConvNeXt3d`` state dict (no ``main_model.`` prefix) keeps its age/sex layers."""
+  net = randomized(ConvNeXt3d(num_classes=2, **NANO), seed=10)
+  state = net.state_dict()
+  assert any(k.startswith("metadata_embedding.") for k in state)
+  path = tmp_path / "convnext3d.pth"
+  torch.save(state, path)
+  tree = weights.load_authors_checkpoint(path)
+  assert set(tree) == {"backbone", "head_covid"}
+  x = volume(5, (1, 32, 32, 32))
+  assert_close(run_covid3d(tree, x)["covid"], run_torch(net, x))
+  assert_trees_equal(weights.load_torch_convnext(path, 3, num_classes=2, head_hidden=128),
+                     dict(tree["backbone"], head=tree["head_covid"]))
+  # As init_from of a stage: the backbone and the whole fitting head are taken.
+  config = authors.target_config("detection")
+  config.model.variant, config.model.head_hidden, config.model.dwconv_impl = "nano", 128, "xla"
+  config.init_from = str(path)
+  model = build.make_model(config, {"covid": 2}, segmentation=False)
+  fresh = build.init_params(model, config, 32)
+  assert_trees_equal(initial_params.load_initial_params(config, fresh), tree)
+
+
 # ---------------------------------------------------------------- their slice-last pretraining
 
 def test_slice_axis_last_maps_slice_last_weights_to_slice_first_volumes(tmp_path):

@@ -259,12 +259,13 @@ def test_every_problem_is_listed_in_one_error():
                 "stages.1.0.pwconv1.weight: (64, 15), expected (64, 16)",
                 "head.weight: (7, 32), expected (4, 32)"):
     assert piece in msg
-  # The authors' checkpoints carry metadata layers; `ignore` drops them.
+  # `ignore` drops keys by prefix; the authors' metadata layers are dropped by themselves.
   _, state = backbone_state()
-  state = dict(state, **{"metadata_prehead.weight": np.zeros((32, 4), np.float32)})
-  with pytest.raises(ValueError, match="metadata_prehead"):
+  state = dict(state, **{"auxiliary.weight": np.zeros((32, 4), np.float32),
+                         "metadata_prehead.weight": np.zeros((32, 4), np.float32)})
+  with pytest.raises(ValueError, match=r"unexpected keys \(1\): auxiliary.weight$"):
     weights.load_torch_convnext(state, 2, num_classes=4)
-  assert "head" in weights.load_torch_convnext(state, 2, num_classes=4, ignore=("metadata_",))
+  assert "head" in weights.load_torch_convnext(state, 2, num_classes=4, ignore=("auxiliary.",))
 
 
 def test_head_options_must_match_the_checkpoint():

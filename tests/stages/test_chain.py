@@ -10,7 +10,7 @@ import pytest
 from covid3d import inflation
 from covid3d.data import readers
 from covid3d.data.skips import SkipLog
-from covid3d.stages import build, initial_params, inputs, pseudolabel
+from covid3d.stages import build, handoff, initial_params, inputs, pseudolabel
 from covid3d.train import checkpoint
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("compilation_cache")]  # minutes
@@ -164,21 +164,34 @@ def test_a_preset_without_cv_trains_one_model_selected_on_validation(chain, run_
   assert cv["folds"][0]["step"] == schedule["num_steps"]     # evaluated once, at the end
 
 
+def _train_config(workdir) -> dict:
+  """The ``train`` block ``workdir`` ran with (a fold: its fine-tuning stage's)."""
+  saved = workdir / "config.json"
+  if not saved.exists():
+    saved = workdir.parent / "config.json"
+  return json.loads(saved.read_text())["train"]
+
+
 def _best_row(workdir, metric):
-  """The first evaluation row of ``metrics.jsonl`` with the highest ``metric``."""
+  """The evaluation row of ``metrics.jsonl`` that is best by the rule of ``train.best_*``:
+
+  the earliest of equal maxima, replaced only by a gain above ``best_min_gain``.
+  """
+  gain = _train_config(workdir)["best_min_gain"]
   rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
   evals = [r for r in rows if r["split"] == "eval"]
   assert evals, workdir
-  return max(evals, key=lambda r: r[metric])   # max keeps the first of equals
+  value = lambda row: row[metric] if row[metric] == row[metric] else -np.inf   # NaN never wins
+  best = evals[0]
+  for row in evals[1:]:
+    if value(row) > value(best) + gain:
+      best = row
+  return best
 
 
 def _ema_of(workdir):
-  """The EMA parameters of the checkpoint of ``workdir``'s best evaluation, read here."""
-  saved = workdir / "config.json"
-  if not saved.exists():   # a fold of a fine-tuning stage: its stage's config
-    saved = workdir.parent / "config.json"
-  metric = json.loads(saved.read_text())["train"]["best_metric"]
-  step = _best_row(workdir, metric)["step"]
+  """The EMA and raw parameters of the checkpoint of ``workdir``'s best evaluation, read here."""
+  step = _best_row(workdir, _train_config(workdir)["best_metric"])["step"]
   ckpt = checkpoint.Checkpointer.open(str(workdir / "checkpoints"))
   try:
     return (jax.tree.map(np.asarray, ckpt.restore_params(step, ema=True)),
@@ -196,11 +209,11 @@ def _backbone_2d(tree):
   return {k: v for k, v in tree.items() if k.startswith(("stem", "down", "stage"))}
 
 
-def test_stages_hand_on_their_best_ema_weights(chain, shrink):
+def test_stages_hand_on_their_best_weights(chain, shrink):
   """``load_initial_params`` with each hand-off of the chain: the backbone is the
-  source's best EMA backbone (inflated from 2-D with the config's inflation),
-  and each head is the source's, carried (LayerNorm/pre_head of the source's
-  one classification head, fresh classifier) or fresh, as documented."""
+  source's best EMA backbone (pretrain2d: raw, inflated with the config's
+  inflation), and each head is the source's, carried as ``model.head_init``
+  says (docs/method.md), or fresh."""
   ema, raw = {}, {}
   for stage in ("pretrain2d", "segmentation", "multitask", "severity/fold0"):
     ema[stage], raw[stage] = _ema_of(chain / stage)
@@ -210,6 +223,11 @@ def test_stages_hand_on_their_best_ema_weights(chain, shrink):
                        strict=True)), stage
   assert np.ndim(ema["pretrain2d"]["stem"]["conv"]["kernel"]) == 4  # 2-D
 
+  # pretrain2d hands on its raw weights (pretrain2d.hand_on=raw), as the authors'.
+  assert not handoff.hands_on_ema(chain / "pretrain2d")
+  _assert_equal(initial_params.read_source(str(chain / "pretrain2d")), raw["pretrain2d"])
+  imagenet_norm = raw["pretrain2d"]["head"]["norm"]
+  assert "pre_head" not in raw["pretrain2d"]["head"]   # the authors' 2-D model has none
   fresh = {}
 
   def load(stage, init_from, heads, segmentation, **overrides):
@@ -232,11 +250,21 @@ def test_stages_hand_on_their_best_ema_weights(chain, shrink):
     for part in head:
       _assert_equal(head[part], donor[part] if part in ("norm", "pre_head") else new[part])
 
-  # segmentation <- pretrain2d (2-D): inflated backbone, fresh segmentation head.
+  # segmentation <- pretrain2d (2-D): inflated backbone, fresh segmentation head, and the
+  # ImageNet final LayerNorm kept, unused, to hand on (model.head_init=authors) ...
   config, new, got = load("segmentation", "pretrain2d", {}, True)
-  assert set(got) == {"backbone", "seg_head"}
-  _assert_equal(got["backbone"], inflated(config, ema["pretrain2d"]))
+  assert set(got) == {"backbone", "seg_head", "final_norm"}
+  _assert_equal(got["backbone"], inflated(config, raw["pretrain2d"]))
   _assert_equal(got["seg_head"], new["seg_head"])
+  _assert_equal(got["final_norm"], imagenet_norm)
+  # ... which training leaves as it is (no gradient; the EMA of a constant, to rounding) ...
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6),
+               ema["segmentation"]["final_norm"], imagenet_norm)
+  # ... and fine-tuning takes: its head's LayerNorm, a fresh classifier.
+  _, new, got = load("severity", "segmentation", {"severity": 4}, False)
+  assert set(got) == {"backbone", "head_severity"}
+  _assert_equal(got["head_severity"], dict(new["head_severity"],
+                                           norm=ema["segmentation"]["final_norm"]))
 
   # pseudolabel <- segmentation: the teacher is the whole EMA model.
   p_config = shrink("pseudolabel", chain, init_from=str(chain / "segmentation"))
@@ -245,14 +273,15 @@ def test_stages_hand_on_their_best_ema_weights(chain, shrink):
 
   # multitask <- pretrain2d: the STOIC head carries the ImageNet head's LayerNorm.
   config, new, got = load("multitask", "pretrain2d", {"stoic_severe": 2}, True)
-  assert config.model.head_init == "carry"
+  assert config.model.head_init == "authors"
   assert set(got) == {"backbone", "head_stoic_severe", "seg_head"}
-  _assert_equal(got["backbone"], inflated(config, ema["pretrain2d"]))
-  carried(got["head_stoic_severe"], ema["pretrain2d"]["head"], new["head_stoic_severe"])
+  _assert_equal(got["backbone"], inflated(config, raw["pretrain2d"]))
+  carried(got["head_stoic_severe"], raw["pretrain2d"]["head"], new["head_stoic_severe"])
   _assert_equal(got["seg_head"], new["seg_head"])
 
-  # severity <- multitask (3-D): backbone as is; the severity head carries the
-  # STOIC head's LayerNorm ('carry'), or is all fresh ('fresh'); seg_head dropped.
+  # severity <- multitask (3-D): backbone as is; the severity head carries the STOIC
+  # head's LayerNorm and pre_head (another class count: a fresh classifier), or is all
+  # fresh ('fresh'); seg_head dropped.
   assert set(ema["multitask"]) == {"backbone", "head_stoic_severe", "seg_head"}
   config, new, got = load("severity", "multitask", {"severity": 4}, False)
   assert set(got) == {"backbone", "head_severity"}

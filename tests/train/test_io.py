@@ -121,6 +121,35 @@ def test_a_reader_picks_the_best_checkpoint_by_the_metric_its_run_recorded(tmp_p
   reader.close()
 
 
+@pytest.mark.parametrize("ties, min_gain, best_mid, best_end", [
+    ("earliest", 1e-4, 1, 5),   # the authors' fine-tuning: a tie or a gain of 5e-5 keeps step 1
+    ("earliest", 0.0, 3, 5),    # their pretrainings: strictly higher wins, a tie does not
+    ("latest", 1e-4, 3, 6)])    # covid3d's earlier rule (Orbax's): the last of equal maxima
+def test_ties_in_best_checkpoint_selection(tmp_path, ties, min_gain, best_mid, best_end):
+  scores = {1: 0.5, 2: 0.5, 3: 0.50005, 4: float("nan"), 5: 0.5002, 6: 0.5002}
+  config = train.default_config()
+
+  def run(steps):   # a run, or its resumption: a fresh Checkpointer on the same directory
+    ckpt = checkpoint.Checkpointer(str(tmp_path), keep=1, best_metric="macro_f1",
+                                   min_gain=min_gain, ties=ties)
+    for step in steps:
+      ckpt.save(step, {"w": jnp.full((2,), float(step))}, {}, config, {"macro_f1": scores[step]})
+    ckpt.wait()
+    best = ckpt.best_step()
+    ckpt.close()
+    return best
+
+  assert run((1, 2, 3, 4)) == best_mid
+  assert run((5, 6)) == best_end
+  reader = checkpoint.Checkpointer.open(str(tmp_path))
+  assert reader.best_step() == best_end
+  np.testing.assert_array_equal(reader.restore(best_end, {"w": jnp.zeros(2)})[0]["w"],
+                                [float(best_end)] * 2)   # kept: the policy agrees
+  reader.close()
+  with pytest.raises(ValueError, match="best_ties"):
+    checkpoint.Checkpointer(str(tmp_path / "x"), 1, "dice", ties="first")
+
+
 def test_itstime():
   assert [s for s in range(1, 11) if train.itstime(s, 4, 10)] == [4, 8, 10]
   assert [s for s in range(1, 11) if train.itstime(s, 0, 10)] == [10]

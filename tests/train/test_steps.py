@@ -54,6 +54,28 @@ def test_schedules():
     optim.make_schedule(config)
 
 
+def test_weight_decay_of_1d_parameters_follows_decay_1d():
+  """decay_1d=False (the ImageNet recipe) leaves LayerNorm/bias/gamma vectors undecayed."""
+  params = {"dense": {"kernel": np.ones((3, 2), np.float32), "bias": np.ones(2, np.float32)},
+            "norm": {"scale": np.ones(4, np.float32)},
+            "block": {"dwconv": {"kernel": np.ones((7, 7, 1, 4), np.float32)},
+                      "gamma": np.ones(4, np.float32)}}
+  zero_grads = jax.tree.map(np.zeros_like, params)
+  config = train.default_config()
+  config.learning_rate, config.weight_decay = 0.1, 0.5
+  moved = {}
+  for decay_1d in (True, False):
+    config.decay_1d = decay_1d
+    tx = optim.make_optimizer(config)
+    updates, _ = tx.update(zero_grads, tx.init(params), params)
+    moved[decay_1d] = jax.tree.map(lambda u: bool(np.any(np.asarray(u) != 0)), updates)
+  assert all(jax.tree.leaves(moved[True]))   # the submissions' AdamW decays every parameter
+  assert moved[False] == {"dense": {"kernel": True, "bias": False}, "norm": {"scale": False},
+                          "block": {"dwconv": {"kernel": True}, "gamma": False}}
+  np.testing.assert_allclose(
+      optax.apply_updates(params, updates)["dense"]["kernel"], 1 - 0.1 * 0.5, rtol=1e-6)
+
+
 def test_ema_decay_defaults_and_update():
   assert optim.resolve_ema_decay(None, 4) == 0.99
   assert optim.resolve_ema_decay(None, 2) == 0.995

@@ -39,5 +39,5 @@ from covid3d.data.imagenet.randaugment import (RAND_INCREASING_TRANSFORMS, RAND_
 from covid3d.data.imagenet.source import (NAME, NUM_CLASSES, TRAIN_IMAGES, VALIDATION_IMAGES,
                                           open_source, prepare)
 from covid3d.data.imagenet.transforms import (EvalTransform, TrainTransform, decode_gray,
-                                              random_erase, random_resized_crop_box,
-                                              resize_center_crop)
+                                              gray_normalisation, random_erase,
+                                              random_resized_crop_box, resize_center_crop)

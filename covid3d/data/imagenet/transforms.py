@@ -13,6 +13,28 @@ from PIL import Image
 
 from covid3d.data.imagenet.randaugment import RandAugment
 
+# The official recipe's input normalisation (timm's IMAGENET_DEFAULT_MEAN/STD),
+# per RGB channel, and torchvision's Grayscale weights, which the authors apply
+# to the normalised RGB image.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+TORCH_GRAY = (0.2989, 0.587, 0.114)
+
+
+def gray_normalisation() -> tuple[float, float]:
+  """(mean, std) in [0, 1] units that give the authors' 2-D input for a gray pixel.
+
+  They normalise each RGB channel, ``(x_c - m_c) / s_c``, then take
+  ``sum_c w_c (.)`` (``TORCH_GRAY``). For a gray pixel (``x_c = x``) that is
+  ``(x - mean) / std`` with ``std = 1 / sum_c w_c / s_c`` and ``mean = std *
+  sum_c w_c m_c / s_c``: about 0.4588 and 0.2256. For a coloured pixel their
+  channel weights ``w_c / s_c`` differ from the luma weights these scale by
+  1.5 % at most.
+  """
+  gain = sum(w / s for w, s in zip(TORCH_GRAY, IMAGENET_STD, strict=True))
+  offset = sum(w * m / s for w, m, s in zip(TORCH_GRAY, IMAGENET_MEAN, IMAGENET_STD, strict=True))
+  return offset / gain, 1.0 / gain
+
 
 def decode_gray(image) -> Image.Image:
   """JPEG bytes (or an RGB/gray array) -> 8-bit gray PIL image.
@@ -100,8 +122,8 @@ class TrainTransform:
   hflip: float = 0.5
   randaugment: str = "rand-m9-mstd0.5-inc1"
   erase: float = 0.25
-  mean: float = 0.485 * 0.299 + 0.456 * 0.587 + 0.406 * 0.114
-  std: float = 0.226
+  mean: float = gray_normalisation()[0]
+  std: float = gray_normalisation()[1]
   crop_pct: float = 0.875
   interpolation: str = "bicubic"
 
