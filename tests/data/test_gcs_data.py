@@ -137,7 +137,7 @@ def test_the_preprocessing_command_reads_a_bucket(bucket, tmp_path):
   preprocess.main(["stoic", local_root, str(tmp_path / "local"), "--sizes", "16",
                    "--workers", "1"])
   names = sorted(os.listdir(tmp_path / "out" / "stoic" / "train"))
-  assert sum(n.endswith(".npz") for n in names) == COUNTS["stoic"]
+  assert sum(n.endswith(".json") for n in names) == COUNTS["stoic"]
   assert names == sorted(os.listdir(tmp_path / "local" / "stoic" / "train"))
   with pytest.raises(SystemExit) as e:
     preprocess.main(["stoic", url_root, f"gs://{BUCKET}/records"])
