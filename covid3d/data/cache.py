@@ -1,8 +1,8 @@
 """The preprocessing cache: content keys, record files, the index.
 
 A record (one scan) is a small JSON file, `<dataset>-<partition>-<scan id>-<key
-prefix>.json` (its scan id, labels, `has_mask`, cube sizes, dtype and array
-names), and one `.npy` file per array beside it, `<that stem>.<field>.npy`
+prefix>.record.json` (its scan id, labels, `has_mask` and the names of its
+arrays), and one `.npy` file per array beside it, `<that stem>.<field>.npy`
 (`volume_<s>`, and `mask_<s>` only when the scan has a lesion mask; an absent
 mask reads as zeros). A reader opens only the fields it uses, memory-mapped
 (`read_array`): no decompression, no copy until the batch is stacked. Each
@@ -34,7 +34,7 @@ import numpy as np
 from covid3d import storage
 
 INDEX_FILE = "index.csv"
-RECORD_SUFFIX = ".json"
+RECORD_SUFFIX = ".record.json"
 INDEX_FIELDS = ("dataset", "partition", "scan_id", "covid", "severity", "stoic_covid",
                 "stoic_severe", "has_mask", "file")
 INT_INDEX_FIELDS = ("covid", "severity", "stoic_covid", "stoic_severe", "has_mask")
