@@ -45,7 +45,10 @@ the upper bound that a local SSD approaches. ``--device-put`` adds
 host memory too.
 
 Columns: stage, data, records, base_MiB (RSS after the imports and set-up,
-before the work), peak_MiB, per_s and unit, cache_MB (bytes per item of the
+before the work), peak_MiB, per_s and unit, per_cpu_s (items per CPU second
+of the process, all its threads: the steadier figure on a shared machine,
+where the wall rate depends on the share of the cores a process gets),
+cache_MB (bytes per item of the
 files read: the record's arrays the stage batches, and its pseudo-label
 file) and batch_MB (bytes per item of the host batch). This module imports
 no JAX at import time, so a stage process holds only what its stage imports.
@@ -99,17 +102,27 @@ def _preprocess(refs, out_dir: str, sizes) -> dict:
   """`build_cache` of `refs` in this process: {'items', 'seconds', 'base'}."""
   from covid3d.data import preprocess  # pylint: disable=import-outside-toplevel
   base = rss.memory()["VmRSS"]
-  t = time.perf_counter()
+  t = _clock()
   with contextlib.redirect_stdout(io.StringIO()):  # its summary line
     preprocess.build_cache(refs, out_dir, sizes, workers=1, progress=False)
-  return {"items": len(refs), "seconds": time.perf_counter() - t, "base": base}
+  return {"items": len(refs), **_since(t), "base": base}
+
+
+def _clock() -> tuple[float, float]:
+  return time.perf_counter(), time.process_time()
+
+
+def _since(start: tuple[float, float]) -> dict:
+  """{'seconds': wall, 'cpu_seconds': this process's CPU time, all threads} since `_clock()`."""
+  return {"seconds": time.perf_counter() - start[0], "cpu_seconds": time.process_time() - start[1]}
 
 
 def _timed_batches(ds, batches: int, device_put: bool) -> dict:
   """Reads one batch of ``ds``, then times ``batches`` more.
 
   Returns:
-    {'items' (examples timed), 'seconds', 'batch_bytes' (per example, all arrays)}.
+    {'items' (examples timed), 'seconds', 'cpu_seconds' (`_since`), 'batch_bytes' (per
+    example, all arrays)}.
   """
   put = lambda batch: batch
   if device_put:
@@ -118,11 +131,10 @@ def _timed_batches(ds, batches: int, device_put: bool) -> dict:
   it = iter(ds)
   first = put(next(it))
   b = len(first["record_index"])
-  t = time.perf_counter()
+  t = _clock()
   for _ in range(batches):
     put(next(it))
-  seconds = time.perf_counter() - t
-  return {"items": b * batches, "seconds": seconds,
+  return {"items": b * batches, **_since(t),
           "batch_bytes": sum(v.nbytes for v in first.values()) / b}
 
 
@@ -201,11 +213,10 @@ def _copy_floor(files, batch: int, batches: int, threads: int = 2) -> dict:
 
   base = rss.memory()["VmRSS"]
   batch_bytes = one_batch(0)
-  t = time.perf_counter()
+  t = _clock()
   with futures.ThreadPoolExecutor(threads) as ex:
     list(ex.map(one_batch, range(1, batches + 1)))
-  return {"base": base, "items": batch * batches, "seconds": time.perf_counter() - t,
-          "batch_bytes": batch_bytes}
+  return {"base": base, "items": batch * batches, **_since(t), "batch_bytes": batch_bytes}
 
 
 def _stream_images(data_dir: str, size: int, batch: int, batches: int, threads: int,
@@ -244,7 +255,8 @@ def _row(stage: str, data: str, records: int, unit: str, cache_bytes: float,
          got: dict) -> dict:
   mib = 2 ** 20
   return {"stage": stage, "data": data, "records": records, "base_MiB": got["base"] / mib,
-          "peak_MiB": got["peak"] / mib, "per_s": got["items"] / got["seconds"], "unit": unit,
+          "peak_MiB": got["peak"] / mib, "per_s": got["items"] / got["seconds"],
+          "per_cpu_s": got["items"] / got["cpu_seconds"], "unit": unit,
           "cache_MB": cache_bytes / 1e6, "batch_MB": got.get("batch_bytes", float("nan")) / 1e6}
 
 

@@ -141,10 +141,11 @@ def test_torch_twin_has_the_same_parameters(spatial_dims):
 def test_memory_benchmark_rows_and_one_stage(tmp_path):
   """A row's arithmetic on made-up measurements; then one stage measured at a tiny size."""
   got = {"base": 3 * 2 ** 20, "peak": 5 * 2 ** 20, "items": 10, "seconds": 4.0,
-         "batch_bytes": 2.5e6}
-  row = bench_memory._row("cls3d", "data", 7, "volumes/s", 1.5e6, got)  # pylint: disable=protected-access
-  assert row == {"stage": "cls3d", "data": "data", "records": 7, "base_MiB": 3.0,
-                 "peak_MiB": 5.0, "per_s": 2.5, "unit": "volumes/s", "cache_MB": 1.5,
+         "cpu_seconds": 5.0, "batch_bytes": 2.5e6}
+  row = bench_memory._row("severity-train", "data", 7, "volumes/s", 1.5e6, got)  # pylint: disable=protected-access
+  assert row == {"stage": "severity-train", "data": "data", "records": 7, "base_MiB": 3.0,
+                 "peak_MiB": 5.0, "per_s": 2.5, "per_cpu_s": 2.0, "unit": "volumes/s",
+                 "cache_MB": 1.5,
                  "batch_MB": 2.5}
   assert math.isnan(bench_memory._row("preprocess", "d", 1, "scans/s", 1.0,  # pylint: disable=protected-access
                                       dict(got, batch_bytes=float("nan")))["batch_MB"])
