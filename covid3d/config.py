@@ -130,6 +130,9 @@ def get_config(stage: str) -> ml_collections.ConfigDict:
   c.data.stoic_dir = ""               # STOIC root (data/mha/, metadata/reference.csv)
   c.data.imagenet_dir = ""            # TFDS manual dir of imagenet2012 (pretrain2d)
   c.data.sizes = (256, 224)           # cached cube edges: (crop source, model input)
+  c.data.record_dtype = "float16"     # cached volumes: float16, or uint8 = round(255 v) (half the
+                                      # bytes read and sent to the devices; voxels differ by up to
+                                      # 0.0022, docs/data.md#record-dtype)
   c.data.workers = 0                  # preprocessing processes (0: all cores)
   c.data.loader_threads = 4           # grain reader threads per host
   c.data.strict = False               # raise on bad input instead of a logged skip

@@ -2,7 +2,7 @@
 
 Flow (see docs/pipeline.md):
 
-  RecordSource (random access: TFDS array_record data source or cached files)
+  RecordSource (random access: the cached record files, `file_source`)
     -> select_records: record indices of a fold/split with a known label,
        chosen from the source's index (no volume is read)
     -> grain MapDataset of record indices
@@ -25,7 +25,6 @@ from collections.abc import Collection, Mapping, Sequence
 
 import grain
 import numpy as np
-import tensorflow_datasets as tfds
 
 from covid3d.data import cache
 from covid3d.data import preprocess
@@ -54,32 +53,13 @@ class RecordSource:
                        f"{len(self.index)} index entries")
 
 
-def tfds_source(name: str, split: str, data_dir: str | None = None
-               ) -> RecordSource:
-  """The records of a prepared covid3d TFDS dataset (array_record, no TF).
-
-  Args:
-    name: 'dataset/config', e.g. 'phantom/demo' or 'cov19ctdb/default'.
-    split: e.g. 'train', 'validation'; see the builder's splits.
-    data_dir: TFDS data dir the dataset was built into.
-
-  Returns:
-    A RecordSource whose index is the one the builder stored in the dataset's
-    metadata.json.
-  """
-  builder = tfds.builder(name, data_dir=data_dir)
-  where = f"{builder.data_dir} split {split!r}"
-  index = (builder.info.metadata or {}).get(split)
-  if index is None:
-    raise ValueError(f"{where}: no record index in metadata.json (not built "
-                     "by a covid3d.data.tfds_builders builder?)")
-  return RecordSource(builder.as_data_source(split=split),
-                      tuple(dict(e, partition=split) for e in index), where)
-
-
 @dataclasses.dataclass(frozen=True)
 class RecordFiles(Sequence):
-  """Cached record files, each read on access with `preprocess.read_record`."""
+  """Cached record files, each opened on access with `preprocess.read_record`.
+
+  An item's arrays are memory-mapped when looked up, so a batch reads only
+  the fields it batches.
+  """
   paths: tuple[str, ...]
 
   def __len__(self) -> int:
@@ -227,9 +207,10 @@ def host_dataset(source: RecordSource, indices: np.ndarray, *,
     process_index, process_count: this process and the number of processes.
     threads, prefetch: grain reader threads and prefetched batches per
       process (host memory holds about `prefetch` batches).
-    volume_dtype: dtype of the batched volumes; None keeps the cached one
-      (float16: half the host memory and host-to-device bytes of float32,
-      for the device to convert).
+    volume_dtype: dtype of the batched volumes, in [0, 1]
+      (`schema.decode_volume`); None keeps the cached one (float16 or uint8:
+      a half or a quarter of the host memory and host-to-device bytes of
+      float32, for the device to convert, `covid3d.train.steps`).
 
   Returns:
     IterDataset of dicts: each field stacked to (b, ...) with b = G /

@@ -3,9 +3,11 @@
 `preprocess_scan` turns a Scan into a *record* (`covid3d.data.schema`): the
 volume resampled anisotropically straight to each cube size s (as the authors
 do: no spacing used) with a cubic spline (order 3), clipped back to [0, 1]
-after the spline's overshoot and stored as float16; the mask (if any) resampled
-with order 0. `build_cache` does that for many scans in parallel into a
-content-keyed cache (`covid3d.data.cache`), `read_record` reads one back.
+after the spline's overshoot and stored as float16, or as uint8 round(255 v)
+(``dtype``; docs/data.md has the error); the mask (if any) resampled with
+order 0. `build_cache` does that for many scans in parallel into a
+content-keyed cache (`covid3d.data.cache`), `read_record` reads one back, only
+the fields used and memory-mapped.
 A scan that cannot be read is skipped (its reason in the `SkipLog`); the
 SkipLog also gets the ledger counts (refs received, records used, per dataset
 and partition), printed with the summary and written to skips.json. The
@@ -27,6 +29,7 @@ import logging
 import multiprocessing
 import os
 import sys
+from collections.abc import Mapping
 
 import numpy as np
 import scipy.ndimage
@@ -41,8 +44,10 @@ from covid3d.data.skips import DataError, SkipLog, reject
 
 DEFAULT_SIZES = (256, 224)
 LABEL_KEYS = ("covid", "severity", "stoic_covid", "stoic_severe")
-# Part of every cache key: change it when the preprocessing's output changes.
-VERSION = 1
+RECORD_DTYPES = ("float16", "uint8")
+# Part of every cache key: change it when the preprocessing's output changes
+# (2: one .npy file per array instead of one .npz per scan).
+VERSION = 2
 
 
 def _spline_weights(n_in: int, n_out: int) -> np.ndarray:
@@ -123,29 +128,35 @@ def zoom_linear(cube: np.ndarray, shape) -> np.ndarray:
   return scipy.ndimage.zoom(cube, np.divide(shape, cube.shape), order=1, grid_mode=False)
 
 
-def settings(sizes) -> dict:
+def settings(sizes, dtype: str = "float16") -> dict:
   """The preprocessing settings that go into every cache key."""
+  if dtype not in RECORD_DTYPES:
+    raise ValueError(f"record dtype {dtype!r} is not one of {RECORD_DTYPES}")
   return {"version": VERSION, "sizes": [int(s) for s in sizes], "volume_order": 3,
-          "mask_order": 0, "boundary": "mirror", "dtype": "float16"}
+          "mask_order": 0, "boundary": "mirror", "dtype": dtype}
 
 
-def preprocess_scan(scan, sizes=DEFAULT_SIZES) -> dict:
+def preprocess_scan(scan, sizes=DEFAULT_SIZES, dtype: str = "float16") -> dict:
   """A Scan -> its record (module doc; fields in `covid3d.data.schema`).
 
   Args:
     scan: a Scan (float32 (D, H, W) volume in [0, 1], optional uint8 mask).
     sizes: cube edge lengths s.
+    dtype: the volumes' dtype, 'float16' or 'uint8' (round(255 v); read back
+      as v / 255, `schema.decode_volume`).
 
   Returns:
-    {'scan_id', 'volume_<s>': float16 (s, s, s) in [0, 1], 'mask_<s>': uint8
-    (s, s, s) (zeros without a mask), 'has_mask', 'covid', 'severity',
-    'stoic_covid', 'stoic_severe'} (ints as int32, unknown labels -1).
+    {'scan_id', 'volume_<s>': `dtype` (s, s, s), 'mask_<s>': uint8 (s, s, s)
+    (zeros without a mask), 'has_mask', 'covid', 'severity', 'stoic_covid',
+    'stoic_severe'} (ints as int32, unknown labels -1).
   """
+  settings(sizes, dtype)  # checks the dtype
   record = {"scan_id": scan.scan_id}
   for s in sizes:
     volume = resample(scan.volume, (s, s, s), order=3)
     np.clip(volume, 0.0, 1.0, out=volume)
-    record[schema.volume_key(s)] = volume.astype(np.float16)
+    record[schema.volume_key(s)] = (np.round(volume * 255).astype(np.uint8) if dtype == "uint8"
+                                    else volume.astype(np.float16))
     record[schema.mask_key(s)] = (
         resample(scan.mask, (s, s, s), order=0).astype(np.uint8) if scan.mask is not None
         else np.zeros((s, s, s), np.uint8))
@@ -155,22 +166,51 @@ def preprocess_scan(scan, sizes=DEFAULT_SIZES) -> dict:
   return record
 
 
-def read_record(path) -> dict:
-  """One cached record (as `preprocess_scan` made it) from its .npz file."""
-  record = cache.read_npz(path)
-  record["scan_id"] = str(record["scan_id"])
-  for k in [k for k in record if k.startswith("volume_")]:
-    s = record[k].shape[0]
-    record.setdefault(schema.mask_key(s), np.zeros((s, s, s), np.uint8))
-  return record
+class Record(Mapping):
+  """A cached record (as `preprocess_scan` made it) whose arrays are read when looked up.
+
+  Looking up an array memory-maps its one `.npy` file (`cache.read_array`), so
+  a stage pays only for the cube sizes and fields it uses; a mask the scan
+  has none of is zeros. Ints are int32, 'scan_id' a str.
+  """
+
+  def __init__(self, path, meta: dict):
+    self.path, self._meta = str(path), meta
+    self._arrays = {k: None for k in meta["arrays"]}
+    sizes = [int(k.removeprefix("volume_")) for k in meta["arrays"] if k.startswith("volume_")]
+    self._arrays.update({schema.mask_key(s): s for s in sizes
+                         if schema.mask_key(s) not in self._arrays})
+
+  def __getitem__(self, key):
+    if key in self._arrays:
+      s = self._arrays[key]
+      return (cache.read_array(cache.array_file(self.path, key)) if s is None
+              else np.zeros((s, s, s), np.uint8))
+    if key == "scan_id":
+      return str(self._meta[key])
+    if key == "arrays" or key not in self._meta:
+      raise KeyError(key)
+    return np.int32(self._meta[key])
+
+  def __iter__(self):
+    yield from (k for k in self._meta if k != "arrays")
+    yield from self._arrays
+
+  def __len__(self):
+    return len(self._meta) - 1 + len(self._arrays)
 
 
-def _cache_one(ref, cache_dir: str, sizes, strict: bool):
+def read_record(path) -> Record:
+  """One cached record from its JSON file (`cache.record_file`); arrays read on look-up."""
+  return Record(path, cache.read_meta(path))
+
+
+def _cache_one(ref, cache_dir: str, sizes, strict: bool, dtype: str = "float16"):
   """Worker: (record path or None, skip entries, 'built'|'cached'|'skipped')."""
   skips = SkipLog()
   with skips.scope(ref.dataset, ref.partition):
     try:
-      key = cache.cache_key(ref, settings(sizes))
+      key = cache.cache_key(ref, settings(sizes, dtype))
     except OSError as e:
       reject(e.filename or ref.paths[0], f"unreadable input file: {e.strerror or e}",
              strict=strict, skips=skips)
@@ -186,16 +226,16 @@ def _cache_one(ref, cache_dir: str, sizes, strict: bool):
       return None, skips.entries, "skipped"
     if scan is None:
       return None, skips.entries, "skipped"
-  record = preprocess_scan(scan, sizes)
+  record = preprocess_scan(scan, sizes, dtype)
   if not record["has_mask"]:
     record = {k: v for k, v in record.items() if not k.startswith("mask_")}
-  cache.write_npz(path, record)
+  cache.write_record(path, record)
   return path, skips.entries, "built"
 
 
 def build_cache(refs, cache_dir, sizes=DEFAULT_SIZES, *, workers: int | None = None,
                 strict: bool = False, skips: SkipLog | None = None, progress: bool = True,
-                workdir=None) -> list[str]:
+                workdir=None, dtype: str = "float16") -> list[str]:
   """Reads and preprocesses scans into the cache, skipping finished ones.
 
   Args:
@@ -210,6 +250,7 @@ def build_cache(refs, cache_dir, sizes=DEFAULT_SIZES, *, workers: int | None = N
       tagged with the ref's dataset and partition.
     progress: show a tqdm progress bar.
     workdir: where skips.json goes (default cache_dir).
+    dtype: the volumes' dtype, 'float16' or 'uint8' (`preprocess_scan`).
 
   Returns:
     Record file paths of the readable scans, in the order of `refs`.
@@ -227,7 +268,8 @@ def build_cache(refs, cache_dir, sizes=DEFAULT_SIZES, *, workers: int | None = N
   received = collections.Counter((r.dataset, r.partition) for r in refs)
   refs = unique_ids(refs, strict=strict, skips=skips)
   workers = os.cpu_count() if workers is None else workers
-  args = [(ref, str(cache_dir), tuple(sizes), strict) for ref in refs]
+  settings(sizes, dtype)  # a bad dtype stops here, before any work
+  args = [(ref, str(cache_dir), tuple(sizes), strict, dtype) for ref in refs]
   results = [None] * len(refs)
   with tqdm(total=len(refs), desc=f"preprocess {tuple(sizes)}", disable=not progress,
             file=sys.stderr) as bar:
@@ -283,6 +325,8 @@ def main(argv=None) -> None:
                       help="comma separated (default: train,validation,test for "
                       "cov19ctdb, train otherwise)")
   parser.add_argument("--sizes", default="256,224", help="cube sizes, comma separated")
+  parser.add_argument("--dtype", default="float16", choices=RECORD_DTYPES,
+                      help="the volumes' dtype (uint8: round(255 v), docs/data.md)")
   parser.add_argument("--workers", type=int, default=None, help="processes (default: CPUs)")
   parser.add_argument("--strict", action="store_true", help="stop at the first bad input")
   args = parser.parse_args(argv)
@@ -299,7 +343,7 @@ def main(argv=None) -> None:
       refs = readers.DATASETS[args.dataset](args.root, partition, strict=args.strict,
                                             skips=skips)
       build_cache(refs, os.path.join(args.out, args.dataset, partition), sizes,
-                  workers=args.workers, strict=args.strict, skips=skips)
+                  workers=args.workers, strict=args.strict, skips=skips, dtype=args.dtype)
       total += skips
   except DataError as e:
     print(f"{parser.prog}: error: {e}", file=sys.stderr)

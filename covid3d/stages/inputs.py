@@ -3,11 +3,14 @@
 A stage reads preprocessed records (``covid3d.data.preprocess``, cached under
 the cache root's ``records/<dataset>``) as a ``pipeline.RecordSource``, picks
 training and validation records, and reads them as this process's numpy
-batches (``pipeline.host_dataset``). Batch keys: ``image`` (the model input,
-``(b, S, S, S, 1)`` float32 in [0, 1]), ``image_large`` (the crop source, when
-cropping), ``mask``/``mask_large`` (uint8), labels by name, ``valid`` and
-``record_index``.
+batches (``pipeline.host_dataset``), each record's arrays memory-mapped and only
+the fields batched. Batch keys: ``image`` (the model input, ``(b, S, S, S, 1)``:
+training batches as cached, ``data.record_dtype``, for the train step to
+convert on the devices; evaluation batches float32 in [0, 1]), ``image_large``
+(the crop source, when cropping), ``mask``/``mask_large`` (uint8), labels by
+name, ``valid`` and ``record_index``.
 """
+import collections
 import dataclasses
 import logging
 from collections.abc import Mapping, Sequence
@@ -85,7 +88,8 @@ def record_source(config, workdir, dataset: str, partitions: Sequence[str] = ("t
   refs = list_refs(config, dataset, partitions, skips) if refs is None else refs
   paths = preprocess.build_cache(refs, cachedir.path("records", dataset),
                                  tuple(config.data.sizes), workers=config.data.workers or None,
-                                 strict=config.data.strict, skips=skips, workdir=workdir)
+                                 strict=config.data.strict, skips=skips, workdir=workdir,
+                                 dtype=config.data.record_dtype)
   if not paths:
     raise HandOffError(f"no readable {dataset} scan in {dataset_dirs(config)[dataset]} "
                        f"(see {workdir}/skips.json)")
@@ -102,11 +106,10 @@ class WithMasks(Sequence):
     return len(self.base)
 
   def __getitem__(self, i):
-    record = dict(self.base[i])
     with epath.Path(self.mask_files[i]).open("rb") as f:
-      record.update(cache.read_npz(f))
-    record["has_mask"] = np.int32(1)
-    return record
+      masks = cache.read_npz(f)
+    # The base record's arrays stay unread until looked up.
+    return collections.ChainMap({**masks, "has_mask": np.int32(1)}, self.base[i])
 
 
 def file_stem(entry: Mapping) -> str:
@@ -169,7 +172,7 @@ def iterators(config, source, train_idx, val_idx, fields, eval_fields=None, val_
   dataset), else from ``source``.
   """
   t = config.train
-  # Volumes stay float16 as cached: the train step converts them on the devices.
+  # Volumes stay as cached (float16 or uint8): the train step converts them on the devices.
   train_iter = iter(pipeline.host_dataset(
       source, train_idx, global_batch_size=t.batch_size, fields=fields, train=True,
       seed=t.seed, process_index=jax.process_index(), process_count=jax.process_count(),

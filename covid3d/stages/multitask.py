@@ -57,15 +57,19 @@ def multitask_task(weights) -> tasks.Task:
   return tasks.Task(loss_fn, eval_fn, summarize, 2)
 
 
+def train_fields(config) -> dict:
+  """Batch key -> record field of the training batches: volumes, STOIC labels, masks."""
+  return dict(inputs.batch_fields(config, stoic_covid="stoic_covid", stoic_severe="stoic_severe"),
+              **inputs.mask_fields(config))
+
+
 def run(config, workdir):
   source = inputs.record_source(config, workdir, "stoic", skips=SkipLog())
   source = inputs.with_pseudo_labels(source, config.pseudo_labels, "stoic")
   model = build.make_model(config, {HEAD: 2}, segmentation=True)
   train_idx, val_idx = inputs.holdout_split(len(source.index), config.data.val_fraction,
                                             config.data.fold_seed)
-  fields = dict(inputs.batch_fields(config, stoic_covid="stoic_covid", stoic_severe="stoic_severe"),
-                **inputs.mask_fields(config))
-  result = fit.fit(config, workdir, model, source, train_idx, val_idx, fields,
+  result = fit.fit(config, workdir, model, source, train_idx, val_idx, train_fields(config),
                    multitask_task(config.loss.weights))
   handoff.mark_trained(workdir, result)
   return result

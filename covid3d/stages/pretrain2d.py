@@ -27,7 +27,7 @@ import numpy as np
 from etils import epath
 
 from covid3d import weights
-from covid3d.data import imagenet
+from covid3d.data import imagenet, schema
 from covid3d.stages import build, handoff, inputs
 from covid3d.train import checkpoint, loop, optim, state as state_lib, tasks
 from covid3d.train.iterators import ArrayIterator
@@ -40,7 +40,7 @@ def phantom_slices(config, workdir):
   size = min(config.data.sizes)
   images, labels = [], []
   for i, entry in enumerate(source.index):
-    volume = np.asarray(source.records[i][f"volume_{size}"], np.float32)
+    volume = schema.decode_volume(source.records[i][f"volume_{size}"])
     picked = volume[size // 4: 3 * size // 4: 2]
     images.append(picked)
     labels += [entry["covid"]] * len(picked)

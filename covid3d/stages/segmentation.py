@@ -10,6 +10,11 @@ from covid3d.stages import build, fit, handoff, inputs
 from covid3d.train import tasks
 
 
+def train_fields(config) -> dict:
+  """Batch key -> record field of the training batches: volumes and masks."""
+  return dict(inputs.batch_fields(config), **inputs.mask_fields(config))
+
+
 def train_segmentation(config, workdir, source, val_source=None):
   """Trains the segmentation model on ``source`` (records with masks).
 
@@ -24,8 +29,7 @@ def train_segmentation(config, workdir, source, val_source=None):
                                             config.data.fold_seed)
   if val_source is not None:
     train_idx = np.arange(len(source.index))
-  fields = dict(inputs.batch_fields(config), **inputs.mask_fields(config))
-  result = fit.fit(config, workdir, model, source, train_idx, val_idx, fields,
+  result = fit.fit(config, workdir, model, source, train_idx, val_idx, train_fields(config),
                    tasks.segmentation_task("mask"), output="segmentation", val_source=val_source)
   handoff.mark_trained(workdir, result)
   return result

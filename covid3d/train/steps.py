@@ -126,13 +126,24 @@ def _example_keys(state: TrainState, index: jax.Array) -> jax.Array:
   return jax.vmap(lambda i: jax.random.split(jax.random.fold_in(batch_key, i)))(index)
 
 
-def _float32_volumes(batch: dict) -> dict:
-  """The batch with its float16 arrays (volumes as cached) as float32, on the devices.
+def _float32_volumes(batch: dict, input_key: str) -> dict:
+  """The batch with its volumes as cached (float16 or uint8) as float32 in [0, 1], on the devices.
 
-  Converting here rather than on the host halves the bytes each volume costs
-  the host pipeline and the host-to-device copy; float16 -> float32 is exact.
+  Converting here rather than on the host divides the bytes each volume costs
+  the host pipeline and the host-to-device copy by 2 (float16; the conversion
+  is exact) or 4 (uint8 v -> v / 255, as ``schema.decode_volume`` on the
+  host). uint8 volumes are ``input_key`` and ``<input_key>_large`` (the crop
+  source); other uint8 arrays (masks) stay.
   """
-  return {k: v.astype(jnp.float32) if v.dtype == jnp.float16 else v for k, v in batch.items()}
+  volumes = (input_key, f"{input_key}_large")
+
+  def convert(k, v):
+    if v.dtype == jnp.float16:
+      return v.astype(jnp.float32)
+    if v.dtype == jnp.uint8 and k in volumes:
+      return v.astype(jnp.float32) / jnp.float32(255)
+    return v
+  return {k: convert(k, v) for k, v in batch.items()}
 
 
 def make_train_step(apply_fn: ApplyFn, loss_fn: LossFn, tx: optax.GradientTransformation,
@@ -151,7 +162,8 @@ def make_train_step(apply_fn: ApplyFn, loss_fn: LossFn, tx: optax.GradientTransf
       gradients, optimiser and EMA stay float32.
     schedule: optional learning-rate schedule, only for the metrics.
     input_key: the batch entry fed to the model, ``(B, D, H, W, C)`` float32
-      (float16 arrays of the batch, e.g. volumes as cached, become float32 first).
+      (volumes as cached become float32 first: float16 arrays of the batch,
+      and ``input_key``/``<input_key>_large`` when uint8, see ``_float32_volumes``).
 
   Returns:
     A jitted function. ``state`` (replicated, donated) and ``batch`` (dict of
@@ -226,7 +238,7 @@ def make_train_step(apply_fn: ApplyFn, loss_fn: LossFn, tx: optax.GradientTransf
   sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(AXIS)),
                           out_specs=(P(), P()))
   if augment_fn is None:
-    return jax.jit(lambda state, batch: sharded(state, _float32_volumes(batch)),
+    return jax.jit(lambda state, batch: sharded(state, _float32_volumes(batch, input_key)),
                    donate_argnums=0)
   # Each device augments its own examples one after the other: each example
   # skips the random steps it did not draw, where vmap would turn every
@@ -237,7 +249,7 @@ def make_train_step(apply_fn: ApplyFn, loss_fn: LossFn, tx: optax.GradientTransf
       mesh=mesh, in_specs=(P(AXIS), P(AXIS)), out_specs=P(AXIS), check_vma=False)
 
   def step(state, batch):
-    batch = _float32_volumes(batch)
+    batch = _float32_volumes(batch, input_key)
     keys = _example_keys(state, jnp.arange(batch[input_key].shape[0]))
     return sharded(state, augment_local(keys[:, 0], batch))
 

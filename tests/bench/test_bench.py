@@ -141,22 +141,32 @@ def test_torch_twin_has_the_same_parameters(spatial_dims):
 def test_memory_benchmark_rows_and_one_stage(tmp_path):
   """A row's arithmetic on made-up measurements; then one stage measured at a tiny size."""
   got = {"base": 3 * 2 ** 20, "peak": 5 * 2 ** 20, "items": 10, "seconds": 4.0,
-         "batch_bytes": 2.5e6}
-  row = bench_memory._row("cls3d", "data", 7, "volumes/s", 1.5e6, got)  # pylint: disable=protected-access
-  assert row == {"stage": "cls3d", "data": "data", "records": 7, "base_MiB": 3.0,
-                 "peak_MiB": 5.0, "per_s": 2.5, "unit": "volumes/s", "cache_MB": 1.5,
+         "cpu_seconds": 5.0, "batch_bytes": 2.5e6}
+  row = bench_memory._row("severity-train", "data", 7, "volumes/s", 1.5e6, got)  # pylint: disable=protected-access
+  assert row == {"stage": "severity-train", "data": "data", "records": 7, "base_MiB": 3.0,
+                 "peak_MiB": 5.0, "per_s": 2.5, "per_cpu_s": 2.0, "unit": "volumes/s",
+                 "cache_MB": 1.5,
                  "batch_MB": 2.5}
   assert math.isnan(bench_memory._row("preprocess", "d", 1, "scans/s", 1.0,  # pylint: disable=protected-access
                                       dict(got, batch_bytes=float("nan")))["batch_MB"])
-  assert set(bench_memory.volume_stages(40, 32)) <= set(bench_memory.STAGES)
-  assert bench_memory.volume_stages(40, 32)["cls3d-u8"] == (
-      {"image": "volume_32", "label": "covid"}, None, "uint8")
+  assert set(bench_memory.TRAIN_ROWS) | {"floor"} <= set(bench_memory.STAGES)
+  fields = {row: bench_memory.stage_fields(row, bench_memory.stage_config(row, (40, 32), 2, 2))
+            for row in bench_memory.TRAIN_ROWS}
+  assert fields["severity-train"] == {"image": "volume_32", "image_large": "volume_40",
+                                      "label": "severity"}
+  assert fields["segmentation-train"] == {"image": "volume_32", "image_large": "volume_40",
+                                          "mask": "mask_32", "mask_large": "mask_40"}
+  assert fields["multitask-train"] == dict(fields["segmentation-train"], stoic_covid="stoic_covid",
+                                           stoic_severe="stoic_severe")
   out = tmp_path / "memory.json"
-  bench_main.main(["memory", "--stages", "cls3d", "--sizes", "40,32", "--records", "4",
+  bench_main.main(["memory", "--stages", "severity-train", "--sizes", "40,32", "--records", "4",
                    "--batch", "2", "--batches", "2", "--threads", "2", "--json", str(out)])
-  (row,) = json.loads(out.read_text())["rows"]
-  assert row["stage"] == "cls3d" and row["records"] == 4
-  assert 0 < row["base_MiB"] <= row["peak_MiB"] and row["cache_MB"] > 0, row
-  assert math.isfinite(row["per_s"]) and row["per_s"] > 0, row
-  # A batch item: a float32 32^3 volume + label, index, valid.
-  assert row["batch_MB"] == pytest.approx((32 ** 3 * 4 + 9) / 1e6)
+  floor, row = json.loads(out.read_text())["rows"]
+  assert (floor["stage"], row["stage"], row["records"]) == ("floor", "severity-train", 4)
+  for r in (floor, row):
+    assert 0 < r["base_MiB"] <= r["peak_MiB"] and r["cache_MB"] > 0, r
+    assert math.isfinite(r["per_s"]) and r["per_s"] > 0 and r["unit"] == "volumes/s", r
+  # A floor item: uint8 32^3 + 40^3; a severity item: the same as float16, label, index, valid.
+  assert floor["batch_MB"] == pytest.approx((32 ** 3 + 40 ** 3) / 1e6)
+  assert row["batch_MB"] == pytest.approx(((32 ** 3 + 40 ** 3) * 2 + 9) / 1e6)
+  assert row["cache_MB"] > (32 ** 3 + 40 ** 3) * 2 / 1e6

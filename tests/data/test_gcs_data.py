@@ -137,7 +137,7 @@ def test_the_preprocessing_command_reads_a_bucket(bucket, tmp_path):
   preprocess.main(["stoic", local_root, str(tmp_path / "local"), "--sizes", "16",
                    "--workers", "1"])
   names = sorted(os.listdir(tmp_path / "out" / "stoic" / "train"))
-  assert sum(n.endswith(".npz") for n in names) == COUNTS["stoic"]
+  assert sum(n.endswith(".record.json") for n in names) == COUNTS["stoic"]
   assert names == sorted(os.listdir(tmp_path / "local" / "stoic" / "train"))
   with pytest.raises(SystemExit) as e:
     preprocess.main(["stoic", url_root, f"gs://{BUCKET}/records"])
@@ -196,3 +196,17 @@ def test_a_stage_accepts_a_data_root_in_a_bucket(bucket):
   config.data.cov19ctdb_dir = f"gs://{BUCKET}/no/such/folder"
   with pytest.raises(HandOffError, match="does not exist"):
     inputs.list_refs(config, "cov19ctdb")
+
+
+def test_records_read_from_a_bucket(bucket, tmp_path):
+  """A record store in a bucket: each looked-up array fetched as bytes, equal to the local one."""
+  local_root, _ = roots(bucket, "stoic")
+  path, = preprocess.build_cache(readers.list_stoic(local_root)[:1], tmp_path / "cache", SIZES,
+                                 workers=1, progress=False)
+  url = f"gs://{BUCKET}/records/{os.path.basename(path)}"
+  upload(tmp_path / "cache", f"gs://{BUCKET}/records")
+  local, remote = preprocess.read_record(path), preprocess.read_record(url)
+  assert dict(remote.items()).keys() == dict(local.items()).keys()
+  for k in local:
+    np.testing.assert_array_equal(remote[k], local[k])
+  assert remote["volume_16"].dtype == np.float16 and not isinstance(remote["volume_16"], np.memmap)

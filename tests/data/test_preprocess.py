@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import scipy.ndimage
 
-from covid3d.data import cache, preprocess, readers
+from covid3d.data import cache, pipeline, preprocess, readers, schema
 from covid3d.data.scan import Scan
 from covid3d.data.skips import SkipLog
 from tests import data_fixtures as fx
@@ -135,5 +135,57 @@ def test_read_npz_equals_np_load(tmp_path, compressed):
     for got in (cache.read_npz(str(path)), cache.read_npz(f)):
       assert set(got) == set(arrays)
       for k, v in arrays.items():
-        assert got[k].dtype == np.asarray(v).dtype and got[k].flags.writeable
+        assert got[k].dtype == np.asarray(v).dtype
         np.testing.assert_array_equal(got[k], v)
+
+
+def test_record_files_are_read_by_field_memory_mapped(tmp_path):
+  """A record: its JSON file and one .npy per array; a reader opens only what it looks up."""
+  refs = _tree(tmp_path / "data")
+  paths = preprocess.build_cache(refs, tmp_path / "cache", SIZES, workers=1, progress=False)
+  path = paths[0]
+  stem = os.path.basename(path).removesuffix(cache.RECORD_SUFFIX)
+  names = sorted(n for n in os.listdir(tmp_path / "cache") if n.startswith(stem))
+  assert names == [f"{stem}.record.json", f"{stem}.volume_24.npy",
+                   f"{stem}.volume_32.npy"]  # no masks
+  expect = preprocess.preprocess_scan(readers.load_scan(refs[0]), SIZES)
+  os.remove(cache.array_file(path, "volume_32"))  # a stage of 24^3 never opens it
+  record = preprocess.read_record(path)
+  volume = record["volume_24"]
+  assert isinstance(volume, np.memmap) and not volume.flags.writeable
+  np.testing.assert_array_equal(volume, expect["volume_24"])
+  assert not record["mask_24"].any() and record["mask_32"].shape == (32,) * 3
+  assert (record["scan_id"], record["covid"], record["has_mask"]) == (refs[0].scan_id, 1, 0)
+  source = pipeline.file_source(paths)
+  batch = next(iter(pipeline.host_dataset(source, np.arange(len(paths)), global_batch_size=2,
+                                          fields={"image": "volume_24", "mask": "mask_24"},
+                                          train=True, volume_dtype=None)))
+  assert batch["image"].dtype == np.float16 and batch["mask"].shape == (2, 24, 24, 24, 1)
+  with pytest.raises(FileNotFoundError):
+    record["volume_32"]  # pylint: disable=pointless-statement
+
+
+def test_uint8_records_round_to_the_nearest_step(tmp_path):
+  scan = _scan()
+  f16 = preprocess.preprocess_scan(scan, SIZES)
+  u8 = preprocess.preprocess_scan(scan, SIZES, "uint8")
+  for s in SIZES:
+    exact = np.clip(preprocess.resample(scan.volume, (s,) * 3), 0, 1)
+    assert u8[f"volume_{s}"].dtype == np.uint8
+    decoded = schema.decode_volume(u8[f"volume_{s}"])
+    assert np.abs(decoded - exact).max() <= 0.5 / 255 + 1e-7
+    assert np.abs(decoded - f16[f"volume_{s}"].astype(np.float32)).max() < 0.5 / 255 + 2 ** -11
+    np.testing.assert_array_equal(u8[f"mask_{s}"], f16[f"mask_{s}"])
+  ref = _tree(tmp_path)[0]
+  keys = {d: cache.cache_key(ref, preprocess.settings(SIZES, d)) for d in ("float16", "uint8")}
+  assert keys["float16"] != keys["uint8"]
+  with pytest.raises(ValueError, match="record dtype 'int8'"):
+    preprocess.build_cache([ref], tmp_path / "c", SIZES, workers=1, progress=False, dtype="int8")
+  path, = preprocess.build_cache([ref], tmp_path / "c", SIZES, workers=1, progress=False,
+                                 dtype="uint8")
+  assert preprocess.read_record(path)["volume_24"].dtype == np.uint8
+  batch = next(iter(pipeline.host_dataset(pipeline.file_source([path]), np.arange(1),
+                                          global_batch_size=1, fields=("volume_24",),
+                                          train=False)))  # evaluation batches: float32 [0, 1]
+  np.testing.assert_array_equal(batch["volume_24"][0, ..., 0], schema.decode_volume(
+      preprocess.read_record(path)["volume_24"]))

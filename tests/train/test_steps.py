@@ -7,6 +7,7 @@ import pytest
 from flax import linen as nn
 
 from covid3d import losses, train
+from covid3d.data import schema
 from covid3d.train import optim, steps, tasks
 
 
@@ -178,6 +179,30 @@ def test_augment_keys_are_per_example_and_step():
     shifts = [float(jax.random.uniform(jax.random.split(jax.random.fold_in(base, i))[0]))
               for i in range(4)]
     np.testing.assert_allclose(float(metrics["loss"]), np.mean(shifts), rtol=1e-6)
+
+
+@pytest.mark.parametrize("augmented", [False, True])
+def test_volumes_as_cached_become_float32_on_the_devices(augmented):
+  """uint8 volumes (image, image_large) arrive as v / 255 as the host decodes them; masks stay."""
+  model, params, batch = _setup(batch=4)
+  rng = np.random.default_rng(3)
+  volumes = {k: rng.integers(0, 256, (4, 4, 4, 4, 1), np.uint8) for k in ("image", "image_large")}
+  mask = rng.integers(0, 2, (4, 4, 4, 4, 1), np.uint8)
+  mesh = steps.make_mesh()
+
+  def report_loss(outputs, b):  # the step's inputs, summed in float32
+    seen = sum(jnp.sum(b[k].astype(jnp.float32)) for k in ("image", "image_large", "mask"))
+    return seen + 0.0 * jnp.sum(outputs), jnp.float32(1.0)
+
+  tx = optax.sgd(0.0)
+  step = steps.make_train_step(train.flax_apply_fn(model), report_loss, tx, mesh, ema_decay=0.9,
+                               augment_fn=(lambda key, e: e) if augmented else None)
+  state = steps.replicate(train.create_state(params, tx, seed=0), mesh)
+  _, metrics = step(state, steps.shard_batch(dict(batch, **volumes, mask=mask), mesh))
+  decoded = {k: schema.decode_volume(v) for k, v in volumes.items()}
+  expected = sum(float(np.sum(v, dtype=np.float64)) for v in decoded.values()) + int(mask.sum())
+  np.testing.assert_allclose(float(metrics["loss"]), expected, rtol=1e-5)
+  assert float(metrics["loss"]) < 2 * mask.size  # the volumes were scaled by 1/255
 
 
 def test_eval_step_sums_confusion_with_padding():
