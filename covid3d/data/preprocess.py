@@ -5,7 +5,9 @@ volume resampled anisotropically straight to each cube size s (as the authors
 do: no spacing used) with a cubic spline (order 3), clipped back to [0, 1]
 after the spline's overshoot and stored as float16; the mask (if any) resampled
 with order 0. `build_cache` does that for many scans in parallel into a
-content-keyed cache (`covid3d.data.cache`), `read_record` reads one back.
+content-keyed cache (`covid3d.data.cache`, a folder or ``gs://``), also split
+across the processes of a pod that share one store (``share``), and
+`read_record` reads one back.
 A scan that cannot be read is skipped (its reason in the `SkipLog`); the
 SkipLog also gets the ledger counts (refs received, records used, per dataset
 and partition), printed with the summary and written to skips.json. The
@@ -25,6 +27,7 @@ import concurrent.futures
 import dataclasses
 import functools
 import io
+import json
 import logging
 import multiprocessing
 import os
@@ -237,8 +240,11 @@ def _gather_shares(refs, mine: dict, cache_dir, share, sync) -> list:
       for i, (path, entries, status) in sorted(mine.items())])
   sync(f"covid3d records built {cache_dir} {len(refs)}")
   results = [None] * len(refs)
-  for p in range(count):
-    for row in storage.read_json(_part_file(cache_dir, p, count)):
+  parts = [_part_file(cache_dir, p, count) for p in range(count)]
+  for p, data in enumerate(storage.read_many(parts)):  # (gcsfs: no listing it made before)
+    if isinstance(data, BaseException):
+      raise data
+    for row in json.loads(data):
       i = row["position"]
       if i % count != p or list(row["scan"]) != [refs[i].dataset, refs[i].partition,
                                                  refs[i].scan_id]:
@@ -322,6 +328,8 @@ def build_cache(refs, cache_dir, sizes=DEFAULT_SIZES, *, workers: int | None = N
     cache.update_index(cache_dir, rows)
   if count > 1:  # nobody reads index.csv before process 0 has written it
     sync(f"covid3d records indexed {cache_dir} {len(refs)}")
+    if storage.is_remote(cache_dir):  # gcsfs would answer from the listing made above
+      storage.list_names(cache_dir)
   for (dataset, partition), n in received.items():
     skips.count_built(dataset, partition, received=n, used=used[(dataset, partition)])
   wrote = collections.Counter(status for _, _, status in mine.values())
