@@ -16,12 +16,14 @@ import subprocess
 import sys
 import textwrap
 
+import jax
 import numpy as np
 import portpicker
 import pytest
 
 import data_fixtures as fx
 import gcs_emulator
+import train_helpers as h
 from covid3d import storage
 from covid3d.data import cache, preprocess, readers
 from covid3d.train import checkpoint
@@ -106,7 +108,7 @@ STAGE = ["--config=configs/segmentation.py:demo", "--config.data.phantom_scans=8
 
 
 def run_stage(tmp_path, emulator, name: str, processes: int, *flags: str) -> list[str]:
-  """The segmentation stage on ``processes`` processes, 2 CPU devices in all; their logs."""
+  """The segmentation stage on ``processes`` processes, 2 CPU devices in all; their outputs."""
   port = portpicker.pick_unused_port()
   env = {**os.environ, **emulator.env(), "JAX_PLATFORMS": "cpu",
          "XLA_FLAGS": f"--xla_force_host_platform_device_count={2 // processes}"}
@@ -115,31 +117,22 @@ def run_stage(tmp_path, emulator, name: str, processes: int, *flags: str) -> lis
       f"--config.train.distributed.coordinator_address=127.0.0.1:{port}",
       f"--config.train.distributed.num_processes={processes}",
       f"--config.train.distributed.process_id={pid}"])
-  logs = [tmp_path / f"{name}.{pid}.log" for pid in range(processes)]
-  procs = []
-  for pid, log in enumerate(logs):
-    with open(log, "w") as out:
-      procs.append(subprocess.Popen(
-          [sys.executable, "-m", "covid3d.main", *STAGE, f"--workdir={tmp_path / name}",
-           f"--config.data.phantom_dir={tmp_path / 'data'}",
-           f"--config.cache_dir={tmp_path / f'{name}-cache{pid}'}", *dist(pid), *flags],
-          cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT))
-  try:
-    codes = [proc.wait(timeout=900) for proc in procs]
-  finally:
-    for proc in procs:
-      if proc.poll() is None:
-        proc.kill()
-  texts = [log.read_text() for log in logs]
-  assert codes == [0] * processes, "\n".join(text[-3000:] for text in texts)
+  procs = [subprocess.Popen(
+      [sys.executable, "-m", "covid3d.main", *STAGE, f"--workdir={tmp_path / name}",
+       f"--config.data.phantom_dir={tmp_path / 'data'}",
+       f"--config.cache_dir={tmp_path / f'{name}-cache{pid}'}", *dist(pid), *flags],
+      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+      for pid in range(processes)]
+  texts = h.wait_all(procs, timeout=900)
+  assert [p.returncode for p in procs] == [0] * processes, "\n".join(t[-3000:] for t in texts)
   return texts
 
 
 def final_params(workdir) -> dict:
   ckpt = checkpoint.Checkpointer.open(f"{workdir}/checkpoints")
   step = ckpt.latest_step()
-  leaves = {f"{ema}/{i}": np.asarray(leaf) for ema in (False, True) for i, leaf in
-            enumerate(__import__("jax").tree.leaves(ckpt.restore_params(step, ema=ema)))}
+  leaves = {f"{ema}/{i}": np.asarray(leaf) for ema in (False, True)
+            for i, leaf in enumerate(jax.tree.leaves(ckpt.restore_params(step, ema=ema)))}
   ckpt.close()
   return {"step": np.asarray(step), **leaves}
 
