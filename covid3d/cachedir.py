@@ -8,12 +8,13 @@ sets it for a ``covid3d.main`` run) holds:
 * ``dwconv_auto.json``: the depthwise-convolution backend that ``auto``
   measured fastest per device, shape and dtype;
 * ``records/<dataset>/``: preprocessed scans (``covid3d.data.preprocess``),
-  keyed by file contents and settings, so several runs can share them.
+  keyed by file contents and settings, so several runs can share them
+  (unless ``data.records_dir`` names a store outside the cache root).
 
 Everything here can be deleted; it is rebuilt on use. The root is a local
-folder, one per host on a pod: each host builds the same records from the
-same files, and the depthwise choice of process 0 is used by every host
-(``covid3d.models.dwconv_tune``).
+folder, one per host on a pod: without ``data.records_dir`` each host builds
+the same records from the same files, and the depthwise choice of process 0
+is used by every host (``covid3d.models.dwconv_tune``).
 """
 import os
 

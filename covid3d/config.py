@@ -134,6 +134,9 @@ def get_config(stage: str) -> ml_collections.ConfigDict:
                                       # bytes read and sent to the devices; voxels differ by up to
                                       # 0.0022, docs/data.md#record-dtype)
   c.data.workers = 0                  # preprocessing processes (0: all cores)
+  c.data.records_dir = ""             # one record store for every host (a folder all see, or
+                                      # gs://...): each record built by one process, read by all;
+                                      # "": <cache_dir>/records, built whole on each host
   c.data.loader_threads = 4           # grain reader threads per host
   c.data.strict = False               # raise on bad input instead of a logged skip
   c.data.mean = 0.3971                # normalisation after scaling to [0, 1]

@@ -14,9 +14,10 @@ rerun finds finished scans, and changed data, labels or settings give new
 files. Old files are never deleted (delete the folder to reclaim space).
 
 `index.csv` lists dataset, partition, scan_id, labels, has_mask and file (the
-record's JSON file) of every cached scan, so labels are known without opening
-volumes. Each build merges its scans into it (last build wins per scan); do
-not run two builds into one folder at the same time.
+record's JSON file) of every cached scan, so labels are known without opening volumes. Each build
+merges its scans into it (last build wins per scan); a build shared by several
+processes has process 0 merge them all (`preprocess.build_cache`). Do not run
+two builds into one folder at the same time. The folder may be ``gs://``.
 """
 import csv
 import errno
@@ -27,7 +28,6 @@ import os
 import threading
 import zipfile
 import re
-from pathlib import Path
 
 import numpy as np
 
@@ -159,11 +159,10 @@ def read_npz(source) -> dict:
 
 def read_index(cache_dir) -> list[dict]:
   """Rows of `<cache_dir>/index.csv` (ints as int; [] if there is none)."""
-  path = Path(cache_dir) / INDEX_FILE
+  path = storage.as_path(cache_dir) / INDEX_FILE
   if not path.is_file():
     return []
-  with open(path, newline="", encoding="utf-8") as f:
-    rows = list(csv.DictReader(f))
+  rows = list(csv.DictReader(storage.text_lines(path)))
   for row in rows:
     for k in INT_INDEX_FIELDS:
       row[k] = int(row[k])
@@ -175,7 +174,7 @@ def update_index(cache_dir, rows: list[dict]) -> str:
   key = lambda r: (r["dataset"], r["partition"], r["scan_id"])
   merged = {key(r): r for r in read_index(cache_dir)}
   merged.update((key(r), r) for r in rows)
-  path = Path(cache_dir) / INDEX_FILE
+  path = storage.as_path(cache_dir) / INDEX_FILE
   text = io.StringIO(newline="")
   writer = csv.DictWriter(text, INDEX_FIELDS)
   writer.writeheader()

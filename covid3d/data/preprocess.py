@@ -6,8 +6,9 @@ do: no spacing used) with a cubic spline (order 3), clipped back to [0, 1]
 after the spline's overshoot and stored as float16, or as uint8 round(255 v)
 (``dtype``; docs/data.md has the error); the mask (if any) resampled with
 order 0. `build_cache` does that for many scans in parallel into a
-content-keyed cache (`covid3d.data.cache`), `read_record` reads one back, only
-the fields used and memory-mapped.
+content-keyed cache (`covid3d.data.cache`, a folder or ``gs://``), also split
+across the processes of a pod that share one store (``share``), and
+`read_record` reads one back, only the fields used and memory-mapped.
 A scan that cannot be read is skipped (its reason in the `SkipLog`); the
 SkipLog also gets the ledger counts (refs received, records used, per dataset
 and partition), printed with the summary and written to skips.json. The
@@ -24,7 +25,9 @@ see docs/data.md).
 import argparse
 import collections
 import concurrent.futures
+import dataclasses
 import functools
+import json
 import logging
 import multiprocessing
 import os
@@ -40,7 +43,7 @@ from covid3d.data import cache
 from covid3d.data import readers
 from covid3d.data import schema
 from covid3d.data.read_common import unique_ids
-from covid3d.data.skips import DataError, SkipLog, reject
+from covid3d.data.skips import DataError, Skip, SkipLog, reject
 
 DEFAULT_SIZES = (256, 224)
 LABEL_KEYS = ("covid", "severity", "stoic_covid", "stoic_severe")
@@ -216,7 +219,7 @@ def _cache_one(ref, cache_dir: str, sizes, strict: bool, dtype: str = "float16")
              strict=strict, skips=skips)
       return None, skips.entries, "skipped"
     path = os.path.join(cache_dir, cache.record_file(ref, key))
-    if os.path.exists(path):
+    if storage.as_path(path).exists():
       return path, skips.entries, "cached"
     try:
       scan = readers.load_scan(ref, strict=strict, skips=skips)
@@ -233,14 +236,75 @@ def _cache_one(ref, cache_dir: str, sizes, strict: bool, dtype: str = "float16")
   return path, skips.entries, "built"
 
 
+def _run_share(args, bar, workers: int) -> dict:
+  """{position: `_cache_one` result} of the (position, args) pairs in ``args``."""
+  results = {}
+  if workers <= 1 or len(args) <= 1:
+    for i, a in args:
+      results[i] = _cache_one(*a)
+      bar.update()
+    return results
+  ctx = multiprocessing.get_context("spawn")  # no fork of a (possibly JAX) parent
+  with concurrent.futures.ProcessPoolExecutor(min(workers, len(args)), mp_context=ctx) as ex:
+    futures = {ex.submit(_cache_one, *a): i for i, a in args}
+    try:
+      for f in concurrent.futures.as_completed(futures):
+        results[futures[f]] = f.result()
+        bar.update()
+    except BaseException:
+      ex.shutdown(cancel_futures=True)
+      raise
+  return results
+
+
+def _part_file(cache_dir, process: int, count: int):
+  return storage.as_path(cache_dir) / f".build-{process}-of-{count}.json"
+
+
+def _gather_shares(refs, mine: dict, cache_dir, share, sync) -> list:
+  """Every process's results, in the order of ``refs``, on every process.
+
+  Each process writes the results of its share (file name, status, skip
+  entries) to a part file of its own in the store, all wait at ``sync``, and
+  each reads every part. A part names its scans, so hosts that listed
+  different scans stop here rather than train on different data.
+  """
+  process, count = share
+  storage.write_json(_part_file(cache_dir, process, count), [
+      {"position": i, "scan": [refs[i].dataset, refs[i].partition, refs[i].scan_id],
+       "file": path and os.path.basename(path), "status": status,
+       "skips": [dataclasses.asdict(e) for e in entries]}
+      for i, (path, entries, status) in sorted(mine.items())])
+  sync(f"covid3d records built {cache_dir} {len(refs)}")
+  results = [None] * len(refs)
+  parts = [_part_file(cache_dir, p, count) for p in range(count)]
+  for p, data in enumerate(storage.read_many(parts)):  # (gcsfs: no listing it made before)
+    if isinstance(data, BaseException):
+      raise data
+    for row in json.loads(data):
+      i = row["position"]
+      if i % count != p or list(row["scan"]) != [refs[i].dataset, refs[i].partition,
+                                                 refs[i].scan_id]:
+        raise ValueError(f"{_part_file(cache_dir, p, count)}: process {p} built other scans "
+                         "than this process listed (do all hosts see the same data?)")
+      path = row["file"] and os.path.join(str(cache_dir), row["file"])
+      results[i] = (path, [Skip(**e) for e in row["skips"]], row["status"])
+  if None in results:
+    raise ValueError(f"{cache_dir}: scan {refs[results.index(None)].scan_id} has no result in "
+                     "the processes' part files")
+  return results
+
+
 def build_cache(refs, cache_dir, sizes=DEFAULT_SIZES, *, workers: int | None = None,
                 strict: bool = False, skips: SkipLog | None = None, progress: bool = True,
-                workdir=None, dtype: str = "float16") -> list[str]:
+                workdir=None, dtype: str = "float16", share: tuple[int, int] = (0, 1),
+                sync=None) -> list[str]:
   """Reads and preprocesses scans into the cache, skipping finished ones.
 
   Args:
     refs: ScanRefs (any datasets/partitions; duplicate ids are rejected).
-    cache_dir: folder of the record files and index.csv (created).
+    cache_dir: folder of the record files and index.csv (created), local or
+      ``gs://``.
     sizes: cube edge lengths.
     workers: processes (spawned; None: one per CPU; 0 or 1: this process).
     strict: raise DataError on the first bad input instead of skipping it.
@@ -251,43 +315,43 @@ def build_cache(refs, cache_dir, sizes=DEFAULT_SIZES, *, workers: int | None = N
     progress: show a tqdm progress bar.
     workdir: where skips.json goes (default cache_dir).
     dtype: the volumes' dtype, 'float16' or 'uint8' (`preprocess_scan`).
+    share: (process p, process count n) of a build shared by n processes that
+      all see ``cache_dir`` and got the same ``refs``: this one builds only
+      the scans at positions p, p + n, p + 2n, ... (after duplicates are
+      dropped); the results meet through part files in ``cache_dir``
+      (`_gather_shares`), process 0 writes index.csv, and every process
+      returns every path.
+    sync: with n > 1, ``sync(name)`` returns once every process has called it
+      with that name (e.g. ``multihost_utils.sync_global_devices``).
 
   Returns:
     Record file paths of the readable scans, in the order of `refs`.
 
   The run ends with the skip summary and the ledger of the partitions built
-  printed, and `skips` (all of it) written to skips.json.
+  printed, with this process's writes, and `skips` (all of it) written to
+  skips.json.
   """
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-  if storage.is_remote(cache_dir):
-    raise ValueError(f"the record cache {cache_dir} must be a local folder (the scans it "
-                     "reads may be in a bucket; docs/data.md)")
+  process, count = share
+  if count > 1 and sync is None:
+    raise ValueError("a build shared by several processes needs `sync`")
   skips = SkipLog() if skips is None else skips
-  os.makedirs(cache_dir, exist_ok=True)
+  if not storage.is_remote(cache_dir):
+    os.makedirs(cache_dir, exist_ok=True)
+  else:  # gcsfs answers `exists` from listings it made before: list the store afresh
+    storage.list_names(cache_dir)
   refs = list(refs)
   received = collections.Counter((r.dataset, r.partition) for r in refs)
   refs = unique_ids(refs, strict=strict, skips=skips)
   workers = os.cpu_count() if workers is None else workers
   settings(sizes, dtype)  # a bad dtype stops here, before any work
-  args = [(ref, str(cache_dir), tuple(sizes), strict, dtype) for ref in refs]
-  results = [None] * len(refs)
-  with tqdm(total=len(refs), desc=f"preprocess {tuple(sizes)}", disable=not progress,
+  args = [(i, (ref, str(cache_dir), tuple(sizes), strict, dtype))
+          for i, ref in enumerate(refs) if i % count == process]
+  with tqdm(total=len(args), desc=f"preprocess {tuple(sizes)}", disable=not progress,
             file=sys.stderr) as bar:
-    if workers <= 1 or len(refs) <= 1:
-      for i, a in enumerate(args):
-        results[i] = _cache_one(*a)
-        bar.update()
-    else:
-      ctx = multiprocessing.get_context("spawn")  # no fork of a (possibly JAX) parent
-      with concurrent.futures.ProcessPoolExecutor(min(workers, len(refs)), mp_context=ctx) as ex:
-        futures = {ex.submit(_cache_one, *a): i for i, a in enumerate(args)}
-        try:
-          for f in concurrent.futures.as_completed(futures):
-            results[futures[f]] = f.result()
-            bar.update()
-        except BaseException:
-          ex.shutdown(cancel_futures=True)
-          raise
+    mine = _run_share(args, bar, workers)
+  results = ([mine[i] for i in range(len(refs))] if count == 1 else
+             _gather_shares(refs, mine, cache_dir, share, sync))
   rows, paths, counts = [], [], {"built": 0, "cached": 0, "skipped": 0}
   used = collections.Counter()
   for ref, (path, entries, status) in zip(refs, results, strict=True):
@@ -300,17 +364,25 @@ def build_cache(refs, cache_dir, sizes=DEFAULT_SIZES, *, workers: int | None = N
     rows.append({"dataset": ref.dataset, "partition": ref.partition, "scan_id": ref.scan_id,
                  **{k: ref.labels.get(k, -1) for k in LABEL_KEYS},
                  "has_mask": int(ref.mask_path is not None), "file": os.path.basename(path)})
-  cache.update_index(cache_dir, rows)
+  if process == 0:
+    cache.update_index(cache_dir, rows)
+  if count > 1:  # nobody reads index.csv before process 0 has written it
+    sync(f"covid3d records indexed {cache_dir} {len(refs)}")
+    if storage.is_remote(cache_dir):  # gcsfs would answer from the listing made above
+      storage.list_names(cache_dir)
   for (dataset, partition), n in received.items():
     skips.count_built(dataset, partition, received=n, used=used[(dataset, partition)])
+  wrote = collections.Counter(status for _, _, status in mine.values())
   print(f'{len(refs)} scans: {counts["built"]} preprocessed, {counts["cached"]} from the '
-        f'cache, {counts["skipped"]} skipped; {skips.summary(pairs=received)}')
+        f'cache, {counts["skipped"]} skipped; process {process} of {count} wrote '
+        f'{wrote["built"]} records and found {wrote["cached"]} of its {len(mine)}; '
+        f'{skips.summary(pairs=received)}')
   skips.write(workdir or cache_dir)
   return paths
 
 
 def main(argv=None) -> None:
-  """`python -m covid3d.data.preprocess DATASET ROOT OUT`: fill a cache.
+  """`python -m covid3d.data.preprocess DATASET ROOT OUT`: fill a record store.
 
   Bad input (`--strict`, or a missing partition folder or label file) ends
   the run with one line on stderr, '<prog>: error: <file>: <reason>', and
@@ -320,7 +392,9 @@ def main(argv=None) -> None:
                                    description=main.__doc__.splitlines()[0])
   parser.add_argument("dataset", choices=sorted(readers.DATASETS))
   parser.add_argument("root", help="dataset root, a folder or gs://... (docs/data.md)")
-  parser.add_argument("out", help="local cache root; scans go to OUT/DATASET/PARTITION")
+  parser.add_argument("out", help="record store, a folder or gs://...: records and "
+                      "index.csv go to OUT/DATASET (the layout of --config.data.records_dir), "
+                      "skips.json to OUT/DATASET/PARTITION")
   parser.add_argument("--partitions", default=None,
                       help="comma separated (default: train,validation,test for "
                       "cov19ctdb, train otherwise)")
@@ -330,8 +404,6 @@ def main(argv=None) -> None:
   parser.add_argument("--workers", type=int, default=None, help="processes (default: CPUs)")
   parser.add_argument("--strict", action="store_true", help="stop at the first bad input")
   args = parser.parse_args(argv)
-  if storage.is_remote(args.out):
-    parser.error(f"{args.out}: the cache root must be a local folder (docs/data.md)")
   logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
   partitions = (args.partitions or ("train,validation,test" if args.dataset == "cov19ctdb"
                                     else "train")).split(",")
@@ -342,8 +414,9 @@ def main(argv=None) -> None:
       skips = SkipLog()
       refs = readers.DATASETS[args.dataset](args.root, partition, strict=args.strict,
                                             skips=skips)
-      build_cache(refs, os.path.join(args.out, args.dataset, partition), sizes,
-                  workers=args.workers, strict=args.strict, skips=skips, dtype=args.dtype)
+      build_cache(refs, os.path.join(args.out, args.dataset), sizes, workers=args.workers,
+                  strict=args.strict, skips=skips, dtype=args.dtype,
+                  workdir=os.path.join(args.out, args.dataset, partition))
       total += skips
   except DataError as e:
     print(f"{parser.prog}: error: {e}", file=sys.stderr)

@@ -1,7 +1,8 @@
 """A stage's data: dataset folders, preprocessed records, pseudo-labels, splits and batches.
 
-A stage reads preprocessed records (``covid3d.data.preprocess``, cached under
-the cache root's ``records/<dataset>``) as a ``pipeline.RecordSource``, picks
+A stage reads preprocessed records (``covid3d.data.preprocess``, stored in
+``records_store``: ``data.records_dir``, shared by every process, or the cache
+root's ``records/<dataset>``) as a ``pipeline.RecordSource``, picks
 training and validation records, and reads them as this process's numpy
 batches (``pipeline.host_dataset``), each record's arrays memory-mapped and only
 the fields batched. Batch keys: ``image`` (the model input, ``(b, S, S, S, 1)``:
@@ -75,6 +76,19 @@ def list_refs(config, dataset: str, partitions: Sequence[str] = ("train",),
   return refs
 
 
+def records_store(config, dataset: str) -> tuple[str, bool]:
+  """(the folder of ``dataset``'s records, whether every process shares it).
+
+  ``data.records_dir`` set (a folder every host sees, or ``gs://``): one store
+  for the pod, ``<records_dir>/<dataset>``, each record built by one process.
+  Unset: ``records/<dataset>`` under this host's cache root, built whole by
+  each process.
+  """
+  if config.data.records_dir:
+    return f"{str(config.data.records_dir).rstrip('/')}/{dataset}", True
+  return cachedir.path("records", dataset), False
+
+
 def record_source(config, workdir, dataset: str, partitions: Sequence[str] = ("train",),
                   refs=None, skips: SkipLog | None = None) -> pipeline.RecordSource:
   """Preprocessed records of ``dataset`` (cached; built on first use).
@@ -86,9 +100,12 @@ def record_source(config, workdir, dataset: str, partitions: Sequence[str] = ("t
   """
   skips = SkipLog() if skips is None else skips
   refs = list_refs(config, dataset, partitions, skips) if refs is None else refs
-  paths = preprocess.build_cache(refs, cachedir.path("records", dataset),
-                                 tuple(config.data.sizes), workers=config.data.workers or None,
-                                 strict=config.data.strict, skips=skips, workdir=workdir,
+  store, shared = records_store(config, dataset)
+  share = (jax.process_index(), jax.process_count()) if shared else (0, 1)
+  paths = preprocess.build_cache(refs, store, tuple(config.data.sizes),
+                                 workers=config.data.workers or None, strict=config.data.strict,
+                                 skips=skips, workdir=workdir, share=share,
+                                 sync=multihost_utils.sync_global_devices,
                                  dtype=config.data.record_dtype)
   if not paths:
     raise HandOffError(f"no readable {dataset} scan in {dataset_dirs(config)[dataset]} "

@@ -15,7 +15,7 @@ import pytest
 
 import gcs_emulator
 from covid3d import storage
-from covid3d.data import phantom_writers, preprocess, readers
+from covid3d.data import phantom_writers, pipeline, preprocess, readers
 from covid3d.data.skips import SkipLog
 
 BUCKET = "covid3d-data"
@@ -131,17 +131,42 @@ def test_preprocessing_from_a_bucket_equals_the_local_records(bucket, tmp_path, 
   assert "6 from the cache" in capsys.readouterr().out
 
 
-def test_the_preprocessing_command_reads_a_bucket(bucket, tmp_path):
+def test_the_preprocessing_command_reads_and_writes_a_bucket(bucket, tmp_path):
   local_root, url_root = roots(bucket, "stoic")
   preprocess.main(["stoic", url_root, str(tmp_path / "out"), "--sizes", "16", "--workers", "1"])
-  preprocess.main(["stoic", local_root, str(tmp_path / "local"), "--sizes", "16",
+  preprocess.main(["stoic", local_root, f"gs://{BUCKET}/store", "--sizes", "16",
                    "--workers", "1"])
-  names = sorted(os.listdir(tmp_path / "out" / "stoic" / "train"))
+  local = tmp_path / "out" / "stoic"
+  records = (".record.json", ".npy")
+  names = sorted(n for n in os.listdir(local) if n.endswith(records))
   assert sum(n.endswith(".record.json") for n in names) == COUNTS["stoic"]
-  assert names == sorted(os.listdir(tmp_path / "local" / "stoic" / "train"))
-  with pytest.raises(SystemExit) as e:
-    preprocess.main(["stoic", url_root, f"gs://{BUCKET}/records"])
-  assert e.value.code == 2
+  assert (local / "train" / "skips.json").is_file()
+  store = storage.as_path(f"gs://{BUCKET}/store/stoic")
+  assert sorted(p.name for p in store.iterdir() if p.name.endswith(records)) == names
+  for name in names:
+    assert (store / name).read_bytes() == (local / name).read_bytes()
+  assert (store / "index.csv").read_text() == (local / "index.csv").read_text()
+
+
+def test_a_record_store_in_a_bucket(bucket, tmp_path, capsys):
+  """build_cache into gs://: built once, found by a rerun, read back as the local records."""
+  local_root, url_root = roots(bucket, "lesions")
+  refs = readers.list_lesions(url_root, "train")
+  store = f"gs://{BUCKET}/records/lesions"
+  paths = preprocess.build_cache(refs, store, SIZES, workers=2, progress=False)
+  assert "3 preprocessed" in capsys.readouterr().out
+  assert all(p.startswith(f"{store}/") for p in paths) and len(paths) == COUNTS["lesions"]
+  assert preprocess.build_cache(refs, store, SIZES, workers=1, progress=False) == paths
+  assert "wrote 0 records and found 3 of its 3" in capsys.readouterr().out
+  local = preprocess.build_cache(readers.list_lesions(local_root, "train"), tmp_path, SIZES,
+                                 workers=1, progress=False)
+  source, expect = pipeline.file_source(paths), pipeline.file_source(local)
+  assert source.index == expect.index
+  for i in range(len(paths)):
+    got, want = source.records[i], expect.records[i]
+    assert got.keys() == want.keys()
+    for k in want:
+      np.testing.assert_array_equal(got[k], want[k], err_msg=k)
 
 
 def test_one_scan_named_by_url(bucket, tmp_path):

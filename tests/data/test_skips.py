@@ -280,7 +280,7 @@ def test_unreadable_scan_folder_as_unprivileged_user(capfd):
     assert report["ledger"]["rows"] == [{"dataset": "cov19ctdb", "partition": "train",
                                          "offered": 4, "used": 3, "skipped": 1, "missing": 0,
                                          "ok": True}]
-    index = (out / "cov19ctdb" / "train" / "index.csv").read_text()
+    index = (out / "cov19ctdb" / "index.csv").read_text()
     for good in ("covid/ct_scan_0", "covid/ct_scan_1", "non-covid/ct_scan_0"):
       assert good in index
     assert "covid/ct_scan_2" not in index
