@@ -66,10 +66,13 @@ class Checkpointer:
     timeout_s: float, seconds a save (its synchronous part, then the wait for
       its background writes) may take before `storage.StorageTimeout`; a
       checkpointer that timed out refuses further saves at once.
+    read_only: create, change and delete nothing under ``directory`` (a
+      finished run's checkpoints read by a later stage or by inference, which
+      may not write there); it must exist.
   """
 
   def __init__(self, directory: str, keep: int, best_metric: str | None,
-               timeout_s: float = 600.0):
+               timeout_s: float = 600.0, read_only: bool = False):
     if keep < 1:
       raise ValueError(f"train.keep_checkpoints must be >= 1, got {keep}")
     directory = storage.as_path(directory)   # Orbax needs a local path absolute
@@ -77,8 +80,10 @@ class Checkpointer:
     if best_metric is None and record.exists():
       best_metric = json.loads(record.read_text())["best_metric"]
     self.best_metric = best_metric
+    mode = dict(create=not read_only, read_only=read_only,
+                save_root_metadata=not read_only, enable_async_checkpointing=True)
     if best_metric is None:
-      options = ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=True)
+      options = ocp.CheckpointManagerOptions(**mode)
     else:
       # A NaN metric (e.g. an AUC with one class absent) never wins.
       metric = lambda metrics: (metrics[best_metric] if metrics[best_metric] == metrics[best_metric]
@@ -88,19 +93,18 @@ class Checkpointer:
           policies.BestN(get_metric_fn=metric, n=1, keep_checkpoints_without_metrics=False)])
       # best_fn makes the manager store the metrics and answer best_step().
       options = ocp.CheckpointManagerOptions(preservation_policy=policy, best_fn=metric,
-                                             best_mode="max", create=True,
-                                             enable_async_checkpointing=True)
+                                             best_mode="max", **mode)
     self.manager = ocp.CheckpointManager(directory, options=options,
                                          item_names=("state", "data", "config"))
     self.timeout_s = timeout_s
     self._stuck = None   # the StorageTimeout of a save that never finished
-    if best_metric is not None and jax.process_index() == 0:
+    if best_metric is not None and not read_only and jax.process_index() == 0:
       storage.write_json(record, {"best_metric": best_metric})
 
   @classmethod
   def open(cls, directory: str) -> "Checkpointer":
-    """The checkpoints of a run, for reading, with the best metric that run recorded."""
-    return cls(directory, keep=1, best_metric=None)
+    """The checkpoints of a run, read only, with the best metric that run recorded."""
+    return cls(directory, keep=1, best_metric=None, read_only=True)
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
