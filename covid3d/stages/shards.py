@@ -8,6 +8,8 @@ predicted once per pod, in the same batch at the same place as on one
 process, so the results are the same bit for bit; `gather` brings every
 process's results together in record order.
 """
+import logging
+
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
@@ -30,6 +32,8 @@ def batches(source, fields, config):
   """
   size = config.train.eval_batch_size
   mine = share(len(source.index), size, jax.process_index(), jax.process_count())
+  logging.info("process %d of %d predicts %d of the %d scans of %s", jax.process_index(),
+               jax.process_count(), len(mine), len(source.index), source.name)
   if not len(mine):
     return iter(()), 0
   return iter(pipeline.host_dataset(source, mine, global_batch_size=size, fields=fields,
