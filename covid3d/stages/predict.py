@@ -6,7 +6,10 @@ partition, ``predictions_<partition>.csv`` (scan, one probability per class,
 class), the challenge's submission format ``submission_<partition>/<class>.csv``
 (a header line ``patient``, then the scan names predicted as that class, one
 per line, as in the authors' submitted files), and where labels
-exist ``metrics_<partition>.json`` and ``confusion_<partition>.png``.
+exist ``metrics_<partition>.json`` and ``confusion_<partition>.png``. The
+ensemble is ``covid3d.inference.ensemble``'s, which ``infer`` and ``export``
+load too. With several processes each predicts its share of the scans
+(``shards``), and process 0 writes the outputs once the shares are gathered.
 """
 import csv
 import io
