@@ -24,6 +24,7 @@ from etils import epath
 from covid3d import config as base_config
 from covid3d import storage, weights
 from covid3d.models.variants import VARIANTS
+from covid3d.inference import workdir
 from covid3d.stages import chain, handoff
 from covid3d.train import checkpoint
 
@@ -40,7 +41,7 @@ def infer_target(obj, num_classes: int | None) -> str:
   target = weights.authors_target(obj.get("config"))
   if target:
     return target
-  by_count = {len(t.class_names): t.name for t in chain.FINETUNE_TARGETS}
+  by_count = {len(t.class_names): t.name for t in workdir.PREDICTED.values()}
   if num_classes in by_count:
     return by_count[num_classes]
   raise ValueError(f"cannot tell the target of a {num_classes}-class model: pass --target")
@@ -85,7 +86,7 @@ def convert_submission(source, out_dir, *, target: str | None = None,
            for s in states]
   num_classes = weights.multitask_config(trees[0])["heads"].get("classifier")
   target = target or infer_target(obj, num_classes)
-  predicted = handoff.target(target)
+  predicted = workdir.target(target)
   label, names = predicted.label, predicted.class_names
   trees = [{("head_" + label if k == "head_classifier" else k): v for k, v in t.items()}
            for t in trees]

@@ -26,6 +26,7 @@ from ml_collections.config_dict import placeholder
 from covid3d import augment
 from covid3d.stages import chain
 from covid3d.train import config as train_config
+from covid3d.train.config import listed
 
 DEMO = "demo"
 
@@ -232,13 +233,6 @@ def apply_preset(c: ml_collections.ConfigDict, preset: chain.Preset) -> ml_colle
   c.data.folds = preset.folds
   c.predict.folds = str(preset.folds - 1) if preset.submission else ""
   return c
-
-
-def listed(value) -> tuple[str, ...]:
-  """The words of a comma-separated config string ('' -> (); a list as saved by older runs)."""
-  if isinstance(value, (list, tuple)):
-    return tuple(str(v) for v in value)
-  return tuple(w.strip() for w in str(value or "").split(",") if w.strip())
 
 
 def split_string_tuples(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

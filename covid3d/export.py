@@ -46,7 +46,8 @@ import numpy as np
 from covid3d import storage
 from covid3d.data import preprocess
 from covid3d.data.read_common import HU_WINDOW
-from covid3d.stages import build, chain, handoff, predict
+from covid3d.inference import workdir
+from covid3d.inference.ensemble import Ensemble, ensemble_fn, load_ensemble
 
 FORMAT = "covid3d-ensemble-1"
 PROG = "python -m covid3d.export"
@@ -63,33 +64,19 @@ class Predictor:
   fold_fn: Callable | None = None
 
 
-def load_model(model_dir) -> tuple[ml_collections.ConfigDict, predict.Ensemble]:
-  """(the workdir's saved config, its fold ensemble).
+def load_model(model_dir) -> tuple[ml_collections.ConfigDict, Ensemble]:
+  """(the workdir's saved config, its fold ensemble); reads the workdir, writes nothing.
 
   Raises:
     HandOffError: not a finished severity or detection workdir.
   """
-  info = handoff.stage_info(model_dir)
-  if info.get("stage") not in chain.TARGETS:
-    raise handoff.HandOffError(
+  info = workdir.stage_info(model_dir)
+  if info.get("stage") not in workdir.PREDICTED:
+    raise workdir.HandOffError(
         f"{model_dir} ran the stage {info.get('stage')!r}: --model must be a finished "
-        f"{' or '.join(chain.TARGETS)} workdir")
+        f"{' or '.join(workdir.PREDICTED)} workdir")
   config = ml_collections.ConfigDict(info)
-  return config, predict.load_ensemble(config, model_dir)
-
-
-def ensemble_fn(config, ensemble, per_fold: bool = False):
-  """``f(leaves, x)``: the fold ensemble's mean softmax (``per_fold``: each fold's, stacked
-  (F, B, K)); ``leaves`` the folds' flat weights."""
-  apply_fn = build.apply_fn(ensemble.model, config, ensemble.label)
-  treedef = jax.tree_util.tree_structure(ensemble.params)
-
-  def f(leaves, x):
-    params = jax.tree_util.tree_unflatten(treedef, leaves)
-    probs = [jax.nn.softmax(apply_fn(p, x, True, None).astype(jnp.float32), axis=-1)
-             for p in params]
-    return jnp.stack(probs) if per_fold else jnp.mean(jnp.stack(probs), axis=0)
-  return f, tuple(np.asarray(leaf) for leaf in jax.tree_util.tree_leaves(ensemble.params))
+  return config, load_ensemble(config, model_dir)
 
 
 def workdir_predictor(config, ensemble) -> Predictor:
@@ -145,20 +132,20 @@ def check_out(out, model, overwrite: bool) -> None:
   """
   if storage.is_remote(out):
     if storage.as_path(out).exists() and not overwrite:
-      raise handoff.HandOffError(f"--out {out} exists: give a new file, or --overwrite")
+      raise workdir.HandOffError(f"--out {out} exists: give a new file, or --overwrite")
     return
   try:
     storage.refuse_link(out)
   except storage.LinkRefused as e:
-    raise handoff.HandOffError(f"--out {e}") from None
+    raise workdir.HandOffError(f"--out {e}") from None
   if os.path.isdir(out):
-    raise handoff.HandOffError(f"--out {out} is a folder: give the file to write")
+    raise workdir.HandOffError(f"--out {out} is a folder: give the file to write")
   if os.path.exists(out) and not overwrite:
-    raise handoff.HandOffError(f"--out {out} exists: give a new file, or --overwrite to "
+    raise workdir.HandOffError(f"--out {out} exists: give a new file, or --overwrite to "
                                "replace it")
   model = os.path.realpath(model)
   if os.path.commonpath([model, os.path.realpath(out)]) == model:
-    raise handoff.HandOffError(f"--out {out} is inside the model {model}, which export only "
+    raise workdir.HandOffError(f"--out {out} is inside the model {model}, which export only "
                                "reads: write the file elsewhere")
 
 
@@ -194,7 +181,7 @@ def main(argv=None) -> int:
   try:
     check_out(args.out, args.model, args.overwrite)
     config, ensemble = load_model(args.model)
-  except handoff.HandOffError as e:
+  except workdir.HandOffError as e:
     print(f"{PROG}: {e}", file=sys.stderr)
     return 2
   data = export(config, ensemble, args.model)

@@ -60,7 +60,8 @@ import numpy as np
 
 from covid3d import export, saliency, storage
 from covid3d.data import acceptance, headers, preprocess, read_common, readers, schema
-from covid3d.stages import build, chain, handoff, pseudolabel
+from covid3d.inference import build, workdir
+from covid3d.inference.teacher import teacher_params
 
 PROG = "python -m covid3d.infer"
 PREDICTIONS = "predictions.csv"
@@ -107,26 +108,25 @@ def load_predictor(model) -> export.Predictor:
     try:
       return export.load(model)
     except ValueError as e:
-      raise handoff.HandOffError(str(e)) from None
+      raise workdir.HandOffError(str(e)) from None
   return export.workdir_predictor(*export.load_model(model))
 
 
-def load_segmenter(workdir) -> Segmenter:
+def load_segmenter(lesions_dir) -> Segmenter:
   """The EMA backbone and segmentation head of a segmentation, segmia or multitask workdir.
 
   Raises:
     HandOffError: another kind of workdir.
   """
-  info = handoff.stage_info(workdir)
-  lesion_stages = [c for s in chain.STAGES if s.seg_head for c in s.configs]
-  if info.get("stage") not in lesion_stages:
-    raise handoff.HandOffError(
-        f"{workdir} ran the stage {info.get('stage')!r}: --lesions must be a finished "
-        f"{', '.join(lesion_stages)} workdir")
+  info = workdir.stage_info(lesions_dir)
+  if info.get("stage") not in workdir.LESION_STAGES:
+    raise workdir.HandOffError(
+        f"{lesions_dir} ran the stage {info.get('stage')!r}: --lesions must be a finished "
+        f"{', '.join(workdir.LESION_STAGES)} workdir")
   config = ml_collections.ConfigDict(info)
-  config.init_from = str(workdir)
+  config.init_from = str(lesions_dir)
   model = build.make_model(config, {}, segmentation=True)
-  params = pseudolabel.teacher_params(config, model)
+  params = teacher_params(config, model)
   apply_fn = build.apply_fn(model, config, "segmentation")
   prob = jax.jit(lambda x: jax.nn.sigmoid(apply_fn(params, x, True, None)))
   return Segmenter(lambda x: np.asarray(prob(jnp.asarray(x)))[0, ..., 0],
@@ -473,7 +473,7 @@ def main(argv=None) -> int:
   names = output_names(args.scans, out, inputs)
   try:
     if args.saliency and Path(args.model).is_file():
-      raise handoff.HandOffError("--saliency needs the model's workdir (an exported file holds "
+      raise workdir.HandOffError("--saliency needs the model's workdir (an exported file holds "
                                  "no gradients of the last stage)")
     check_out(out, inputs, args.overwrite, names if args.lesions or args.saliency else ())
     check_scans(args.scans)
@@ -481,7 +481,7 @@ def main(argv=None) -> int:
   except UserError as e:   # one line per mistake
     print("\n".join(f"{PROG}: {line}" for line in str(e).splitlines()), file=sys.stderr)
     return 2
-  except handoff.HandOffError as e:
+  except workdir.HandOffError as e:
     print(f"{PROG}: {e}", file=sys.stderr)
     return 2
   lesions = segmenter is not None

@@ -5,8 +5,10 @@ small ConvNeXt with the devices/processes given by the environment and
 ``jax.distributed`` fields of the JSON, then writes the final parameters
 (and EMA parameters) of this process to ``out`` (.npz) and a JSON summary.
 """
+import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -194,3 +196,34 @@ def assert_trees_equal(a: dict, b: dict):
   assert a.keys() == b.keys()
   for k in a:
     np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def folder_state(root) -> dict:
+  """Every entry under ``root`` (path relative to it) -> (mode, mtime in ns, size, sha256 of a
+  file's bytes): compared before and after a read, it shows any file created, removed or
+  changed, even where permissions do not stop a writer (as root)."""
+  state = {}
+  for folder, dirs, files in os.walk(root):
+    for name in dirs + files:
+      path = os.path.join(folder, name)
+      st = os.lstat(path)
+      digest = ""
+      if os.path.isfile(path) and not os.path.islink(path):
+        with open(path, "rb") as f:
+          digest = hashlib.sha256(f.read()).hexdigest()
+      state[os.path.relpath(path, root)] = (st.st_mode, st.st_mtime_ns, st.st_size, digest)
+  return state
+
+
+def read_only_copy(src, dst) -> dict:
+  """A copy of the folder ``src`` at ``dst``, made read-only (``chmod -R a-w``); returns its
+  `folder_state`."""
+  shutil.copytree(src, dst, symlinks=True)
+  for folder, dirs, files in os.walk(dst):
+    for name in dirs + files:
+      path = os.path.join(folder, name)
+      if not os.path.islink(path):
+        os.chmod(path, os.lstat(path).st_mode & ~0o222)
+  os.chmod(dst, os.lstat(dst).st_mode & ~0o222)
+  return folder_state(dst)
+

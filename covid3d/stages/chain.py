@@ -13,9 +13,10 @@ Given a 2-D checkpoint (``init2d``), the checkpoint stands in for R/pretrain2d
 and pretraining does not run. ``STAGES`` is this chain as data, one entry per
 stage (plus ``predict``, which is run by hand, not chained), and the one registry
 of the stages: each names the module that runs it (``covid3d.stages.registry``
-dispatches on it), its hand-offs and whether its model has a segmentation head;
-``FINETUNE_TARGETS`` holds what each fine-tuning target predicts and its presets
-(the authors' runs and the paper's rows, with the paper's figures). ``steps()``
+dispatches on it) and its hand-offs; ``FINETUNE_TARGETS`` holds each fine-tuning
+target's presets (the authors' runs and the paper's rows, with the paper's
+figures); what a target predicts, and which stages' models draw lesion masks,
+is ``covid3d.inference.workdir``'s, which reads finished workdirs. ``steps()``
 turns the chain into the commands of one run, which launch/common.sh runs, and
 ``markdown_table()`` into the README's pipeline table.
 
@@ -110,14 +111,8 @@ def inflated_name(name: str, inflation: str) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class Target:
-  """A fine-tuning target: its config (configs/<name>.py), what it predicts, its presets.
-
-  ``label`` is the record field it predicts, ``class_names`` the classes in
-  label order.
-  """
+  """A fine-tuning target: its config (configs/<name>.py) and its presets."""
   name: str
-  label: str
-  class_names: tuple
   presets: tuple = ()
 
 
@@ -126,7 +121,7 @@ class Target:
 # Tables 2, 3 and 5 give as 65.67. The severity presets are listed in the order
 # launch/ablations.sh runs them.
 FINETUNE_TARGETS = (
-    Target("severity", "severity", ("mild", "moderate", "severe", "critical"), (
+    Target("severity", (
         Preset("table3_random", "Table 3, random", "random", "full", submission=False,
                paper_cv_macro_f1=62.71),
         Preset("authors1", "severity submission 1", "pretrain2d", "full", new_axis=2,
@@ -145,7 +140,7 @@ FINETUNE_TARGETS = (
         Preset("authors5", "severity submission 5", "segmentation", "full", rot90=0.25,
                paper_cv_macro_f1=71.74),
     )),
-    Target("detection", "covid", ("non-covid", "covid"), (
+    Target("detection", (
         Preset("authors1", "detection submission 1", "pretrain2d", "full", new_axis=2,
                paper_cv_macro_f1=91.73),
         Preset("authors2", "detection submission 2", "multitask", "2g"),
@@ -180,7 +175,6 @@ class Stage:
   runner: str = ""                  # module whose run(config, workdir) runs it (covid3d.main)
   init_from: tuple = ()
   pseudo_labels: str = ""           # trains on this stage's masks: --config.pseudo_labels
-  seg_head: bool = False            # its model has a segmentation head (lesion masks)
   inflates: bool = False            # 2-D weights are inflated: --config.inflation.mode
   is_3d: bool = True                # takes the 3-D stages' flags (batch size)
   per_target: bool = False          # runs the chosen targets of ``configs``
@@ -197,7 +191,7 @@ STAGES = (
           reads="ImageNet / checkpoint", writes="`checkpoints/` (2-D)",
           headline="2-D grayscale ConvNeXt pretraining", runner="covid3d.stages.pretrain2d"),
     Stage("segmentation", ("segmentation",), init_from=("pretrain2d",), inflates=True,
-          seg_head=True, runner="covid3d.stages.segmentation",
+          runner="covid3d.stages.segmentation",
           does="lesion segmentation (soft Dice + BCE), best by EMA Dice",
           reads="COVID-19-20 lesions; {init_from} (inflated)", writes="`checkpoints/`",
           headline="lesion segmentation, weights inflated ({inflation}) from {init_from}"),
@@ -210,13 +204,13 @@ STAGES = (
           "geometry",
           headline="the segmentation model writes lesion masks of COV19-CT-DB and STOIC"),
     Stage("segmia", ("segmia",), init_from=("pretrain2d",), pseudo_labels="pseudolabel",
-          inflates=True, seg_head=True, runner="covid3d.stages.segmia",
+          inflates=True, runner="covid3d.stages.segmia",
           does="segmentation on COV19-CT-DB pseudo-labels, validated on the real lesion masks",
           reads="{init_from} (inflated), {pseudo_labels}, COVID-19-20 lesions",
           writes="`checkpoints/`",
           headline="segmentation of the pseudo-labels, from {init_from}"),
     Stage("multitask", ("multitask",), init_from=("pretrain2d",), pseudo_labels="pseudolabel",
-          inflates=True, seg_head=True, runner="covid3d.stages.multitask",
+          inflates=True, runner="covid3d.stages.multitask",
           does="STOIC probSevere (COVID-positive cases) + pseudo-label segmentation, losses 1:1",
           reads="{init_from} (inflated), {pseudo_labels}", writes="`checkpoints/`",
           headline="STOIC severity + pseudo-label segmentation, from {init_from}"),

@@ -7,7 +7,7 @@ authors' runs "without cross validation") one model ``fold0`` trains on every
 labelled training scan and is selected on the labelled validation partition.
 Then the fold ensemble predicts the validation and test partitions
 (``covid3d.stages.predict``). The target (record label and class names) is
-``chain.target(config.stage)``.
+``covid3d.inference.workdir.target(config.stage)``.
 
 Writes ``folds.csv``, ``fold<k>/`` (checkpoints, metrics), ``cv.json``
 (per-fold and mean macro F1 and per-class F1 of each fold's best EMA
@@ -23,7 +23,9 @@ from covid3d import losses, storage
 from covid3d.data import folds as folds_lib
 from covid3d.data import pipeline
 from covid3d.data.skips import SkipLog
-from covid3d.stages import build, fit, handoff, inputs, predict
+from covid3d.inference import build
+from covid3d.inference.workdir import target
+from covid3d.stages import fit, handoff, inputs, predict
 from covid3d.train import tasks
 
 
@@ -67,7 +69,7 @@ def train_fold(config, workdir, source, fold_of, fold, label, num_classes, val_s
 
 
 def run(config, workdir):
-  predicted = handoff.target(config.stage)
+  predicted = target(config.stage)
   label, names = predicted.label, predicted.class_names
   skips = SkipLog()
   source = inputs.record_source(config, workdir, "cov19ctdb", ("train",), skips=skips)

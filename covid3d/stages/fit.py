@@ -4,7 +4,8 @@ import functools
 import numpy as np
 
 from covid3d import augment
-from covid3d.stages import build, initial_params, inputs
+from covid3d.inference import build
+from covid3d.stages import initial_params, inputs
 from covid3d.train import loop
 
 

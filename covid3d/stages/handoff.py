@@ -3,7 +3,8 @@
 A finished stage leaves ``config.json`` (written when it starts),
 ``checkpoints/`` (Orbax; the best EMA parameters are what is handed on,
 ``covid3d.stages.initial_params``, but see ``hands_on_ema``) and ``DONE`` (a
-JSON summary, written last).
+JSON summary, written last); reading them is ``covid3d.inference.workdir``'s,
+which inference shares.
 ``config.init_from`` names where a stage's initial weights come from:
 ``random``, an earlier stage's workdir, or a checkpoint file; ``stage:NAME``
 names the workdir NAME beside the stage's own.
@@ -16,35 +17,14 @@ import ml_collections
 from etils import epath
 
 from covid3d import inflation, storage, weights
+from covid3d.inference.workdir import DONE, HandOffError, checkpoints_dir
 from covid3d.stages import chain
 from covid3d.train import checkpoint, log
-
-DONE = "DONE"
-
-
-class HandOffError(ValueError):
-  """An input of a stage (an earlier stage's output) is missing or does not fit."""
-
-
-def target(stage: str) -> chain.Target:
-  """The fine-tuning target of a ``severity`` or ``detection`` stage."""
-  if stage not in chain.TARGETS:
-    raise HandOffError(
-        f"stage {stage!r} is not a fine-tuning stage (one of {sorted(chain.TARGETS)})")
-  return chain.target(stage)
 
 
 def mark_done(workdir, summary: dict | None = None):
   """Writes ``<workdir>/DONE`` (what the launchers check) with a summary."""
   storage.write_json(epath.Path(workdir) / DONE, summary or {}, indent=1, default=float)
-
-
-def stage_info(workdir) -> dict:
-  """The saved config of an earlier stage's workdir."""
-  path = epath.Path(workdir) / "config.json"
-  if not path.exists():
-    raise HandOffError(f"{workdir} has no config.json: is it the workdir of a finished stage?")
-  return json.loads(path.read_text())
 
 
 def hands_on_ema(workdir) -> bool:
@@ -59,27 +39,6 @@ def hands_on_ema(workdir) -> bool:
   info = json.loads(path.read_text()) if path.exists() else {}
   return not (info.get("stage") == "pretrain2d"
               and info.get("pretrain2d", {}).get("hand_on", "ema") == "raw")
-
-
-def checkpoints_dir(workdir) -> epath.Path:
-  """``<workdir>/checkpoints``, the parameters an earlier stage hands on.
-
-  Raises:
-    HandOffError: a finished stage that writes no checkpoints, or one not run yet.
-  """
-  ckpt_dir = epath.Path(workdir) / "checkpoints"
-  if not ckpt_dir.exists() and (epath.Path(workdir) / DONE).exists():
-    stage = stage_info(workdir).get("stage") if (epath.Path(workdir) / "config.json").exists() \
-        else None
-    raise HandOffError(
-        f"{workdir} is a finished {stage or 'stage'} workdir, and that stage writes no "
-        "checkpoints: give the workdir of a training stage (pretrain2d, segmentation, segmia, "
-        "multitask, or a fold of severity/detection)")
-  if not ckpt_dir.exists():
-    raise HandOffError(
-        f"no checkpoints in {ckpt_dir}: run that stage first "
-        f"(python -m covid3d.main --config=configs/<stage>.py --workdir={workdir})")
-  return ckpt_dir
 
 
 def best_evaluation(workdir) -> dict:

@@ -2,8 +2,9 @@
 
 ``load_initial_params`` takes freshly initialised 3-D parameters and replaces
 what carries over from the source: an earlier stage's best EMA parameters
-(``best_params``) or a checkpoint file (``read_source``); a 2-D backbone is
-inflated (``covid3d.inflation``). What the workdirs hold is ``handoff``'s.
+(``best_params``, ``covid3d.inference.workdir``) or a checkpoint file
+(``read_source``); a 2-D backbone is inflated (``covid3d.inflation``). What the
+workdirs hold is ``handoff``'s.
 """
 import logging
 
@@ -12,25 +13,8 @@ import ml_collections
 import numpy as np
 
 from covid3d import inflation, weights
+from covid3d.inference.workdir import HandOffError, best_params, check_fits
 from covid3d.stages import handoff
-from covid3d.stages.handoff import HandOffError
-from covid3d.train import checkpoint
-
-
-def best_params(workdir, ema: bool = True):
-  """The best (else latest) parameters of an earlier stage's workdir, as host arrays.
-
-  "Best" is by the metric that run selected checkpoints with (``train.best_metric``).
-  """
-  ckpt_dir = handoff.checkpoints_dir(workdir)
-  ckpt = checkpoint.Checkpointer.open(str(ckpt_dir))
-  step = ckpt.best_step() or ckpt.latest_step()
-  if step is None:
-    raise HandOffError(f"{ckpt_dir} holds no finished checkpoint")
-  params = ckpt.restore_params(step, ema=ema)
-  ckpt.close()
-  logging.info("loaded %s parameters of step %d from %s", "EMA" if ema else "raw", step, ckpt_dir)
-  return jax.tree.map(np.asarray, params)
 
 
 def _backbone_of(tree):
@@ -184,11 +168,3 @@ def load_initial_params(config: ml_collections.ConfigDict, params):
     logging.info("init_from=random: all weights freshly initialised")
     return params
   return merge_source(read_source(src, config.init_from_slice_axis), params, config, src)
-
-
-def check_fits(params, like, what: str, hint: str):
-  """Raises one HandOffError listing how ``params`` differ from the model's ``like``."""
-  try:
-    inflation.check_tree(params, like, what)
-  except ValueError as e:
-    raise HandOffError(f"{e}\n({hint})") from None

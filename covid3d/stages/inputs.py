@@ -203,14 +203,9 @@ def iterators(config, source, train_idx, val_idx, fields, eval_fields=None, val_
   return train_iter, (eval_batches if len(val_idx) else None)
 
 
-def host_batches(source, indices, global_batch, fields, config, *, every_record: bool = False):
-  """This process's padded evaluation batches (numpy), every record once.
-
-  ``every_record``: this process reads all the records (batches of
-  ``global_batch``), not its share: for the stages that predict on one device
-  per process and write every scan's output (pseudolabel, predict).
-  """
-  share = (0, 1) if every_record else (jax.process_index(), jax.process_count())
+def host_batches(source, indices, global_batch, fields, config):
+  """This process's padded evaluation batches (numpy) of its share of ``indices``."""
   return iter(pipeline.host_dataset(
       source, indices, global_batch_size=global_batch, fields=fields, train=False,
-      process_index=share[0], process_count=share[1], threads=config.data.loader_threads))
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      threads=config.data.loader_threads))

@@ -11,7 +11,8 @@ import jax.numpy as jnp
 
 from covid3d import losses, metrics
 from covid3d.data.skips import SkipLog
-from covid3d.stages import build, fit, handoff, inputs
+from covid3d.inference import build
+from covid3d.stages import fit, handoff, inputs
 from covid3d.train import tasks
 
 HEAD = "stoic_severe"

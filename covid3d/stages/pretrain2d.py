@@ -28,7 +28,8 @@ from etils import epath
 
 from covid3d import weights
 from covid3d.data import imagenet, schema
-from covid3d.stages import build, handoff, inputs
+from covid3d.inference import build
+from covid3d.stages import handoff, inputs
 from covid3d.train import checkpoint, loop, optim, state as state_lib, tasks
 from covid3d.train.iterators import ArrayIterator
 

@@ -7,6 +7,9 @@ and, with ``pseudolabel.write_nifti``,
 geometry (spacing, origin, direction), for ITK-SNAP/3D Slicer. A scan is named
 by its partition and id: ids repeat across partitions (``inputs.file_stem``).
 
+With several processes each predicts and writes its share of the scans
+(``shards``); ``DONE`` is written once all are written.
+
 Modes (``pseudolabel.mode``): ``upsample`` (the authors' code: predict the
 input-size cache, upsample trilinearly to the large size: the probabilities
 with corners aligned, or with ``pseudolabel.upsample='logits'`` the logits
@@ -15,7 +18,6 @@ with half-pixel centres as the authors' ``F.interpolate``) or ``sliding``
 ``pseudolabel.overlap``, averaging overlapping probabilities).
 """
 import io
-import itertools
 import logging
 import os
 import tempfile
@@ -30,46 +32,13 @@ from tqdm import tqdm
 from covid3d import storage
 from covid3d.data import preprocess, readers
 from covid3d.data.skips import SkipLog
+from covid3d.inference import build
+from covid3d.inference.teacher import teacher_params
+from covid3d.inference.window import sliding_window
 from covid3d.models.ops import resize_linear
-from covid3d.stages import build, handoff, initial_params, inputs
+from covid3d.stages import handoff, inputs, shards
 
 DATASETS = (("cov19ctdb", ("train", "validation", "test")), ("stoic", ("train",)))
-
-
-def window_starts(size: int, window: int, overlap: float):
-  """Start offsets of windows covering ``[0, size)`` with at least ``overlap`` overlap."""
-  if window >= size:
-    return [0]
-  stride = max(1, int(window * (1 - overlap)))
-  starts = list(range(0, size - window, stride))
-  return starts + [size - window]
-
-
-def sliding_window(forward, x, window: int, overlap: float):
-  """Mean of ``forward`` over overlapping cubic windows of ``x`` ``(B, S, S, S, C)``."""
-  size = x.shape[1]
-  total = jnp.zeros(x.shape[:-1] + (1,), jnp.float32)
-  count = jnp.zeros((1, size, size, size, 1), jnp.float32)
-  starts = window_starts(size, window, overlap)
-  for d, h, w in itertools.product(starts, starts, starts):
-    sl = (slice(None), slice(d, d + window), slice(h, h + window), slice(w, w + window))
-    total = total.at[sl].add(forward(x[sl]))
-    count = count.at[sl].add(1.0)
-  return total / count
-
-
-def teacher_params(config, model):
-  """The segmentation workdir's EMA backbone + segmentation head, checked against ``model``."""
-  params = initial_params.best_params(config.init_from)
-  if "seg_head" not in params:
-    raise handoff.HandOffError(f"{config.init_from} holds no segmentation head: init_from must be "
-                              "the workdir of the segmentation stage")
-  like = build.init_params(model, config, min(config.data.sizes))
-  chosen = {"backbone": params["backbone"], "seg_head": params["seg_head"]}
-  initial_params.check_fits(chosen, like, f"segmentation weights of {config.init_from}",
-                     f"was {config.init_from} trained with "
-                     f"config.model.variant={config.model.variant!r}?")
-  return chosen
 
 
 def run(config, workdir):
@@ -96,9 +65,7 @@ def run(config, workdir):
     nifti_dir.mkdir(parents=True, exist_ok=True)
     fields = {"image": f"volume_{small}", "image_large": f"volume_{big}"}
     done = 0
-    batches = inputs.host_batches(source, np.arange(len(source.index)),
-                                  config.train.eval_batch_size, fields, config, every_record=True)
-    total = -(-len(source.index) // config.train.eval_batch_size)
+    batches, total = shards.batches(source, fields, config)   # this process's share
     for batch in tqdm(batches, desc=f"pseudo-labels {dataset}", unit="batch", total=total):
       if p.mode == "sliding":
         large = sliding_window(prob, jnp.asarray(batch["image_large"]), small, p.overlap)
@@ -110,11 +77,9 @@ def run(config, workdir):
       else:
         little = prob(jnp.asarray(batch["image"]))
         large = resize_linear(little, (big,) * 3, align_corners=True)
-      # Every process predicts every scan (a model at one device per scan); process 0 writes.
+      # A model at one device per process; each process writes the masks of its scans.
       for row in np.flatnonzero(np.asarray(batch["valid"])):
         done += 1
-        if jax.process_index() != 0:
-          continue
         entry = source.index[int(batch["record_index"][row])]
         buffer = io.BytesIO()
         np.savez_compressed(
@@ -123,9 +88,11 @@ def run(config, workdir):
         storage.write_bytes(mask_dir / f"{inputs.file_stem(entry)}.npz", buffer.getvalue())
         if p.write_nifti:
           _write_nifti(ref_of[entry["partition"], entry["scan_id"]], large[row], nifti_dir, config)
+    if jax.process_count() > 1:
+      done = int(np.sum(multihost_utils.process_allgather(np.int32(done))))
     counts[dataset] = done
     logging.info("pseudo-labelled %d %s scans into %s", done, dataset, mask_dir)
-  if jax.process_count() > 1:  # DONE only once process 0 has written every mask
+  if jax.process_count() > 1:  # DONE only once every process has written its masks
     multihost_utils.sync_global_devices("covid3d pseudolabel written")
   handoff.mark_done(workdir, {"scans": counts})
   return counts

@@ -6,7 +6,8 @@ best checkpoint is chosen by the EMA model's validation Dice.
 import numpy as np
 
 from covid3d.data.skips import SkipLog
-from covid3d.stages import build, fit, handoff, inputs
+from covid3d.inference import build
+from covid3d.stages import fit, handoff, inputs
 from covid3d.train import tasks
 
 

@@ -85,10 +85,14 @@ class Checkpointer:
       replace it (``ties='earliest'``).
     ties: 'earliest' (the authors' rule above) or 'latest' (a later evaluation
       that equals the best replaces it; ``min_gain`` unused).
+    read_only: create, change and delete nothing under ``directory`` (a
+      finished run's checkpoints read by a later stage or by inference, which
+      may not write there); it must exist.
   """
 
   def __init__(self, directory: str, keep: int, best_metric: str | None,
-               timeout_s: float = 600.0, min_gain: float = 0.0, ties: str = "earliest"):
+               timeout_s: float = 600.0, min_gain: float = 0.0, ties: str = "earliest",
+               read_only: bool = False):
     if keep < 1:
       raise ValueError(f"train.keep_checkpoints must be >= 1, got {keep}")
     if ties not in TIES:
@@ -102,8 +106,10 @@ class Checkpointer:
     if best_metric is None and record.exists():
       best_metric = json.loads(record.read_text())["best_metric"]
     self.best_metric = best_metric
+    mode = dict(create=not read_only, read_only=read_only,
+                save_root_metadata=not read_only, enable_async_checkpointing=True)
     if best_metric is None:
-      options = ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=True)
+      options = ocp.CheckpointManagerOptions(**mode)
     else:
       # The rank decided at saving; the metric itself in directories written without one.
       metric = lambda metrics: (metrics[SELECTION] if SELECTION in metrics
@@ -113,19 +119,18 @@ class Checkpointer:
           policies.BestN(get_metric_fn=metric, n=1, keep_checkpoints_without_metrics=False)])
       # best_fn makes the manager store the metrics and answer best_step().
       options = ocp.CheckpointManagerOptions(preservation_policy=policy, best_fn=metric,
-                                             best_mode="max", create=True,
-                                             enable_async_checkpointing=True)
+                                             best_mode="max", **mode)
     self.manager = ocp.CheckpointManager(directory, options=options,
                                          item_names=("state", "data", "config"))
     self.timeout_s = timeout_s
     self._stuck = None   # the StorageTimeout of a save that never finished
-    if best_metric is not None and jax.process_index() == 0:
+    if best_metric is not None and not read_only and jax.process_index() == 0:
       storage.write_json(record, {"best_metric": best_metric})
 
   @classmethod
   def open(cls, directory: str) -> "Checkpointer":
-    """The checkpoints of a run, for reading, with the best metric that run recorded."""
-    return cls(directory, keep=1, best_metric=None)
+    """The checkpoints of a run, read only, with the best metric that run recorded."""
+    return cls(directory, keep=1, best_metric=None, read_only=True)
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()

@@ -15,6 +15,13 @@ def compute_dtype(name: str):
   return COMPUTE_DTYPES[name]
 
 
+def listed(value) -> tuple[str, ...]:
+  """The words of a comma-separated config string ('' -> (); a list as saved by older runs)."""
+  if isinstance(value, (list, tuple)):
+    return tuple(str(v) for v in value)
+  return tuple(w.strip() for w in str(value or "").split(",") if w.strip())
+
+
 def default_config() -> ml_collections.ConfigDict:
   """Returns the training defaults (the challenge fine-tuning recipe), each field documented."""
   c = ml_collections.ConfigDict()

@@ -7,7 +7,7 @@ from covid3d import config as base_config
 from covid3d import saliency
 from covid3d.models.convnext import ConvNeXt
 from covid3d.models.heads import ClassificationHead
-from covid3d.stages import build
+from covid3d.inference import build
 
 SIZE = 64   # the last stage is 2^3: a map with structure to upsample
 

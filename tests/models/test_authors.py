@@ -18,8 +18,9 @@ import numpy as np
 import pytest
 
 from covid3d import authors, weights
+from covid3d.inference import build, ensemble, workdir
 from covid3d.models import MultitaskModel
-from covid3d.stages import build, handoff, initial_params, predict
+from covid3d.stages import initial_params
 
 torch = pytest.importorskip("torch")
 nn = torch.nn
@@ -298,12 +299,12 @@ def test_convert_submission_to_a_fold_ensemble_workdir(tmp_path, capsys):
   out = tmp_path / "det_authors"
   assert authors.main(["convert", str(sub), str(out)]) == 0  # target from their loss name
   assert "--config.init_from=" in capsys.readouterr().out
-  saved = handoff.stage_info(out)
+  saved = workdir.stage_info(out)
   assert saved["stage"] == "detection"
   assert (saved["model"]["variant"], saved["model"]["head_hidden"]) == ("nano", 128)
   assert json.loads((out / "authors.json").read_text())["config"]["modelconfig"]["loss_fn"] == (
       "balce_inf_eccv")
-  predict.fold_dirs(out, (0, 1))  # both folds DONE, as the predict stage requires
+  ensemble.fold_dirs(out, (0, 1))  # both folds DONE, as the predict stage requires
 
   # What the predict stage builds from its config, with their weights, gives their logits.
   stage = authors.target_config("detection")
@@ -313,8 +314,8 @@ def test_convert_submission_to_a_fold_ensemble_workdir(tmp_path, capsys):
   like = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros(x.shape + (1,)))["params"]
   apply = jax.jit(lambda p, v: model.apply({"params": p}, v)["covid"])
   for fold, net in enumerate(nets):
-    params = initial_params.best_params(out / f"fold{fold}")
-    initial_params.check_fits(params, like, f"fold {fold}", "")
+    params = workdir.best_params(out / f"fold{fold}")
+    workdir.check_fits(params, like, f"fold {fold}", "")
     assert_trees_equal(params, weights.load_authors_checkpoint(sub, head="covid")[fold])
     assert_close(apply(params, jnp.asarray(x)[..., None]), run_torch(net, x))
 

@@ -1,5 +1,8 @@
-"""The package's shape: no import cycles among covid3d modules, a docstring atop each module."""
+"""The package's shape: no import cycles among covid3d modules, a docstring atop each module,
+and a front door (``infer``, ``export``) that does not import the pipeline."""
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -83,3 +86,33 @@ def test_every_module_opens_with_a_docstring(name):
   docstring = ast.get_docstring(ast.parse(MODULES[name].read_text()))
   assert docstring and len(docstring.split()) >= 3, (
       f"{MODULES[name]} needs a docstring saying its concern")
+
+
+FRONT_DOOR = ("covid3d.infer", "covid3d.export")
+
+
+def test_the_front_door_does_not_import_the_pipeline():
+  """``infer`` and ``export`` load no ``covid3d.stages`` module, neither when imported (a
+  fresh interpreter's ``sys.modules``) nor in any function (the import graph, function-level
+  imports included): what they share with the stages is ``covid3d.inference``."""
+  code = (f"import sys, {', '.join(FRONT_DOOR)}\n"
+          "print(' '.join(sorted(m for m in sys.modules if m.startswith('covid3d.'))))")
+  loaded = subprocess.run([sys.executable, "-c", code], cwd=PACKAGE.parent, check=True,
+                          capture_output=True, text=True).stdout.split()
+  assert "covid3d.inference.ensemble" in loaded
+  assert [m for m in loaded if m.startswith("covid3d.stages")] == []
+  graph = {name: imported(name, ast.parse(path.read_text())) for name, path in MODULES.items()}
+  reached = set().union(*(_reach(graph, m) for m in FRONT_DOOR))
+  assert sorted(m for m in reached if m.startswith("covid3d.stages")) == []
+  assert "covid3d.stages.predict" in _reach(graph, "covid3d.stages.finetune")  # it can see one
+
+
+def _reach(graph: dict, start: str) -> set:
+  """The modules ``start`` imports, directly or through others."""
+  reached, todo = set(), [start]
+  while todo:
+    name = todo.pop()
+    if name not in reached:
+      reached.add(name)
+      todo += graph[name]
+  return reached

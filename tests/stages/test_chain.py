@@ -10,7 +10,9 @@ import pytest
 from covid3d import inflation
 from covid3d.data import readers
 from covid3d.data.skips import SkipLog
-from covid3d.stages import build, handoff, initial_params, inputs, pseudolabel
+from covid3d.inference import build
+from covid3d.inference.teacher import teacher_params
+from covid3d.stages import handoff, initial_params, inputs
 from covid3d.train import checkpoint
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("compilation_cache")]  # minutes
@@ -268,7 +270,7 @@ def test_stages_hand_on_their_best_weights(chain, shrink):
 
   # pseudolabel <- segmentation: the teacher is the whole EMA model.
   p_config = shrink("pseudolabel", chain, init_from=str(chain / "segmentation"))
-  teacher = pseudolabel.teacher_params(p_config, build.make_model(p_config, {}, True))
+  teacher = teacher_params(p_config, build.make_model(p_config, {}, True))
   _assert_equal(teacher, {k: ema["segmentation"][k] for k in ("backbone", "seg_head")})
 
   # multitask <- pretrain2d: the STOIC head carries the ImageNet head's LayerNorm.

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from covid3d import config, report
+from covid3d.inference import workdir
 from covid3d.stages import chain, handoff, registry
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -59,10 +60,10 @@ def test_every_config_file_is_a_stage_the_chain_runs():
 
 
 def test_targets_come_from_the_chain():
-  assert handoff.target("detection").class_names == ("non-covid", "covid")
-  assert handoff.target("severity").label == "severity"
+  assert workdir.target("detection").class_names == ("non-covid", "covid")
+  assert workdir.target("severity").label == "severity"
   with pytest.raises(handoff.HandOffError, match="not a fine-tuning stage"):
-    handoff.target("segmia")
+    workdir.target("segmia")
 
 
 def test_presets_and_paper_figures_come_from_the_chain():

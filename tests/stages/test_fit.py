@@ -6,7 +6,8 @@ import pytest
 from covid3d.data import phantom
 from covid3d.data.read_common import hu_to_unit
 from covid3d import config as base_config
-from covid3d.stages import build, initial_params, registry
+from covid3d.inference import build
+from covid3d.stages import initial_params, registry
 from covid3d.train import optim, steps, tasks
 from covid3d.train.state import create_state
 

@@ -9,8 +9,8 @@ import pytest
 from covid3d import config as base
 from covid3d.inflation import inflate_params
 from covid3d.models import ConvNeXt
-from covid3d.stages import build, initial_params
-from covid3d.stages import handoff
+from covid3d.inference import build
+from covid3d.stages import handoff, initial_params
 from covid3d.stages.handoff import HandOffError
 
 

@@ -6,7 +6,8 @@ import jax
 import pytest
 
 from covid3d.models import VARIANTS
-from covid3d.stages import build, initial_params
+from covid3d.inference import build
+from covid3d.stages import initial_params
 from covid3d.stages.handoff import HandOffError
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("compilation_cache")]  # the chain

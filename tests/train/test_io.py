@@ -10,6 +10,7 @@ from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from covid3d import storage, train
 from covid3d.train import checkpoint, log
 from covid3d.train.iterators import ArrayIterator
+from train_helpers import folder_state, read_only_copy
 
 
 def _event_class():
@@ -99,6 +100,25 @@ def test_checkpointer_keeps_latest_and_best(tmp_path):
   cfg = json.loads((tmp_path / "7" / "config" / "metadata").read_text())
   assert cfg["batch_size"] == config.batch_size
   reopened.close()
+
+
+def test_reading_checkpoints_creates_or_changes_no_file(tmp_path):
+  """A finished run's checkpoints, read-only (as root, where chmod stops no writer, the
+  before/after state of every file shows a write): opened, best step, parameters restored."""
+  ckpt = checkpoint.Checkpointer(str(tmp_path / "run"), keep=1, best_metric="dice")
+  for step, dice in ((1, 0.7), (2, 0.3)):
+    w = jnp.full((2,), float(step))
+    ckpt.save(step, {"params": {"w": w}, "ema_params": {"w": -w}}, {}, train.default_config(),
+              {"dice": dice})
+  ckpt.wait()
+  ckpt.close()
+  before = read_only_copy(tmp_path / "run", tmp_path / "ro")
+  reader = checkpoint.Checkpointer.open(str(tmp_path / "ro"))
+  assert reader.best_step() == 1 and reader.latest_step() == 2
+  np.testing.assert_array_equal(reader.restore_params(1)["w"], [-1.0, -1.0])
+  reader.close()
+  assert folder_state(tmp_path / "ro") == before
+  assert (tmp_path / "ro" / checkpoint.RECORD).exists()   # the record the reader went by
 
 
 def test_a_reader_picks_the_best_checkpoint_by_the_metric_its_run_recorded(tmp_path):

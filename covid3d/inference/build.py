@@ -3,9 +3,10 @@
 Reads ``config.model`` (variant, drop path, layer scale, head, depthwise
 backend, rematerialisation, segmentation head) and ``config.train.compute_dtype``.
 3-D stages get a ``MultitaskModel``; the 2-D pretraining gets a ``ConvNeXt``.
-It lives with the stages, not in ``covid3d.models``, because it reads the
-training config and wraps models for ``covid3d.train``: the models depend on
-neither.
+It is not in ``covid3d.models`` because it reads the training config and wraps
+models for ``covid3d.train``: the models depend on neither. The stages build
+their models with it, and inference rebuilds a finished stage's model from the
+config the workdir saved.
 """
 from collections.abc import Mapping
 
