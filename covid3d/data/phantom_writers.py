@@ -33,7 +33,8 @@ from pathlib import Path
 import numpy as np
 
 from covid3d.data import phantom
-from covid3d.data.read_common import HU_WINDOW, kept_locale
+from covid3d.data.read_common import HU_WINDOW
+from covid3d.data.read_dicom import kept_locale
 
 DATASETS = ("cov19ctdb", "lesions", "stoic")
 # Root folder of each dataset under `write_all`'s root.

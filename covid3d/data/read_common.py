@@ -9,7 +9,6 @@ other volume files (SimpleITK) from a temporary local copy.
 import contextlib
 import csv
 import errno
-import locale
 import logging
 import os
 import stat
@@ -241,17 +240,6 @@ def best_first(paths) -> tuple[list, dict]:
   return ranked, notes
 
 
-@contextlib.contextmanager
-def kept_locale():
-  """Restores the process locale afterwards: GDCM (SimpleITK's DICOM IO) sets it to "C",
-  which would make Python decode text as ASCII from then on."""
-  saved = locale.setlocale(locale.LC_ALL)
-  try:
-    yield
-  finally:
-    locale.setlocale(locale.LC_ALL, saved)
-
-
 def load_nifti(path, max_voxels: int = MAX_VOXELS):
   """A nibabel image of a NIfTI file, its size and data checked from the header first
   (`headers.check_nifti`): ``nib.load`` locally, the object's bytes from a bucket.
@@ -324,7 +312,9 @@ def read_volume(path, max_voxels: int = MAX_VOXELS):
     import SimpleITK as sitk  # pylint: disable=g-import-not-at-top
     with local_file(path) as local:
       if Path(local).is_dir() or is_dicom_file(local):
-        data, affine, info = read_dicom.read_dicom(local, max_voxels)
+        files = ([p for p, kind in entries(Path(local)) if kind == "file"]
+                 if Path(local).is_dir() else [Path(local)])
+        data, affine, info = read_dicom.read_dicom(local, files, max_voxels)
       else:
         img = read_sitk(local, max_voxels)
         data = sitk.GetArrayFromImage(img).astype(np.float32, copy=False).T

@@ -21,12 +21,15 @@ before the series is known to make one volume of an allowed size:
 SimpleITK (GDCM) decodes the pixel data of each file and applies the rescale slope and
 intercept (Hounsfield units for CT).
 """
+import contextlib
+import locale
 import logging
 from pathlib import Path
 
 import numpy as np
 
 from covid3d.data import headers
+from covid3d.data import scan as scan_lib
 
 log = logging.getLogger(__name__)
 
@@ -185,11 +188,20 @@ def resample_slices(data, where, grid) -> np.ndarray:
   return (data[k] * (1 - t) + data[k + 1] * t).astype(np.float32)
 
 
+@contextlib.contextmanager
+def kept_locale():
+  """Restores the process locale afterwards: GDCM (SimpleITK's DICOM IO) sets it to "C",
+  which would make Python decode text as ASCII from then on."""
+  saved = locale.setlocale(locale.LC_ALL)
+  try:
+    yield
+  finally:
+    locale.setlocale(locale.LC_ALL, saved)
+
+
 def read_pixels(frames) -> np.ndarray:
   """float32 (K, J, I): the ``frames`` decoded (SimpleITK/GDCM, rescale applied), in order."""
   import SimpleITK as sitk  # pylint: disable=import-outside-toplevel
-
-  from covid3d.data.read_common import kept_locale  # pylint: disable=import-outside-toplevel
   rows, cols = frames[0]["rows"], frames[0]["columns"]
   out = np.empty((len(frames), rows, cols), np.float32)
   decoded = {}
@@ -205,8 +217,12 @@ def read_pixels(frames) -> np.ndarray:
   return out
 
 
-def read_dicom(path, max_voxels: int):
+def read_dicom(path, files, max_voxels: int):
   """A DICOM series folder, or one DICOM file, as a volume (module doc).
+
+  Args:
+    path: the folder or file given (named in errors).
+    files: the regular files of that folder (``[path]`` for a file).
 
   Returns:
     (float32 array (I, J, K) in voxel order, (4, 4) RAS affine, info: ``modality``, and
@@ -216,11 +232,7 @@ def read_dicom(path, max_voxels: int):
     Refused: the reason the files make no volume, or too many voxels.
     Exception: a decoder's error for bad pixel data.
   """
-  from covid3d.data import read_common  # pylint: disable=import-outside-toplevel
-  from covid3d.data import scan as scan_lib  # pylint: disable=import-outside-toplevel
   path = Path(path)
-  files = ([p for p, kind in read_common.entries(path) if kind == "file"] if path.is_dir()
-           else [path])
   frames = choose_series(read_headers(files), path)
   headers.check_voxels(len(frames) * frames[0]["rows"] * frames[0]["columns"], max_voxels,
                            f"{len(frames)} slices of {frames[0]['rows']}x{frames[0]['columns']}")
