@@ -141,10 +141,11 @@ def _measure(backends: Mapping[str, Backend], x_shape, k_shape, dtype) -> dict:
 
   Two rounds: at `probe_shapes` (where the slow backends cost little) every
   backend, then at the shape itself, fastest first (`_race`), only those within
-  ``PROBE_SLOWER`` times the probe's fastest. The entry holds ``best``, ``seconds`` (the second
-  round's medians), ``tuning_s`` (the wall time of both rounds, compiling
-  included) and where they apply ``probe`` (shape and medians), ``abandoned``
-  (name -> ``[shape, times slower than the best]``) and ``errors``.
+  ``PROBE_SLOWER`` times the probe's fastest (none when one is left: it is
+  chosen). The entry holds ``best``, ``seconds`` (the second round's medians),
+  ``tuning_s`` (the wall time of both rounds, compiling included) and where they
+  apply ``probe`` (shape and medians), ``abandoned`` (name -> ``[shape, times
+  slower than the best]``) and ``errors``.
   """
   t0 = time.perf_counter()
   prior = CHEAPEST_FIRST.get(jax.devices()[0].platform, ())
@@ -160,18 +161,22 @@ def _measure(backends: Mapping[str, Backend], x_shape, k_shape, dtype) -> dict:
                    if t > PROBE_SLOWER * fastest})
       abandoned.update({n: [list(probe[0]), r] for n, r in slow.items()})
       order = sorted((n for n in seconds if n not in slow), key=seconds.get)
-    times, slow, more_errors = _race(backends, order, x_shape, k_shape, dtype, SLOWER)
+    if len(order) == 1:   # nothing left to compare: the shape itself need not be timed
+      times, slow, more_errors = {}, {}, {}
+    else:
+      times, slow, more_errors = _race(backends, order, x_shape, k_shape, dtype, SLOWER)
   abandoned.update({n: [list(x_shape), r] for n, r in slow.items()})
   errors.update(more_errors)
-  entry.update(best=min(times, key=times.get), seconds=times,
+  entry.update(best=min(times, key=times.get) if times else order[0], seconds=times,
                tuning_s=round(time.perf_counter() - t0, 3))
   if abandoned:
     entry["abandoned"] = abandoned
   if errors:
     entry["errors"] = errors
-  log.info("dwconv auto %s kernel %s: %s (%.3g s per call); %s; tuned in %.1f s",
+  log.info("dwconv auto %s kernel %s: %s (%s); %s; tuned in %.1f s",
            "x".join(map(str, x_shape)), "x".join(map(str, k_shape[:-2])), entry["best"],
-           times[entry["best"]], describe(entry), entry["tuning_s"])
+           f"{times[entry['best']]:.3g} s per call" if times else "the only one left",
+           describe(entry), entry["tuning_s"])
   return entry
 
 

@@ -90,7 +90,8 @@ def _slowed(fn, times: int, traced: list):
 
 def test_auto_leaves_a_slow_backend_at_the_small_shape(tmp_path, monkeypatch, caplog):
   """A backend 100x slower than another is timed only at the probe's shape, never at the
-  layer's own; the table and the one log line say so, with the seconds the tuning took."""
+  layer's own (nor is the other, left alone); the table and the one log line say so, with
+  the seconds the tuning took."""
   monkeypatch.setenv("COVID3D_CACHE_DIR", str(tmp_path))
   fft = dwconv._BACKENDS["fft"]
   traced = []
@@ -103,12 +104,15 @@ def test_auto_leaves_a_slow_backend_at_the_small_shape(tmp_path, monkeypatch, ca
   assert traced and set(traced) == {probe[0]}   # never traced at (2, 32, 32, 32, 8)
   entry = json.loads((tmp_path / dwconv_tune.TABLE).read_text())[
       dwconv_tune.cache_key(shape, kshape, "float32", ("slow", "fast"))]
-  assert set(entry["seconds"]) == {"fast"} and entry["probe"]["shape"] == list(probe[0])
+  # The only one left after the probe: chosen without timing the shape itself.
+  assert entry["seconds"] == {} and set(entry["probe"]["seconds"]) == {"slow", "fast"}
+  assert entry["probe"]["shape"] == list(probe[0])
   assert entry["abandoned"]["slow"][0] == list(probe[0])
   assert entry["abandoned"]["slow"][1] > dwconv_tune.PROBE_SLOWER
   assert entry["tuning_s"] > 0
   [line] = [r.getMessage() for r in caplog.records if r.name == dwconv_tune.__name__]
-  assert line.startswith("dwconv auto 2x32x32x32x8 kernel 3x3x3: fast") and "slow left at" in line
+  assert line.startswith("dwconv auto 2x32x32x32x8 kernel 3x3x3: fast (the only one left)")
+  assert "slow left at 1x16x16x16x8" in line
   assert f"tuned in {entry['tuning_s']:.1f} s" in line
 
 
