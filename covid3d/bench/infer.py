@@ -65,7 +65,8 @@ def write_submission(path, variant_name: str, folds: int, seed: int = 0) -> None
   states = []
   for fold in range(folds):
     params = random_params(model, x, seed=seed + fold)
-    states.append({k: torch.from_numpy(v) for k, v in export_torch_convnext(params).items()})
+    states.append({k: torch.from_numpy(np.array(v)) for k, v in
+                   export_torch_convnext(params).items()})
   config = {"modelconfig": {"loss_fn": "balce_sev_eccv", "num_classes": len(NAMES),
                             "size": variant_name, "in_chan": 1}}
   torch.save({"config": config, "model_ema": states}, path)
@@ -161,6 +162,7 @@ def run(args):
         f"load average {os.getloadavg()[0]:.2f} at the start", flush=True)
   cache = work / "cache"
   env = {**os.environ, "COVID3D_CACHE_DIR": str(cache)}
+  blank = {"tuning_s": float("nan"), "chosen": "-", "max_prob_diff": float("nan")}
   rows, jax_probs = [], None
   for attempt in ("first", "second"):
     out = work / f"out_{attempt}"
@@ -169,7 +171,7 @@ def run(args):
     with open(out / "predictions.csv", newline="") as f:
       jax_probs = np.array([float(v) for v in map(next(csv.DictReader(f)).get, NAMES)])
     row = {"what": f"covid3d.infer, {attempt} call", "wall_s": seconds,
-           "load_avg": os.getloadavg()[0]}
+           "load_avg": os.getloadavg()[0], **blank}
     if attempt == "first":
       table = json.loads((cache / "dwconv_auto.json").read_text())
       row["tuning_s"] = sum(e.get("tuning_s", 0.0) for e in table.values())
@@ -180,7 +182,7 @@ def run(args):
                              str(model_dir), str(scan)])
     result = json.loads(stdout.strip().splitlines()[-1])
     rows.append({"what": f"PyTorch, {result['threads']} threads", "wall_s": seconds,
-                 "load_avg": os.getloadavg()[0],
+                 "load_avg": os.getloadavg()[0], **blank,
                  "max_prob_diff": float(np.max(np.abs(np.array(result["probs"]) - jax_probs)))})
   print_table(rows)
   append_markdown(args.markdown, f"infer {args.folds}x{args.variant} {args.size}^3", rows, "what")
