@@ -24,11 +24,12 @@ most lesion (else saliency): the lesion outline in red, the Grad-CAM as a heat
 map. A scan that cannot be read gets its error and no probabilities,
 the others are still predicted, and the exit status is 1 (0 when all
 succeeded; 2 for a bad command line, scan path, OUT or model, said in one line;
-the scan paths and OUT are checked before any model loads). It prints the
-model card's one line first (``covid3d.model_card``: what the model was trained
-on; for the demo's phantom-trained models, that they are not for real scans),
-and one line per layer shape the first time a shape is met on this device (the
-depthwise convolution's backend, ``covid3d.models.dwconv_tune``). Warnings that
+the scan paths and OUT are checked before any model loads). Once the model is
+loaded it prints the model card's one line (``covid3d.model_card``: what the
+model was trained on; for the demo's phantom-trained models, that they are not
+for real scans); loading a workdir's model the first time a layer shape is met
+on this device logs one line per shape (the depthwise convolution's backend,
+``covid3d.models.dwconv_tune``). Warnings that
 SimpleITK prints while reading a scan come as one line each naming the scan.
 
 Outputs never harm a file: OUT must be new or empty (``--overwrite`` lets the
