@@ -9,26 +9,31 @@ become what covid3d's fine-tuning stage leaves: ``OUT_DIR/config.json`` (the
 model), and per fold ``OUT_DIR/fold<k>/checkpoints`` (an Orbax checkpoint of
 ``{'step', 'params', 'ema_params'}``, both the fold's EMA weights, readable by
 ``covid3d.stages.initial_params.best_params``) and ``OUT_DIR/fold<k>/DONE``.
-``OUT_DIR/authors.json`` keeps their training config and data transforms. A
+``OUT_DIR/authors.json`` keeps their training config and data transforms,
+``OUT_DIR/MODEL_CARD.md`` says where the weights come from (``covid3d.model_card``). A
 single training checkpoint (``{'model', 'model_ema', ...}``) becomes one fold.
 Then ``configs/predict.py`` with ``--config.init_from=OUT_DIR`` predicts with
 their ensemble (docs/weights.md, "The authors' checkpoints").
 """
 import argparse
+import json
 import logging
+import sys
+from collections.abc import Mapping
 
 import ml_collections
 import numpy as np
 from etils import epath
 
 from covid3d import config as base_config
-from covid3d import storage, weights
+from covid3d import model_card, storage, weights
 from covid3d.models.variants import VARIANTS
 from covid3d.inference import workdir
 from covid3d.stages import chain, handoff
 from covid3d.train import checkpoint
 
-RECORD = "authors.json"
+RECORD = model_card.AUTHORS_RECORD   # authors.json
+PROG = "python -m covid3d.authors"
 
 
 def target_config(target: str) -> ml_collections.ConfigDict:
@@ -79,8 +84,9 @@ def convert_submission(source, out_dir, *, target: str | None = None,
       already holds fold checkpoints.
   """
   obj = weights.read_checkpoint(source, trusted=trusted)
-  if not isinstance(obj, dict):
-    obj = dict(obj)
+  if not isinstance(obj, Mapping):
+    raise ValueError(f"{source} holds a {type(obj).__name__}, not a submission file (a dict "
+                     "with 'model_ema': one state dict per fold)")
   states, key = weights.fold_states(obj, where=str(source))
   trees = [weights.load_authors_checkpoint({key: s}, ema=key == "model_ema", head="classifier")
            for s in states]
@@ -127,6 +133,8 @@ def convert_submission(source, out_dir, *, target: str | None = None,
   record = dict(summary, source=str(source), config=obj.get("config"),
                 data_transforms=obj.get("data_transforms"))
   storage.write_json(out / RECORD, record, indent=1, default=str)
+  model_card.write(out, json.loads(config.to_json_best_effort()), None,
+                   {"source": str(source)})
   logging.info("wrote %d fold(s) of %s to %s", len(trees), source, out)
   return summary
 
@@ -137,7 +145,7 @@ def _copy(tree):
 
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(
-      prog="python -m covid3d.authors",
+      prog=PROG,
       description="Use the authors' (Kienzle et al.) PyTorch files with covid3d.")
   sub = parser.add_subparsers(dest="command", required=True)
   conv = sub.add_parser("convert", help="a wrapped-up submission file -> a fine-tuning workdir "
@@ -149,8 +157,14 @@ def main(argv=None) -> int:
   conv.add_argument("--trusted", action="store_true",
                     help="read it with torch.load(weights_only=False): only files you trust")
   args = parser.parse_args(argv)
-  summary = convert_submission(args.submission, args.out_dir, target=args.target,
-                               trusted=args.trusted)
+  try:
+    summary = convert_submission(args.submission, args.out_dir, target=args.target,
+                                 trusted=args.trusted)
+  except (ValueError, KeyError, OSError, ImportError) as e:   # one line, naming the file
+    reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    named = args.submission in reason or args.out_dir in reason
+    print(f"{PROG}: {reason if named else f'{args.submission}: {reason}'}", file=sys.stderr)
+    return 2
   folds = summary["folds"]
   print(f"wrote {folds} fold model(s) ({summary['target']}, ConvNeXt-{summary['variant']}, "
         f"head_hidden {summary['head_hidden']}) to {summary['out_dir']}\n"

@@ -31,7 +31,13 @@ most lesion (else saliency): the lesion outline in red, the Grad-CAM as a heat
 map. A scan that cannot be read gets its error and no probabilities,
 the others are still predicted, and the exit status is 1 (0 when all
 succeeded; 2 for a bad command line, scan path, OUT or model, said in one line;
-the scan paths and OUT are checked before any model loads).
+the scan paths and OUT are checked before any model loads). Once the model is
+loaded it prints the model card's one line (``covid3d.model_card``: what the
+model was trained on; for the demo's phantom-trained models, that they are not
+for real scans); loading a workdir's model the first time a layer shape is met
+on this device logs one line per shape (the depthwise convolution's backend,
+``covid3d.models.dwconv_tune``). Warnings that
+SimpleITK prints while reading a scan come as one line each naming the scan.
 
 Outputs never harm a file: OUT must be new or empty (``--overwrite`` lets the
 outputs replace earlier ones there); each is written whole under a temporary
@@ -46,7 +52,6 @@ import argparse
 import csv
 import dataclasses
 import io
-import logging
 import os
 import stat
 import sys
@@ -58,7 +63,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from covid3d import export, saliency, storage
+from covid3d import export, model_card, saliency, storage
 from covid3d.data import acceptance, headers, preprocess, read_common, readers, schema
 from covid3d.inference import build, workdir
 from covid3d.inference.teacher import teacher_params
@@ -110,6 +115,12 @@ def load_predictor(model) -> export.Predictor:
     except ValueError as e:
       raise workdir.HandOffError(str(e)) from None
   return export.workdir_predictor(*export.load_model(model))
+
+
+def card_line(model, predictor: export.Predictor) -> str:
+  """The model card's one line (``covid3d.model_card.headline``) of ``model``."""
+  card = predictor.card if Path(model).is_file() else model_card.for_workdir(model)
+  return model_card.headline(card) or f"{model} has no model card"
 
 
 def load_segmenter(lesions_dir) -> Segmenter:
@@ -345,7 +356,8 @@ def predict_scans(predictor: export.Predictor, paths, out: Path,
     row = Row(str(path))
     rows.append(row)
     try:
-      scan = readers.read_path(path, max_voxels=max_voxels)
+      with read_common.library_messages(path):
+        scan = readers.read_path(path, max_voxels=max_voxels)
       found = acceptance.problems(scan)
       if found and not accept_any:
         raise readers.DataError(path, "; ".join(found))
@@ -432,6 +444,7 @@ def load_models(args):
 
   Raises:
     HandOffError: a bad model, or --saliency with an exported file.
+    One of export.MODEL_ERRORS: a --model that cannot be read.
   """
   if args.saliency:
     config, ensemble = export.load_model(args.model)
@@ -439,7 +452,10 @@ def load_models(args):
     cam_fn = saliency.ensemble_grad_cam(config, ensemble)
   else:
     predictor, cam_fn = load_predictor(args.model), None
-  segmenter = load_segmenter(args.lesions) if args.lesions else None
+  try:
+    segmenter = load_segmenter(args.lesions) if args.lesions else None
+  except export.MODEL_ERRORS as e:
+    raise workdir.HandOffError(export.unreadable(args.lesions, e, "--lesions")) from None
   return predictor, segmenter, cam_fn
 
 
@@ -467,7 +483,7 @@ def main(argv=None) -> int:
   parser.add_argument("scans", nargs="+", metavar="SCAN",
                       help="NIfTI/MetaImage/NRRD file, DICOM series folder or slice folder")
   args = parser.parse_args(argv)
-  logging.basicConfig(level=logging.WARNING, format="%(message)s")
+  export.cli_logging()
   out = Path(args.out)
   inputs = [*args.scans, args.model, *([args.lesions] if args.lesions else [])]
   names = output_names(args.scans, out, inputs)
@@ -477,12 +493,17 @@ def main(argv=None) -> int:
                                  "no gradients of the last stage)")
     check_out(out, inputs, args.overwrite, names if args.lesions or args.saliency else ())
     check_scans(args.scans)
-    predictor, segmenter, cam_fn = load_models(args)
   except UserError as e:   # one line per mistake
     print("\n".join(f"{PROG}: {line}" for line in str(e).splitlines()), file=sys.stderr)
     return 2
   except workdir.HandOffError as e:
     print(f"{PROG}: {e}", file=sys.stderr)
+    return 2
+  try:
+    predictor, segmenter, cam_fn = load_models(args)
+    print(f"model: {card_line(args.model, predictor)}", flush=True)
+  except export.MODEL_ERRORS as e:   # a model that is not one, or cannot be reached
+    print(f"{PROG}: {export.unreadable(args.model, e)}", file=sys.stderr)
     return 2
   lesions = segmenter is not None
   try:

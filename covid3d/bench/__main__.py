@@ -3,7 +3,7 @@ import argparse
 import importlib
 import sys
 
-SUBCOMMANDS = ("model", "augment", "data", "train", "imagenet", "memory")
+SUBCOMMANDS = ("model", "augment", "data", "train", "imagenet", "memory", "infer")
 
 
 def main(argv=None):

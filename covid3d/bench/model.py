@@ -134,13 +134,15 @@ def auto_choices(variant_name, size, batch, spatial_dims, dtype, kernel_size=7):
 # ------------------------------------------------------------------ PyTorch
 
 def torch_convnext(torch, depths, dims, spatial_dims=3, in_chans=1, num_classes=2,
-                   kernel_size=7, layer_scale_init=1e-6):
+                   kernel_size=7, layer_scale_init=1e-6, head_hidden=0):
   """The official ConvNeXt (Liu et al. 2022) in PyTorch, channels-first, 2-D or 3-D.
 
   Stem: ``4^d`` conv stride 4 + channels-first LayerNorm; downsampling:
   LayerNorm + ``2^d`` conv stride 2; blocks: ``k^d`` depthwise conv ->
   LayerNorm -> Linear 4C -> GELU -> Linear C -> layer scale -> residual;
-  head: global average pool, LayerNorm, Linear.
+  head: global average pool, LayerNorm, (with ``head_hidden``: the authors'
+  Linear + ReLU,) Linear. Its parameters come in the order of
+  ``covid3d.weights.to_torch.export_torch_convnext``'s entries.
   """
   nn = torch.nn
   conv = nn.Conv3d if spatial_dims == 3 else nn.Conv2d
@@ -180,11 +182,13 @@ def torch_convnext(torch, depths, dims, spatial_dims=3, in_chans=1, num_classes=
         layers += [Block(c) for _ in range(depth)]
       self.features = nn.Sequential(*layers)
       self.norm = nn.LayerNorm(dims[-1], eps=1e-6)
-      self.head = nn.Linear(dims[-1], num_classes)
+      self.pre_head = (nn.Sequential(nn.Linear(dims[-1], head_hidden), nn.ReLU()) if head_hidden
+                       else nn.Identity())
+      self.head = nn.Linear(head_hidden or dims[-1], num_classes)
 
     def forward(self, x):
       x = self.features(x)
-      return self.head(self.norm(x.mean(dim=tuple(range(2, x.ndim)))))
+      return self.head(self.pre_head(self.norm(x.mean(dim=tuple(range(2, x.ndim))))))
 
   return Net()
 

@@ -11,7 +11,10 @@ import csv
 import errno
 import logging
 import os
+import re
 import stat
+import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -397,3 +400,35 @@ def load_hu_scan(ref, *, strict: bool = False, skips: SkipLog | None = None,
   return scan_lib.Scan(scan_id=ref.scan_id, volume=hu_to_unit(volume), spacing=spacing,
                        origin=origin, direction=direction, labels=dict(ref.labels),
                        mask=mask, source=str(path), meta=meta)
+
+
+# An ITK/GDCM message: "WARNING: In /its/build/path/file.hxx, line 502", then the object
+# and its address, "ImageSeriesReader (0x5615...): ", then the text, up to a blank line.
+_ITK_MESSAGE = re.compile(r"(WARNING|ERROR): In \S+, line \d+\n(\w+) \(0x[0-9a-f]+\): (.*?)"
+                          r"(?:\n\s*\n|\Z)", re.DOTALL)
+
+
+@contextlib.contextmanager
+def library_messages(where):
+  """Runs the block with the process's stderr (file descriptor 2) taken aside: each
+  message ITK prints there (SimpleITK's readers: "Non uniform sampling", ...) is
+  logged as one warning, ``<where>: ITK: <object>: <text>``, without its build
+  path; any other text is passed on unchanged."""
+  sys.stderr.flush()
+  saved = os.dup(2)
+  with tempfile.TemporaryFile() as aside:
+    os.dup2(aside.fileno(), 2)
+    try:
+      yield
+    finally:
+      sys.stderr.flush()
+      os.dup2(saved, 2)
+      os.close(saved)
+      aside.seek(0)
+      text = aside.read().decode("utf-8", "replace")
+      for kind, source, message in _ITK_MESSAGE.findall(text):
+        log.warning("%s: ITK%s: %s: %s", where, "" if kind == "WARNING" else " error", source,
+                    " ".join(message.split()))
+      rest = _ITK_MESSAGE.sub("", text)
+      if rest.strip():
+        sys.stderr.write(rest)

@@ -11,15 +11,17 @@ Then the fold ensemble predicts the validation and test partitions
 
 Writes ``folds.csv``, ``fold<k>/`` (checkpoints, metrics), ``cv.json``
 (per-fold and mean macro F1 and per-class F1 of each fold's best EMA
-evaluation), and the prediction outputs.
+evaluation), the prediction outputs, and ``MODEL_CARD.md`` (``covid3d.model_card``:
+training data, intended use, inputs, the CV figures).
 """
 import json
 import logging
 
+import jax
 import numpy as np
 from etils import epath
 
-from covid3d import losses, storage
+from covid3d import losses, model_card, storage
 from covid3d.data import folds as folds_lib
 from covid3d.data import pipeline
 from covid3d.data.skips import SkipLog
@@ -96,5 +98,7 @@ def run(config, workdir):
   storage.write_json(epath.Path(workdir) / "cv.json", cv, indent=1)
   logging.info("CV macro F1 %.4f over %d folds", cv["mean_macro_f1"], len(summaries))
   outputs = predict.predict_finetuned(config, workdir, skips=skips)
+  if jax.process_index() == 0:
+    model_card.write(workdir, json.loads(config.to_json_best_effort()), cv)
   handoff.mark_done(workdir, {"cv_macro_f1": cv["mean_macro_f1"], **outputs})
   return cv

@@ -70,14 +70,15 @@ def test_gpu_check_commands_parse():
   assert train.size == 224 and train.augment_only and train.markdown == "out.md"
 
 
-@pytest.mark.parametrize("command", ["model", "train"])
+@pytest.mark.parametrize("command", ["model", "train", "infer"])
 def test_entry_points_answer_help(command, capsys):
   with pytest.raises(SystemExit) as done:
     bench_main.main([command, "--help"])
   assert done.value.code == 0
   out = capsys.readouterr().out
   for flag in {"model": ["--torch", "--dwconv-check", "--kernel-size", "--markdown", "--impl"],
-               "train": ["--augment-only", "--markdown", "--size", "--impl"]}[command]:
+               "train": ["--augment-only", "--markdown", "--size", "--impl"],
+               "infer": ["--folds", "--no-torch", "--keep", "--markdown"]}[command]:
     assert flag in out
 
 
@@ -170,3 +171,27 @@ def test_memory_benchmark_rows_and_one_stage(tmp_path):
   assert floor["batch_MB"] == pytest.approx((32 ** 3 + 40 ** 3) / 1e6)
   assert row["batch_MB"] == pytest.approx(((32 ** 3 + 40 ** 3) * 2 + 9) / 1e6)
   assert row["cache_MB"] > (32 ** 3 + 40 ** 3) * 2 / 1e6
+
+
+@pytest.mark.slow   # converts and compiles two nano folds (about 40 s of CPU)
+def test_the_infer_benchmark_runs_the_same_ensemble_in_pytorch(tmp_path):
+  """The authors'-style submission file that ``bench infer`` writes gives, through ``authors
+  convert`` and covid3d, the probabilities PyTorch's twin gives from the same file."""
+  pytest.importorskip("torch")
+  from covid3d import authors, export
+  from covid3d.bench import infer as bench_infer
+  from covid3d.data import preprocess, readers, schema
+  submission, model_dir, scan = tmp_path / "s.pt", tmp_path / "model", tmp_path / "scan.nii.gz"
+  bench_infer.write_submission(submission, "nano", folds=2)
+  authors.convert_submission(submission, model_dir, target="severity")
+  config = json.loads((model_dir / "config.json").read_text())
+  config["data"]["sizes"] = [32]
+  config["model"]["dwconv_impl"] = "fft"
+  (model_dir / "config.json").write_text(json.dumps(config))
+  bench_infer.write_scan(scan, 32)
+  theirs = bench_infer.torch_ensemble(submission, model_dir, scan)["probs"]
+  predictor = export.workdir_predictor(*export.load_model(model_dir))
+  cube = preprocess.preprocess_scan(readers.read_path(scan), (32,))[schema.volume_key(32)]
+  ours = predictor.fn(np.asarray(cube, np.float32)[None, ..., None])[0]
+  np.testing.assert_allclose(ours, theirs, atol=2e-5)
+  assert np.ptp(ours) > 1e-3   # random folds that disagree, not a uniform answer

@@ -45,6 +45,11 @@ def test_infer_gives_one_answer_per_volume_whatever_the_format(chain, tmp_path, 
                    f"--lesions={chain / 'segmentation'}", "--saliency", *map(str, paths)])
   assert rc == 1
   printed = capsys.readouterr().out
+  # The fine-tuning stage's model card; its line comes first, saying what the model is not for.
+  card = (chain / "severity" / "MODEL_CARD.md").read_text()
+  assert "synthetic phantom" in card and "| fold | macro F1 |" in card
+  assert printed.splitlines()[0].startswith("model: covid3d severity model")
+  assert printed.splitlines()[0].endswith("not for real scans.")
   with open(out / "predictions.csv") as f:
     reader = csv.DictReader(f)
     rows = list(reader)
@@ -92,6 +97,7 @@ def test_infer_gives_one_answer_per_volume_whatever_the_format(chain, tmp_path, 
   np.testing.assert_allclose(again, probs[3:5], atol=2e-6)
   import zipfile
   z = zipfile.ZipFile(exported)
+  assert z.read("MODEL_CARD.md").decode() == card
   f = jax.export.deserialize(bytearray(z.read("model.stablehlo")))
   params = np.load(z.open("params.npz"))
   leaves = tuple(params[k] for k in sorted(params.files))

@@ -29,6 +29,7 @@ REPO = Path(__file__).resolve().parents[2]
 NAMES = ("mild", "moderate", "severe", "critical")
 SIZE = 16
 PUBLIC_NIFTI = Path(nibabel.__file__).parent / "tests" / "data" / "anatomical.nii"
+CARD = "# Model card\n\nIn one line: a tiny test ensemble of cube statistics, not for real scans.\n"
 
 
 def _tiny_ensemble(leaves, x):
@@ -44,7 +45,7 @@ def write_model(path, names=NAMES) -> Path:
   rng = np.random.default_rng(0)
   leaves = (rng.standard_normal((3, len(names))).astype(np.float32),
             rng.standard_normal(len(names)).astype(np.float32))
-  path.write_bytes(export.pack(_tiny_ensemble, leaves, SIZE, names, (0, 1), "tiny"))
+  path.write_bytes(export.pack(_tiny_ensemble, leaves, SIZE, names, (0, 1), "tiny", CARD))
   return path
 
 

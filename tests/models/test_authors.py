@@ -305,6 +305,8 @@ def test_convert_submission_to_a_fold_ensemble_workdir(tmp_path, capsys):
   assert json.loads((out / "authors.json").read_text())["config"]["modelconfig"]["loss_fn"] == (
       "balce_inf_eccv")
   ensemble.fold_dirs(out, (0, 1))  # both folds DONE, as the predict stage requires
+  card = (out / "MODEL_CARD.md").read_text()
+  assert f"Converted from `{sub}`" in card and "not a medical device" in card
 
   # What the predict stage builds from its config, with their weights, gives their logits.
   stage = authors.target_config("detection")

@@ -5,12 +5,16 @@ per kernel) would dominate the generic tables below; it has its own cases at
 the end (odd channel counts, sizes no block divides, bfloat16, the GPU's
 power-of-two tiling, the model).
 """
+import json
+import logging
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from covid3d.models import DWCONV_IMPLS, ConvNeXt, choose_impl, depthwise_conv
+from covid3d.models import dwconv, dwconv_tune
 from covid3d.models.dwconv import auto_candidates, lax_depthwise_conv
 from covid3d.models.dwconv_pallas import depthwise_conv_pallas
 
@@ -73,6 +77,57 @@ def test_auto_measures_and_remembers(tmp_path, monkeypatch):
   x, kernel, bias = _inputs(shape, 3)
   y = jax.jit(lambda a, b, c: depthwise_conv(a, b, c, "auto"))(x, kernel, bias)
   np.testing.assert_allclose(y, _reference(x, kernel, bias), rtol=1e-4, atol=1e-4)
+
+
+def _slowed(fn, times: int, traced: list):
+  """``fn`` applied ``times`` times in a row (each on the last's output): about ``times`` times
+  its cost; the shapes it is traced with are appended to ``traced``."""
+  def slow(x, kernel):
+    traced.append(tuple(x.shape))
+    return jax.lax.fori_loop(0, times, lambda i, y: fn(y, kernel) / 8, x)
+  return slow
+
+
+def test_auto_leaves_a_slow_backend_at_the_small_shape(tmp_path, monkeypatch, caplog):
+  """A backend 100x slower than another is timed only at the probe's shape, never at the
+  layer's own (nor is the other, left alone); the table and the one log line say so, with
+  the seconds the tuning took."""
+  monkeypatch.setenv("COVID3D_CACHE_DIR", str(tmp_path))
+  fft = dwconv._BACKENDS["fft"]
+  traced = []
+  shape, kshape = (2, 32, 32, 32, 8), (3, 3, 3, 1, 8)
+  probe = dwconv_tune.probe_shapes(shape, kshape)
+  assert probe == ((1, 16, 16, 16, 8), (3, 3, 3, 1, 8))
+  with caplog.at_level(logging.INFO, logger=dwconv_tune.__name__):
+    best = dwconv_tune.choose({"slow": _slowed(fft, 100, traced), "fast": fft}, shape, kshape)
+  assert best == "fast"
+  assert traced and set(traced) == {probe[0]}   # never traced at (2, 32, 32, 32, 8)
+  entry = json.loads((tmp_path / dwconv_tune.TABLE).read_text())[
+      dwconv_tune.cache_key(shape, kshape, "float32", ("slow", "fast"))]
+  # The only one left after the probe: chosen without timing the shape itself.
+  assert entry["seconds"] == {} and set(entry["probe"]["seconds"]) == {"slow", "fast"}
+  assert entry["probe"]["shape"] == list(probe[0])
+  assert entry["abandoned"]["slow"][0] == list(probe[0])
+  assert entry["abandoned"]["slow"][1] > dwconv_tune.PROBE_SLOWER
+  assert entry["tuning_s"] > 0
+  [line] = [r.getMessage() for r in caplog.records if r.name == dwconv_tune.__name__]
+  assert line.startswith("dwconv auto 2x32x32x32x8 kernel 3x3x3: fast (the only one left)")
+  assert "slow left at 1x16x16x16x8" in line
+  assert f"tuned in {entry['tuning_s']:.1f} s" in line
+
+
+def test_auto_abandons_a_slow_backend_after_one_call(tmp_path, monkeypatch):
+  """A shape too small for a probe round: the slow backend gets one call, not three."""
+  monkeypatch.setenv("COVID3D_CACHE_DIR", str(tmp_path))
+  fft = dwconv._BACKENDS["fft"]
+  shape, kshape = (1, 16, 16, 16, 8), (3, 3, 3, 1, 8)
+  assert dwconv_tune.probe_shapes(shape, kshape) is None
+  assert dwconv_tune.choose({"fast": fft, "slow": _slowed(fft, 20, [])}, shape, kshape) == "fast"
+  entry = dwconv_tune.read_table()[dwconv_tune.cache_key(shape, kshape, "float32",
+                                                         ("fast", "slow"))]
+  assert "probe" not in entry and set(entry["seconds"]) == {"fast"}
+  assert entry["abandoned"]["slow"][0] == list(shape)
+  assert entry["abandoned"]["slow"][1] > dwconv_tune.SLOWER
 
 
 def test_bad_arguments():
