@@ -203,7 +203,7 @@ def load(path) -> Predictor:
   except (OSError, zipfile.BadZipFile, zipfile.LargeZipFile, EOFError) as e:
     raise ValueError(f"{path}: not a covid3d export ({type(e).__name__}: {e})") from None
   return Predictor(lambda x: np.asarray(exported.call(leaves, jnp.asarray(x, jnp.float32))),
-                   tuple(meta["classes"]), meta["input_size"], tuple(meta["folds"]), card)
+                   tuple(meta["classes"]), meta["input_size"], tuple(meta["folds"]), card=card)
 
 
 class ExportError(ValueError):

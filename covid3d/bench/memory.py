@@ -159,9 +159,10 @@ def stage_config(row: str, sizes, batch: int, threads: int, record_dtype=None):
 
 def stage_fields(row: str, config) -> dict:
   """Batch key -> record field of the training batches of the stage of ``row``, by its code."""
-  from covid3d.stages import handoff, inputs, multitask, segmentation  # pylint: disable=import-outside-toplevel
+  from covid3d.inference import workdir  # pylint: disable=import-outside-toplevel
+  from covid3d.stages import inputs, multitask, segmentation  # pylint: disable=import-outside-toplevel
   if row == "severity-train":
-    return inputs.batch_fields(config, label=handoff.target("severity").label)
+    return inputs.batch_fields(config, label=workdir.target("severity").label)
   stage = {"segmentation-train": segmentation, "multitask-train": multitask}[row]
   return stage.train_fields(config)
 
