@@ -33,7 +33,8 @@ def train_segmentation(config, workdir, source, val_source=None, model=None, fra
   stage's own validation scans either way. ``model``: default the
   segmentation model.
   """
-  model = model or build.make_model(config, {}, segmentation=True)
+  if model is None:
+    model = build.make_model(config, {}, segmentation=True)
   if val_source is not None:
     train_idx, val_idx = np.arange(len(source.index)), lesion_split(config, val_source)[1]
   else:
