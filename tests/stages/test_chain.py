@@ -329,6 +329,11 @@ def test_fold_ensemble_is_the_mean_of_the_fold_softmaxes(chain, run_stage, shrin
   assert seen == 2 * len(ensemble)
 
 
+def _largest_change(a, b) -> float:
+  return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
+             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+
+
 def test_segmia_and_multitask_hand_on_their_student_fine_tuned_on_the_lesions(run_stage, tmp_path):
   """The authors' rounds end with a lesion fine-tune of the student (handoff.lesion_finetune);
   the teacher sees augmented scans (pseudolabel.augment_inputs), so its masks differ from the
@@ -353,7 +358,8 @@ def test_segmia_and_multitask_hand_on_their_student_fine_tuned_on_the_lesions(ru
     lrs = {r["learning_rate"] for r in rows if "learning_rate" in r}
     assert lrs and all(lr == pytest.approx(3e-4 / 5) for lr in lrs)   # the demo's lr / 5
     handed, student = (initial_params.best_params(str(p)) for p in (out, out / "student"))
-    assert _digest(handed["backbone"]) != _digest(student["backbone"])
-  assert _digest(handed["head_stoic_severe"]) == _digest(student["head_stoic_severe"])
+    assert _largest_change(handed["backbone"], student["backbone"]) > 1e-6   # one step, trained
+  # The STOIC head gets no gradient: only the EMA's rounding moves it.
+  assert _largest_change(handed["head_stoic_severe"], student["head_stoic_severe"]) < 1e-6
   out = run_stage("segmia", root, "segmia_student", **labels, **{"handoff.lesion_finetune": False})
   assert not (out / "student").exists() and "student" not in json.loads((out / "DONE").read_text())
