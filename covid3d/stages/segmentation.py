@@ -36,7 +36,7 @@ def train_segmentation(config, workdir, source, val_source=None, model=None, fra
   if model is None:
     model = build.make_model(config, {}, segmentation=True)
   if val_source is not None:
-    train_idx, val_idx = np.arange(len(source.index)), lesion_split(config, val_source)[1]
+    train_idx, val_idx = every_record(config, source), lesion_split(config, val_source)[1]
   else:
     train_idx, val_idx = inputs.stage_holdout(
         config, source.index, config.data.lesion_val_fraction if fraction is None else fraction)
@@ -45,6 +45,18 @@ def train_segmentation(config, workdir, source, val_source=None, model=None, fra
                    tasks.segmentation_task("mask"), output="segmentation", val_source=val_source)
   handoff.mark_trained(workdir, result)
   return result
+
+
+def every_record(config, source):
+  """All of ``source``'s indices, in the authors' order with ``data.holdout=authors``.
+
+  Their segmia dataset shuffles its name-sorted list once with
+  ``random.Random(42)`` and reads it in that order when unshuffled.
+  """
+  if config.data.holdout != "authors":
+    return np.arange(len(source.index))
+  return inputs.authors_holdout([inputs.file_stem(e) for e in source.index], 0.0,
+                                config.data.holdout_seed)[0]
 
 
 def hand_on(config, workdir, train_student, model, skips: SkipLog):

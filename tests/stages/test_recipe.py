@@ -247,3 +247,21 @@ def test_pseudo_labels_from_augmented_inputs_need_the_upsample_mode(tmp_path):
   c.pseudolabel.mode = "sliding"
   with pytest.raises(ValueError, match="augment_inputs"):
     pseudolabel.run(c, str(tmp_path))
+
+
+def test_segmia_reads_its_scans_in_the_authors_fixed_order():
+  """Their segmia list: the names sorted, shuffled once by random.Random(42), read in order."""
+  import random
+
+  from covid3d.data import pipeline
+  from covid3d.stages import segmentation
+  index = tuple({"scan_id": f"ct_scan_{i}", "partition": p} for p in ("train", "test")
+                for i in (3, 1, 20, 7))
+  source = pipeline.RecordSource([{}] * 8, index, "test")
+  stems = [f"{e['partition']}__{e['scan_id']}" for e in index]
+  theirs = sorted(stems)
+  random.Random(42).shuffle(theirs)
+  c = load_config("segmia")
+  assert [stems[i] for i in segmentation.every_record(c, source)] == theirs
+  c.data.holdout = "seeded"
+  assert list(segmentation.every_record(c, source)) == list(range(8))
