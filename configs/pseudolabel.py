@@ -16,6 +16,13 @@ def get_config(arg=None):
                                       # aligned) or 'logits' (the authors' F.interpolate of the
                                       # logits, half-pixel centres, i.e. align_corners=False);
                                       # thresholded at 0.5
+  c.pseudolabel.augment_inputs = True  # the authors' code: the teacher predicts each scan
+                                      # through the training augmentation below (drawn from the
+                                      # scan's key), and the mask is stored as the label of the
+                                      # unaugmented scan, misaligned wherever the draw moved it
+                                      # (docs/method.md); False: the clean scan (upsample mode)
+  c.augment.elastic.p = 0.0           # their pretraining augmentation: no elastic deformation,
+  c.augment.rot90.p = 0.0             # no quarter turns
   c.pseudolabel.write_nifti = True    # masks in each scan's original geometry
   c.pseudolabel.datasets = ("cov19ctdb", "stoic")  # the datasets labelled
   return base.finalize(c, arg)

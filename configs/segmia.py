@@ -7,7 +7,10 @@ from covid3d import config as base
 
 
 def get_config(arg=None):
-  c = base.pretraining_config("segmia", arg, num_steps=20000, eval_every=1000)
+  c = base.pretraining_config("segmia", arg, num_steps=20000, eval_every=1000,
+                              lesion_finetune=True)
+  c.train.shuffle = False             # the authors' pseudo-label loader reads the scans in one
+                                      # fixed order every epoch; True draws each epoch's order
   c.segmia = base.ml_collections.ConfigDict()
   c.segmia.partitions = ("train", "validation", "test")  # COV19-CT-DB partitions whose
                                       # pseudo-labelled scans segmia trains on; all three is

@@ -162,14 +162,28 @@ def get_config(stage: str) -> ml_collections.ConfigDict:
   return c
 
 
-def pretraining_config(stage: str, arg, num_steps: int,
-                       eval_every: int) -> ml_collections.ConfigDict:
+def pretraining_config(stage: str, arg, num_steps: int, eval_every: int, num_epochs: float = 0.0,
+                       lesion_finetune: bool = False) -> ml_collections.ConfigDict:
   """A 3-D pretraining stage with the authors' recipe.
 
   Adam lr 1e-5, clip 5, EMA 0.99, best by Dice; their pretraining augmentation
-  (no elastic deformation, no quarter turns, noise on the [0, 1] volume).
+  (no elastic deformation, no quarter turns, noise on the [0, 1] volume); their
+  lesion hold-out. ``num_epochs`` > 0 gives the length in epochs, evaluated
+  every epoch, as their loops (the demo runs in steps); ``lesion_finetune`` adds
+  the ``handoff`` block (``lesion_finetune_config``).
   """
   c = get_config(stage)
+  c.data.holdout = "authors"          # how a pretraining stage holds scans out: 'authors'
+                                      # (Python's random.Random(holdout_seed).shuffle of the
+                                      # scans sorted by id, the first int((1 - fraction) n)
+                                      # trained on: their pretraining/data/datasets.py) or
+                                      # 'seeded' (a numpy permutation from data.fold_seed)
+  c.data.holdout_seed = 42            # the seed of holdout='authors' (theirs: 42)
+  c.data.lesion_val_fraction = 0.15   # the lesion set's held-out share: the validation scans
+                                      # of segmentation, segmia and the lesion fine-tune
+                                      # (theirs: 85/15, 169 + 30 of the 199 COVID-19-20 scans)
+  if lesion_finetune:
+    c.handoff = lesion_finetune_config()
   c.train.optimizer = "adam"
   c.train.learning_rate = 1e-5
   c.train.weight_decay = 0.0
@@ -183,7 +197,37 @@ def pretraining_config(stage: str, arg, num_steps: int,
   c.train.num_steps = num_steps
   c.train.eval_every = eval_every
   c.train.checkpoint_every = eval_every
-  return finalize(c, arg)
+  c.train.num_epochs = float(num_epochs)
+  c.train.eval_every_epochs = 1.0 if num_epochs else 0.0
+  return finalize(c, arg, pretraining_demo)
+
+
+def lesion_finetune_config() -> ml_collections.ConfigDict:
+  """The ``handoff`` block of segmia and multitask: what the stage hands on.
+
+  The authors' rounds end by fine-tuning the student's EMA model on the lesion
+  set at a fifth of the learning rate, for half their epochs, best by EMA
+  Dice; that model is their final segmia/multitask artefact.
+  """
+  c = ml_collections.ConfigDict()
+  c.lesion_finetune = True            # hand on the student after a further fine-tune on the
+                                      # lesion set (theirs; the student trains in <workdir>/student,
+                                      # the fine-tune in <workdir>); False: the student itself
+  c.learning_rate_factor = 0.2        # the fine-tune's learning rate: train.learning_rate times
+                                      # this (theirs: lr / 5)
+  c.num_epochs = 59.0                 # the fine-tune's epochs over the lesion training scans,
+                                      # evaluated every epoch (theirs: epochs 1..59 of
+                                      # MAX_EPOCHS // 2 = 60); 0: train.num_steps // 2 steps,
+                                      # evaluated every train.eval_every (the demo)
+  return c
+
+
+def pretraining_demo(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A pretraining demo's length: ``demo``'s steps, and the lesion fine-tune in steps."""
+  c.train.num_epochs = c.train.eval_every_epochs = 0.0
+  if "handoff" in c:
+    c.handoff.num_epochs = 0.0
+  return c
 
 
 def finetune_config(target: str, arg, epochs: int) -> ml_collections.ConfigDict:

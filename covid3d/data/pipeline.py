@@ -185,7 +185,7 @@ def _field_pairs(fields: Sequence[str] | Mapping[str, str]
 def host_dataset(source: RecordSource, indices: np.ndarray, *,
                  global_batch_size: int,
                  fields: Sequence[str] | Mapping[str, str], train: bool,
-                 seed: int = 0, num_epochs: int | None = None,
+                 seed: int = 0, shuffle: bool = True, num_epochs: int | None = None,
                  process_index: int = 0, process_count: int = 1,
                  threads: int = 4, prefetch: int = 4,
                  volume_dtype: str | None = "float32") -> grain.IterDataset:
@@ -198,11 +198,12 @@ def host_dataset(source: RecordSource, indices: np.ndarray, *,
     fields: record fields to batch (`volume_<s>`, `mask_<s>`, labels,
       `has_mask`), or a mapping batch key -> record field, e.g.
       {'image': 'volume_256', 'label': 'severity'}.
-    train: True: shuffled per epoch by `seed`, last incomplete global batch of
-      each epoch dropped, `num_epochs` epochs (None: endless). False: one pass
-      in order, the last global batch padded (`valid` False) so every record
-      is seen exactly once.
+    train: True: shuffled per epoch by `seed` (unless `shuffle` is False),
+      last incomplete global batch of each epoch dropped, `num_epochs` epochs
+      (None: endless). False: one pass in order, the last global batch padded
+      (`valid` False) so every record is seen exactly once.
     seed: shuffle seed, 0 <= seed < 2**32; the same on every process.
+    shuffle: False: every training epoch reads ``indices`` in their order.
     num_epochs: training epochs (None: repeat forever); ignored for eval.
     process_index, process_count: this process and the number of processes.
     threads, prefetch: grain reader threads and prefetched batches per
@@ -230,7 +231,8 @@ def host_dataset(source: RecordSource, indices: np.ndarray, *,
   pairs = _field_pairs(fields)
   indices = np.asarray(indices, np.int64)
   if train:
-    ds = grain.MapDataset.source(indices).shuffle(seed=seed)
+    ds = grain.MapDataset.source(indices)
+    ds = ds.shuffle(seed=seed) if shuffle else ds
     ds = ds.batch(global_batch_size, drop_remainder=True).repeat(num_epochs)
     padding = None
   else:

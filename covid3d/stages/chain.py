@@ -197,22 +197,25 @@ STAGES = (
           headline="lesion segmentation, weights inflated ({inflation}) from {init_from}"),
     Stage("pseudolabel", ("pseudolabel",), init_from=("segmentation",),
           runner="covid3d.stages.pseudolabel",
-          does="the EMA teacher labels COV19-CT-DB and STOIC (hard masks; `upsample` as the "
-          "authors, or `sliding` window)",
+          does="the EMA teacher labels COV19-CT-DB and STOIC (hard masks; from augmented "
+          "inputs and `upsample` as the authors, or `sliding` window)",
           reads="{init_from}",
           writes="`masks/<dataset>/*.npz`, `nifti/<dataset>/*_pseudo.nii.gz` in each scan's own "
           "geometry",
           headline="the segmentation model writes lesion masks of COV19-CT-DB and STOIC"),
     Stage("segmia", ("segmia",), init_from=("pretrain2d",), pseudo_labels="pseudolabel",
           inflates=True, runner="covid3d.stages.segmia",
-          does="segmentation on COV19-CT-DB pseudo-labels, validated on the real lesion masks",
+          does="segmentation on COV19-CT-DB pseudo-labels, validated on the real lesion masks; "
+          "the student then fine-tuned on the lesions at lr/5",
           reads="{init_from} (inflated), {pseudo_labels}, COVID-19-20 lesions",
-          writes="`checkpoints/`",
+          writes="`student/`, `checkpoints/` (the fine-tune)",
           headline="segmentation of the pseudo-labels, from {init_from}"),
     Stage("multitask", ("multitask",), init_from=("pretrain2d",), pseudo_labels="pseudolabel",
           inflates=True, runner="covid3d.stages.multitask",
-          does="STOIC probSevere (COVID-positive cases) + pseudo-label segmentation, losses 1:1",
-          reads="{init_from} (inflated), {pseudo_labels}", writes="`checkpoints/`",
+          does="STOIC probSevere (COVID-positive cases) + pseudo-label segmentation, losses 1:1; "
+          "the student then fine-tuned on the lesions at lr/5",
+          reads="{init_from} (inflated), {pseudo_labels}, COVID-19-20 lesions",
+          writes="`student/`, `checkpoints/` (the fine-tune)",
           headline="STOIC severity + pseudo-label segmentation, from {init_from}"),
     Stage("finetune", TARGETS, init_from=("segmia", "multitask", "random"), per_target=True,
           runner="covid3d.stages.finetune",

@@ -14,6 +14,7 @@ name, ``valid`` and ``record_index``.
 import collections
 import dataclasses
 import logging
+import random
 from collections.abc import Mapping, Sequence
 
 import jax
@@ -163,6 +164,40 @@ def holdout_split(n: int, fraction: float, seed: int):
   return np.sort(order[n_val:]), np.sort(order[:n_val])
 
 
+def authors_holdout(scan_ids: Sequence[str], fraction: float, seed: int = 42):
+  """The authors' hold-out of ``scan_ids``: (train indices, validation indices), in their order.
+
+  Their pretraining datasets sort the scans by name, shuffle that list with
+  Python's ``random.Random(seed).shuffle`` and train on the first
+  ``int((1 - fraction) * n)`` (lesion set: ``int(0.85 n)``; STOIC: ``int(0.70 n)``).
+  The indices (into ``scan_ids``) keep that shuffled order: the order their
+  unshuffled loaders read.
+  """
+  order = sorted(range(len(scan_ids)), key=lambda i: scan_ids[i])
+  random.Random(seed).shuffle(order)
+  n_train = int((1 - fraction) * len(order))
+  return np.asarray(order[:n_train], np.int64), np.asarray(order[n_train:], np.int64)
+
+
+def stage_holdout(config, index: Sequence[Mapping], fraction: float, among=None):
+  """(train, validation) record indices of a pretraining stage's hold-out of ``index``.
+
+  ``config.data.holdout``: 'authors' (``authors_holdout`` with
+  ``data.holdout_seed``) or 'seeded' (``holdout_split`` with ``data.fold_seed``).
+  ``among``: the record indices to split (None: all).
+  """
+  among = np.arange(len(index)) if among is None else np.asarray(among, np.int64)
+  method = config.data.holdout
+  if method == "authors":
+    train, val = authors_holdout([index[i]["scan_id"] for i in among], fraction,
+                                 config.data.holdout_seed)
+  elif method == "seeded":
+    train, val = holdout_split(len(among), fraction, config.data.fold_seed)
+  else:
+    raise ValueError(f"data.holdout must be 'authors' or 'seeded', got {method!r}")
+  return among[train], among[val]
+
+
 def batch_fields(config, image_only=False, **labels) -> dict:
   """Batch key -> record field: 'image' (input size), 'image_large' (crop source), labels."""
   big, small = max(config.data.sizes), min(config.data.sizes)
@@ -192,8 +227,8 @@ def iterators(config, source, train_idx, val_idx, fields, eval_fields=None, val_
   # Volumes stay as cached (float16 or uint8): the train step converts them on the devices.
   train_iter = iter(pipeline.host_dataset(
       source, train_idx, global_batch_size=t.batch_size, fields=fields, train=True,
-      seed=t.seed, process_index=jax.process_index(), process_count=jax.process_count(),
-      threads=config.data.loader_threads, volume_dtype=None))
+      seed=t.seed, shuffle=t.shuffle, process_index=jax.process_index(),
+      process_count=jax.process_count(), threads=config.data.loader_threads, volume_dtype=None))
   eval_fields = eval_fields or fields
 
   def eval_batches():

@@ -3,8 +3,11 @@
 One backbone, a classification head ``stoic_severe`` (probSevere) and the
 segmentation head, losses weighted by ``config.loss.weights`` (1:1). As in the
 authors' code, both terms count COVID-positive patients only, and the
-checkpoint handed on is the one with the best STOIC ROC AUC of P(severe)
+student's checkpoint is the one with the best STOIC ROC AUC of P(severe)
 (``train.best_metric='auc'``; 'dice' and 'macro_f1' are reported too).
+``multitask.scans='positive'`` (theirs) splits and batches the COVID-positive
+scans only. What it hands on: ``segmentation.hand_on`` (by default the
+student fine-tuned on the lesion set, its STOIC head kept, as the authors').
 """
 import jax
 import jax.numpy as jnp
@@ -13,6 +16,7 @@ from covid3d import losses, metrics
 from covid3d.data.skips import SkipLog
 from covid3d.inference import build
 from covid3d.stages import fit, handoff, inputs
+from covid3d.stages.segmentation import hand_on
 from covid3d.train import tasks
 
 HEAD = "stoic_severe"
@@ -64,13 +68,29 @@ def train_fields(config) -> dict:
               **inputs.mask_fields(config))
 
 
+def split(config, source):
+  """(train, validation) record indices of STOIC: ``multitask.scans``, ``data.val_fraction`` out."""
+  if config.multitask.scans == "positive":
+    among = [i for i, e in enumerate(source.index) if int(e["stoic_covid"]) == 1]
+  elif config.multitask.scans == "all":
+    among = None
+  else:
+    raise ValueError(f"multitask.scans must be 'positive' or 'all', got {config.multitask.scans!r}")
+  return inputs.stage_holdout(config, source.index, config.data.val_fraction, among)
+
+
 def run(config, workdir):
-  source = inputs.record_source(config, workdir, "stoic", skips=SkipLog())
+  skips = SkipLog()
+  source = inputs.record_source(config, workdir, "stoic", skips=skips)
   source = inputs.with_pseudo_labels(source, config.pseudo_labels, "stoic")
   model = build.make_model(config, {HEAD: 2}, segmentation=True)
-  train_idx, val_idx = inputs.holdout_split(len(source.index), config.data.val_fraction,
-                                            config.data.fold_seed)
-  result = fit.fit(config, workdir, model, source, train_idx, val_idx, train_fields(config),
-                   multitask_task(config.loss.weights))
-  handoff.mark_trained(workdir, result)
-  return result
+  train_idx, val_idx = split(config, source)
+  fields = train_fields(config)
+
+  def train_student(student_dir):
+    result = fit.fit(config, student_dir, model, source, train_idx, val_idx, fields,
+                     multitask_task(config.loss.weights))
+    handoff.mark_trained(student_dir, result)
+    return result
+
+  return hand_on(config, workdir, train_student, model, skips)

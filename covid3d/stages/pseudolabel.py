@@ -16,11 +16,18 @@ with corners aligned, or with ``pseudolabel.upsample='logits'`` the logits
 with half-pixel centres as the authors' ``F.interpolate``) or ``sliding``
 (predict the large cache in windows of the input size with
 ``pseudolabel.overlap``, averaging overlapping probabilities).
+
+``pseudolabel.augment_inputs`` (the authors' code, ``upsample`` mode only):
+the teacher sees each scan through the training augmentation (the ``augment``
+block: a random crop of the large cache, flips, rotation, blur, noise), drawn
+from the scan's own key (``scan_key``), and its mask is stored as the label of
+the unaugmented scan, so it is misaligned wherever the draw moved the volume.
 """
 import io
 import logging
 import os
 import tempfile
+import zlib
 
 import jax
 from jax.experimental import multihost_utils
@@ -29,7 +36,7 @@ import numpy as np
 from etils import epath
 from tqdm import tqdm
 
-from covid3d import storage
+from covid3d import augment, storage
 from covid3d.data import preprocess, readers
 from covid3d.data.skips import SkipLog
 from covid3d.inference import build
@@ -41,8 +48,28 @@ from covid3d.stages import handoff, inputs, shards
 DATASETS = (("cov19ctdb", ("train", "validation", "test")), ("stoic", ("train",)))
 
 
+def scan_key(seed: int, stem: str) -> jax.Array:
+  """The augmentation key of one scan: ``seed`` folded with a hash of its ``file_stem``."""
+  return jax.random.fold_in(jax.random.key(seed), zlib.crc32(stem.encode()))
+
+
+def augmented_inputs(config):
+  """``(keys (B,), small (B, S, S, S, 1), large) -> (B, S, S, S, 1)``: each scan augmented."""
+  cfg = augment.resolve_noise_space(config.augment, config.data.mean, config.data.std)
+
+  def one(args):
+    key, small, large = args
+    return augment.augment(key, small[..., 0], None, cfg,
+                           volume_large=large[..., 0] if cfg.crop.p > 0 else None)[0][..., None]
+
+  return jax.jit(lambda keys, small, large: jax.lax.map(one, (keys, small, large)))
+
+
 def run(config, workdir):
   p = config.pseudolabel
+  if p.augment_inputs and p.mode != "upsample":
+    raise ValueError("pseudolabel.augment_inputs (the authors' augmented teacher inputs) needs "
+                     f"pseudolabel.mode=upsample, got {p.mode!r}: set one of the two")
   small, big = min(config.data.sizes), max(config.data.sizes)
   model = build.make_model(config, {}, segmentation=True)
   params = teacher_params(config, model)
@@ -52,6 +79,7 @@ def run(config, workdir):
   apply_fn = build.apply_fn(model, config, "segmentation")
   logits = jax.jit(lambda x: apply_fn(params, x, True, None))
   prob = lambda x: jax.nn.sigmoid(logits(x))
+  augmented = augmented_inputs(config) if p.augment_inputs else None
   counts, skips = {}, SkipLog()
   for dataset, partitions in DATASETS:
     if dataset not in p.datasets:
@@ -67,6 +95,10 @@ def run(config, workdir):
     done = 0
     batches, total = shards.batches(source, fields, config)   # this process's share
     for batch in tqdm(batches, desc=f"pseudo-labels {dataset}", unit="batch", total=total):
+      if augmented is not None:
+        keys = jnp.stack([scan_key(config.seed, inputs.file_stem(source.index[int(i)]))
+                          if i >= 0 else jax.random.key(0) for i in batch["record_index"]])
+        batch = dict(batch, image=augmented(keys, batch["image"], batch["image_large"]))
       if p.mode == "sliding":
         large = sliding_window(prob, jnp.asarray(batch["image_large"]), small, p.overlap)
         little = resize_linear(large, (small,) * 3, align_corners=True)

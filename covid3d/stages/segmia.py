@@ -7,22 +7,31 @@ docs/method.md; ``train,`` alone keeps the reported validation and test scans
 out). ``segmia.validate_on``: 'lesions' (default, the authors') validates the
 student on the real lesion masks of the segmentation stage's validation scans,
 and trains on every pseudo-labelled scan; 'pseudo_labels' holds out a share of
-those instead.
+those instead. What it hands on: ``segmentation.hand_on`` (by default the
+student fine-tuned on the lesion set, as the authors').
 """
 from covid3d.data.skips import SkipLog
+from covid3d.inference import build
 from covid3d.stages import inputs
-from covid3d.stages.segmentation import train_segmentation
+from covid3d.stages.segmentation import hand_on, train_segmentation
 
 
 def run(config, workdir):
+  if config.segmia.validate_on not in ("lesions", "pseudo_labels"):
+    raise ValueError(f"segmia.validate_on must be 'lesions' or 'pseudo_labels', "
+                     f"got {config.segmia.validate_on!r}")
   skips = SkipLog()
   source = inputs.record_source(config, workdir, "cov19ctdb", tuple(config.segmia.partitions),
                                 skips=skips)
   source = inputs.with_pseudo_labels(source, config.pseudo_labels, "cov19ctdb")
-  if config.segmia.validate_on == "lesions":
-    return train_segmentation(config, workdir, source,
-                              inputs.record_source(config, workdir, "lesions", skips=skips))
-  if config.segmia.validate_on != "pseudo_labels":
-    raise ValueError(f"segmia.validate_on must be 'lesions' or 'pseudo_labels', "
-                     f"got {config.segmia.validate_on!r}")
-  return train_segmentation(config, workdir, source)
+  model = build.make_model(config, {}, segmentation=True)
+
+  def train_student(student_dir):
+    if config.segmia.validate_on == "lesions":
+      return train_segmentation(config, student_dir, source,
+                                inputs.record_source(config, workdir, "lesions", skips=skips),
+                                model=model)
+    return train_segmentation(config, student_dir, source, model=model,
+                              fraction=config.data.val_fraction)
+
+  return hand_on(config, workdir, train_student, model, skips)

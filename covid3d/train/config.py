@@ -35,6 +35,9 @@ def default_config() -> ml_collections.ConfigDict:
                                       # 0: num_steps as given
   c.eval_every_epochs = 0.0           # > 0 (with num_epochs): evaluate and checkpoint every this
                                       # many epochs, replacing eval_every and checkpoint_every
+  c.shuffle = True                    # draw each epoch's training order afresh (train.seed);
+                                      # False: every epoch reads the records in the stage's
+                                      # order (the authors' segmia and multitask loaders)
   c.batch_size = 4                    # GLOBAL examples per update, summed over all devices and
                                       # hosts; must divide by the device count times
                                       # micro_batches

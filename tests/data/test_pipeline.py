@@ -271,3 +271,14 @@ def test_two_processes_build_the_global_batches(tmp_path):
   for got, want in zip(results[0], expect, strict=True):
     for k in want:
       np.testing.assert_array_equal(np.asarray(got[k]), want[k])
+
+
+def test_unshuffled_training_reads_the_given_order_every_epoch():
+  source = make_source(10)
+  order = np.array([7, 2, 9, 0, 5, 3, 8, 1])
+  batches = host_batches(source, order, 8, global_batch_size=2, train=True, shuffle=False,
+                         fields=("severity",))
+  read = np.concatenate([b["record_index"] for b in batches])
+  np.testing.assert_array_equal(read, np.tile(order, 2))      # two epochs, the same order
+  shuffled = host_batches(source, order, 4, global_batch_size=2, train=True, fields=("severity",))
+  assert list(np.concatenate([b["record_index"] for b in shuffled])) != list(order)

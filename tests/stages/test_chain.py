@@ -361,3 +361,39 @@ def test_fold_ensemble_is_the_mean_of_the_fold_softmaxes(chain, run_stage, shrin
           np.testing.assert_allclose(single[k][source.index[i]["scan_id"]], s, atol=2e-6)
           seen += 1
   assert seen == 2 * len(ensemble)
+
+
+def _largest_change(a, b) -> float:
+  return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
+             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+
+
+def test_segmia_and_multitask_hand_on_their_student_fine_tuned_on_the_lesions(run_stage, tmp_path):
+  """The authors' rounds end with a lesion fine-tune of the student (handoff.lesion_finetune);
+  the teacher sees augmented scans (pseudolabel.augment_inputs), so its masks differ from the
+  clean scans' (a lesion prior of 0.5 makes the untrained teacher's masks input-dependent)."""
+  root = tmp_path
+  run_stage("segmentation", root, "segmentation", **{"model.seg_head.prior": 0.5})
+  teacher = {"init_from": str(root / "segmentation")}
+  run_stage("pseudolabel", root, "pseudolabel", **teacher, **{"pseudolabel.write_nifti": False})
+  run_stage("pseudolabel", root, "clean", **teacher, **{"pseudolabel.write_nifti": False,
+                                                        "pseudolabel.augment_inputs": False})
+  masks = sorted((root / "pseudolabel" / "masks" / "stoic").glob("*.npz"))
+  assert any(m.read_bytes() != (root / "clean" / m.relative_to(root / "pseudolabel")).read_bytes()
+             for m in masks)
+  labels = {"init_from": "random", "pseudo_labels": str(root / "pseudolabel")}
+  for stage in ("segmia", "multitask"):
+    out = run_stage(stage, root, stage, **labels)
+    done = json.loads((out / "DONE").read_text())
+    assert done["student"] == json.loads((out / "student" / "DONE").read_text())
+    assert "dice" in done["best_eval"] and ("auc" in done["student"]["best_eval"]) == (
+        stage == "multitask")
+    rows = [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines()]
+    lrs = {r["learning_rate"] for r in rows if "learning_rate" in r}
+    assert lrs and all(lr == pytest.approx(3e-4 / 5) for lr in lrs)   # the demo's lr / 5
+    handed, student = (initial_params.best_params(str(p)) for p in (out, out / "student"))
+    assert _largest_change(handed["backbone"], student["backbone"]) > 1e-6   # one step, trained
+  # The STOIC head gets no gradient: only the EMA's rounding moves it.
+  assert _largest_change(handed["head_stoic_severe"], student["head_stoic_severe"]) < 1e-6
+  out = run_stage("segmia", root, "segmia_student", **labels, **{"handoff.lesion_finetune": False})
+  assert not (out / "student").exists() and "student" not in json.loads((out / "DONE").read_text())

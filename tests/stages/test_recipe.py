@@ -158,3 +158,111 @@ def test_epochs_become_steps_from_the_records_and_the_global_batch():
   assert train_config.resolve_schedule(demo, records) == (demo, None)   # steps as given
   with pytest.raises(ValueError, match="how many training records"):
     train_config.resolve_schedule(c, None)
+
+
+def test_the_lesion_hold_out_is_the_authors_random_42_draw():
+  """Their datasets.py: the scans sorted by name, random.Random(42).shuffle, first int(0.85 n)."""
+  import random
+
+  from covid3d.stages import inputs
+  rng = np.random.default_rng(0)
+  ids = [f"volume-covid19-A-{i:04d}" for i in rng.choice(900, 199, replace=False)]
+  theirs = sorted(ids)                                 # their (ct, seg) pairs, in name order
+  random.Random(42).shuffle(theirs)
+  c = load_config("segmentation")
+  assert (c.data.holdout, c.data.holdout_seed, c.data.lesion_val_fraction) == ("authors", 42, 0.15)
+  index = [{"scan_id": i} for i in ids]
+  train, val = inputs.stage_holdout(c, index, c.data.lesion_val_fraction)
+  assert (len(train), len(val)) == (169, 30)
+  assert [ids[i] for i in train] == theirs[:169] and [ids[i] for i in val] == theirs[169:]
+  c.data.holdout = "seeded"                            # covid3d's earlier draw
+  train, val = inputs.stage_holdout(c, index, 0.15)
+  assert len(val) == 30 and [ids[i] for i in val] != theirs[169:]
+  c.data.holdout = "other"
+  with pytest.raises(ValueError, match="data.holdout"):
+    inputs.stage_holdout(c, index, 0.15)
+
+
+def test_multitask_splits_and_batches_the_covid_positive_scans():
+  from covid3d.data import pipeline
+  from covid3d.stages import multitask
+  covid = np.random.default_rng(1).integers(0, 2, 50)
+  index = tuple({"scan_id": str(1000 + i), "stoic_covid": int(v)} for i, v in enumerate(covid))
+  source = pipeline.RecordSource([{}] * 50, index, "test")
+  c = load_config("multitask")
+  assert c.multitask.scans == "positive" and c.data.val_fraction == 0.3
+  train, val = multitask.split(c, source)
+  positive = np.flatnonzero(covid == 1)
+  assert sorted([*train, *val]) == list(positive)
+  assert len(train) == int(0.7 * len(positive))
+  c.multitask.scans = "all"                            # every scan; negatives masked in the loss
+  train, val = multitask.split(c, source)
+  assert sorted([*train, *val]) == list(range(50)) and len(train) == 35
+  c.multitask.scans = "some"
+  with pytest.raises(ValueError, match="multitask.scans"):
+    multitask.split(c, source)
+
+
+def test_segmentation_runs_the_authors_119_epochs_and_the_demo_300_steps():
+  from covid3d.train import config as train_config
+  c = load_config("segmentation")
+  resolved, schedule = train_config.resolve_schedule(c.train, 169)   # 85 % of 199 scans
+  assert (resolved.num_steps, resolved.eval_every) == (119 * 42, 42)
+  assert load_config("segmentation", "demo").train.num_epochs == 0.0
+  assert load_config("segmentation", "demo").train.num_steps == 300
+
+
+@pytest.mark.parametrize("stage", ["segmia", "multitask"])
+def test_segmia_and_multitask_hand_on_the_lesion_fine_tune_and_read_unshuffled(stage):
+  c = load_config(stage)
+  assert c.handoff.lesion_finetune and c.handoff.learning_rate_factor == 0.2
+  assert c.handoff.num_epochs == 59.0 and not c.train.shuffle
+  assert load_config("segmentation").train.shuffle          # their lesion loader shuffles
+
+
+def test_pseudo_labels_see_each_scan_through_its_own_augmentation():
+  from covid3d.stages import pseudolabel
+  c = load_config("pseudolabel", "demo")
+  assert c.pseudolabel.augment_inputs and c.augment.elastic.p == 0.0 and c.augment.rot90.p == 0
+  for step in ("crop", "rotate", "blur", "noise"):
+    c.augment[step].p = 0.0
+  c.augment.flip.p = 1.0
+  x = np.random.default_rng(0).random((2, 8, 8, 8, 1)).astype(np.float32)
+  keys = jax.numpy.stack([pseudolabel.scan_key(0, "train__1"), pseudolabel.scan_key(0, "train__2")])
+  out = np.asarray(pseudolabel.augmented_inputs(c)(keys, x, x))
+  np.testing.assert_allclose(out, x[:, ::-1, ::-1, ::-1], atol=1e-6)
+  c.augment.flip.p = 0.25                              # the authors' draw: per scan, per axis
+  flips = [np.asarray(pseudolabel.augmented_inputs(c)(
+      jax.numpy.stack([pseudolabel.scan_key(0, f"train__{i}")]), x[:1], x[:1]))
+      for i in range(12)]
+  changed = [not np.allclose(f, x[:1]) for f in flips]
+  assert any(changed) and not all(changed)
+  again = pseudolabel.augmented_inputs(c)(jax.numpy.stack([pseudolabel.scan_key(0, "train__3")]),
+                                          x[:1], x[:1])
+  np.testing.assert_array_equal(again, flips[3])       # a scan's draw is its key's
+
+
+def test_pseudo_labels_from_augmented_inputs_need_the_upsample_mode(tmp_path):
+  from covid3d.stages import pseudolabel
+  c = load_config("pseudolabel", "demo")
+  c.pseudolabel.mode = "sliding"
+  with pytest.raises(ValueError, match="augment_inputs"):
+    pseudolabel.run(c, str(tmp_path))
+
+
+def test_segmia_reads_its_scans_in_the_authors_fixed_order():
+  """Their segmia list: the names sorted, shuffled once by random.Random(42), read in order."""
+  import random
+
+  from covid3d.data import pipeline
+  from covid3d.stages import segmentation
+  index = tuple({"scan_id": f"ct_scan_{i}", "partition": p} for p in ("train", "test")
+                for i in (3, 1, 20, 7))
+  source = pipeline.RecordSource([{}] * 8, index, "test")
+  stems = [f"{e['partition']}__{e['scan_id']}" for e in index]
+  theirs = sorted(stems)
+  random.Random(42).shuffle(theirs)
+  c = load_config("segmia")
+  assert [stems[i] for i in segmentation.every_record(c, source)] == theirs
+  c.data.holdout = "seeded"
+  assert list(segmentation.every_record(c, source)) == list(range(8))
