@@ -224,7 +224,7 @@ STAGES = (
           reads="{init_from}, a run each (by hand: any other workdir or checkpoint)",
           writes="`folds.csv`, `fold<k>/`, `cv.json`, `predictions_<partition>.csv`, "
           "`submission_<partition>/<class>.csv`, `metrics_validation.json`, "
-          "`confusion_validation.png`",
+          "`confusion_validation.png`, `MODEL_CARD.md`",
           headline="5-fold CV fine-tuning from {init}, then the fold ensemble predicts"),
     Stage("report", (), kind="report",
           does="`python -m covid3d.report R`: the CV macro F1 table of every fine-tuning run",
