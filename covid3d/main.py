@@ -50,13 +50,16 @@ flags.mark_flags_as_required(["config", "workdir"])
 class _QuietLibraries(pylogging.Filter):
   """Keeps the INFO chatter of Orbax, grain and TFDS off the terminal (warnings pass).
 
-  Also drops Orbax's warning for checkpoints saved between evaluations, which
-  carry no metrics by design.
+  Also drops Orbax's warnings for checkpoints saved between evaluations, which
+  carry no metrics by design, and for a finished stage's checkpoints opened
+  read-only (`checkpoint.Checkpointer.open`), as they always are.
   """
   NOISY = ("/orbax/", "/grain/", "/tensorflow_datasets/", "/etils/")
+  EXPECTED = ("did not provide metrics", "Given directory is read only",
+              "read_only=True, setting save_interval_steps=0")
 
   def filter(self, record):
-    if "did not provide metrics" in record.getMessage():
+    if any(e in record.getMessage() for e in self.EXPECTED):
       return False
     return record.levelno >= pylogging.WARNING or not any(n in record.pathname for n in self.NOISY)
 
