@@ -61,6 +61,15 @@ def run_worker(args: dict, devices: int = 1, cache_dir: str | None = None, wait:
   return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
 
 
+def distributed_flags(port: int, processes: int, pid: int) -> list[str]:
+  """The ``covid3d.main`` flags that make process ``pid`` of ``processes`` join a
+  jax.distributed run coordinated on 127.0.0.1:``port``."""
+  return ["--config.train.distributed.initialize=True",
+          f"--config.train.distributed.coordinator_address=127.0.0.1:{port}",
+          f"--config.train.distributed.num_processes={processes}",
+          f"--config.train.distributed.process_id={pid}"]
+
+
 def wait_all(procs, timeout: float = 600) -> list[str]:
   """The outputs of ``procs`` (``run_worker(wait=False)``) once all have exited.
 

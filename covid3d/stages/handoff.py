@@ -17,7 +17,7 @@ import ml_collections
 from etils import epath
 
 from covid3d import inflation, storage, weights
-from covid3d.inference.workdir import DONE, HandOffError, checkpoints_dir
+from covid3d.inference.workdir import DONE, HandOffError, checkpoints_dir, stage_info
 from covid3d.stages import chain
 from covid3d.train import checkpoint, log
 
@@ -35,8 +35,7 @@ def hands_on_ema(workdir) -> bool:
   (the ``'model'`` entry of their checkpoint, not ``'model_ema'``). A workdir
   without ``config.json`` or that setting hands on EMA parameters.
   """
-  path = epath.Path(workdir) / "config.json"
-  info = json.loads(path.read_text()) if path.exists() else {}
+  info = stage_info(workdir) if (epath.Path(workdir) / "config.json").exists() else {}
   return not (info.get("stage") == "pretrain2d"
               and info.get("pretrain2d", {}).get("hand_on", "ema") == "raw")
 

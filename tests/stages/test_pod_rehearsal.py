@@ -32,6 +32,7 @@ import pytest
 from etils import epath
 
 import gcs_emulator
+import train_helpers as h
 from covid3d import report
 from covid3d.train import checkpoint, log
 
@@ -72,10 +73,7 @@ class Stage:
         self.procs.append(subprocess.Popen(
             [sys.executable, "-m", "covid3d.main", f"--config=configs/{name}.py:demo",
              f"--workdir={workdir}", f"--config.data.phantom_dir={root / 'data'}", *SMALL,
-             *flags, "--config.train.distributed.initialize=True",
-             f"--config.train.distributed.coordinator_address=127.0.0.1:{port}",
-             f"--config.train.distributed.num_processes={PROCESSES}",
-             f"--config.train.distributed.process_id={pid}",
+             *flags, *h.distributed_flags(port, PROCESSES, pid),
              f"--config.cache_dir={root / f'host{pid}'}"],
             cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT))
 

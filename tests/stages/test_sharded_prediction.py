@@ -13,6 +13,7 @@ import numpy as np
 import portpicker
 import pytest
 
+import train_helpers as h
 from conftest import SMALL
 from covid3d.stages import shards
 
@@ -46,10 +47,7 @@ def run_processes(stage: str, chain, workdir, init_from: str) -> list[str]:
            f"--workdir={workdir}", f"--config.data.phantom_dir={chain / 'data'}",
            f"--config.init_from={init_from}",
            *(f"--config.{k}={v}" for k, v in SMALL.items()),
-           "--config.train.distributed.initialize=True",
-           f"--config.train.distributed.coordinator_address=127.0.0.1:{port}",
-           f"--config.train.distributed.num_processes={PROCESSES}",
-           f"--config.train.distributed.process_id={pid}"],
+           *h.distributed_flags(port, PROCESSES, pid)],
           cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT))
   try:
     codes = [proc.wait(timeout=900) for proc in procs]

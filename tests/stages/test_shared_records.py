@@ -113,11 +113,7 @@ def run_stage(tmp_path, emulator, name: str, processes: int, *flags: str) -> lis
   port = portpicker.pick_unused_port()
   env = {**os.environ, **emulator.env(), "JAX_PLATFORMS": "cpu",
          "XLA_FLAGS": f"--xla_force_host_platform_device_count={2 // processes}"}
-  dist = lambda pid: ([] if processes == 1 else [
-      "--config.train.distributed.initialize=True",
-      f"--config.train.distributed.coordinator_address=127.0.0.1:{port}",
-      f"--config.train.distributed.num_processes={processes}",
-      f"--config.train.distributed.process_id={pid}"])
+  dist = lambda pid: [] if processes == 1 else h.distributed_flags(port, processes, pid)
   procs = [subprocess.Popen(
       [sys.executable, "-m", "covid3d.main", *STAGE, f"--workdir={tmp_path / name}",
        f"--config.data.phantom_dir={tmp_path / 'data'}",

@@ -51,10 +51,7 @@ def test_a_failed_process_ends_the_stage_at_once(tmp_path):
            f"--workdir={tmp_path / ('work' if pid == 0 else 'a_file')}",
            f"--config.data.phantom_dir={tmp_path / 'data'}", "--config.data.workers=1",
            f"--config.cache_dir={tmp_path / 'cache'}",
-           "--config.train.distributed.initialize=True",
-           f"--config.train.distributed.coordinator_address=127.0.0.1:{port}",
-           "--config.train.distributed.num_processes=2",
-           f"--config.train.distributed.process_id={pid}",
+           *h.distributed_flags(port, 2, pid),
            "--config.train.distributed.heartbeat_timeout_s=10"],
           cwd=os.path.dirname(h.HERE), env=env, stdout=out, stderr=subprocess.STDOUT))
   try:
