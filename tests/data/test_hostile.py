@@ -28,8 +28,8 @@ def nifti_header(shape, dtype=np.int16) -> bytes:
 
 def read_refused(path, **kwargs) -> str:
   """The reason ``read_path`` refuses ``path``, its peak Python allocation under 64 MiB, and
-  within 30 s (a hang fails the test instead of stopping the run)."""
-  signal.alarm(30)
+  within 300 s (a hang fails the test instead of stopping the run; a busy machine passes)."""
+  signal.alarm(300)
   tracemalloc.start()
   try:
     with pytest.raises(readers.DataError) as e:
@@ -69,7 +69,7 @@ def test_a_gzip_bomb_is_read_no_further_than_its_header_says(tmp_path):
     for _ in range(256):
       f.write(zeros)
   assert bomb.stat().st_size < 2 * MIB
-  signal.alarm(60)
+  signal.alarm(300)
   tracemalloc.start()
   try:
     scan = readers.read_path(bomb)
